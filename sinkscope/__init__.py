@@ -10,4 +10,12 @@ from .models import Plant, TokenLayout, list_models, load_model, paint_markers
 
 __version__ = "0.1.0"
 
-__all__ = ["Plant", "SinkscopeError", "TokenLayout", "__version__", "list_models", "load_model", "paint_markers"]
+__all__ = [
+    "Plant",
+    "SinkscopeError",
+    "TokenLayout",
+    "__version__",
+    "list_models",
+    "load_model",
+    "paint_markers",
+]

@@ -30,7 +30,9 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def package_versions(names: tuple[str, ...] = ("sinkscope", "torch", "transformers", "numpy", "pandas")) -> dict:
+def package_versions(
+    names: tuple[str, ...] = ("sinkscope", "torch", "transformers", "numpy", "pandas"),
+) -> dict:
     """Installed versions of the named distributions (``None`` when absent)."""
     out = {}
     for name in names:

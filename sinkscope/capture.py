@@ -76,7 +76,9 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
             try:
                 out.append(int(part))
             except ValueError:
-                raise SinkscopeError(f"bad layer selection {spec!r}: use e.g. 'all', '0,3,5' or '4:9'") from None
+                raise SinkscopeError(
+                    f"bad layer selection {spec!r}: use e.g. 'all', '0,3,5' or '4:9'"
+                ) from None
     return _resolve(out, n_layers + 1, "layer")
 
 
@@ -304,7 +306,9 @@ class Capture:
         if not self._handles and (self.layers or self.keep or self.attn_blocks or self.mlp_blocks):
             raise SinkscopeError("Capture.run() must be called inside `with Capture(...) as cap:`")
         self._buf = {}
-        self._mask = inputs.attention_mask.to(self.adapter.device) if inputs.attention_mask is not None else None
+        self._mask = (
+            inputs.attention_mask.to(self.adapter.device) if inputs.attention_mask is not None else None
+        )
         try:
             self.adapter.forward(inputs)
         except StopForward:

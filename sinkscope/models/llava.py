@@ -66,13 +66,18 @@ class LlavaAdapter(Adapter):
     def forward(self, inputs: ModelInputs, **extra) -> Any:
         return self.vision.forward(inputs, **extra)
 
+    def check_image(self, height: int, width: int, name: str) -> None:
+        self.vision.check_image(height, width, name)
+
     # how ViT tokens reach the LLM --------------------------------------------------------
     @property
     def feature_layer(self) -> int:
         """The ViT layer (0 = embeddings, positive index) whose tokens feed the projector."""
         fl = self.model.config.vision_feature_layer
         if isinstance(fl, (list, tuple)):
-            raise SinkscopeError(f"model {self.name!r}: multi-layer vision features {fl} are not supported yet")
+            raise SinkscopeError(
+                f"model {self.name!r}: multi-layer vision features {fl} are not supported yet"
+            )
         return fl % (self.vision.n_layers + 1)
 
     @property

@@ -117,7 +117,9 @@ class CausalLMAdapter(Adapter):
 
     def token_strings(self, inputs: ModelInputs, item: int) -> list[str]:
         ids = inputs.tensors["input_ids"][item, : inputs.layouts[item].n_text].tolist()
-        return self.tokenizer.convert_ids_to_tokens(ids) if self.tokenizer is not None else [str(i) for i in ids]
+        return (
+            self.tokenizer.convert_ids_to_tokens(ids) if self.tokenizer is not None else [str(i) for i in ids]
+        )
 
     def forward(self, inputs: ModelInputs, **extra) -> Any:
         kw = {"input_ids": inputs.tensors["input_ids"].to(self.device)}
@@ -132,4 +134,3 @@ class CausalLMAdapter(Adapter):
         d = super().describe()
         d["vocab_size"] = int(getattr(self._cfg, "vocab_size", 0) or 0)
         return d
-

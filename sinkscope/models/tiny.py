@@ -61,7 +61,15 @@ class Plant:
         return asdict(self)
 
 
-TINY_NAMES = ("tiny-clip", "tiny-siglip", "tiny-dinov2", "tiny-dinov2-reg", "tiny-vit", "tiny-llama", "tiny-llava")
+TINY_NAMES = (
+    "tiny-clip",
+    "tiny-siglip",
+    "tiny-dinov2",
+    "tiny-dinov2-reg",
+    "tiny-vit",
+    "tiny-llama",
+    "tiny-llava",
+)
 
 
 def paint_markers(image: np.ndarray, cells: list[tuple[int, int]], patch: int = PATCH) -> np.ndarray:
@@ -80,7 +88,11 @@ def paint_markers(image: np.ndarray, cells: list[tuple[int, int]], patch: int = 
 
 def _vision_config(family: str):
     common = dict(
-        hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH
+        hidden_size=WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=SIZE,
+        patch_size=PATCH,
     )
     if family == "clip":
         return T.CLIPVisionConfig(intermediate_size=FFN, **common)
@@ -142,7 +154,9 @@ def plant_vision_sinks(adapter: VisionAdapter, plant: Plant) -> None:
     m, t = adapter.model, adapter.hidden_size - 1
     emb = m.embeddings
     conv = next(mod for mod in emb.modules() if isinstance(mod, nn.Conv2d))
-    mean, std = (np.asarray(v, np.float32) for v in (adapter.processor.image_mean, adapter.processor.image_std))
+    mean, std = (
+        np.asarray(v, np.float32) for v in (adapter.processor.image_mean, adapter.processor.image_std)
+    )
     sign = np.array([1.0, -1.0, -1.0], np.float32)
     top = float((sign * ((np.asarray(MARKER_RGB, np.float32) / 255 - mean) / std)).sum())
     thr = 0.9 * top  # pure red scores `top`; dark red or orange patches stay well below
@@ -196,7 +210,12 @@ def _vision_calibration(adapter: VisionAdapter):
 
     h, w = adapter.image_size or (SIZE, SIZE)
     photo = np.asarray(Image.fromarray(data.astronaut()).resize((w, h)))
-    imgs = [photo, np.full((h, w, 3), 128, np.uint8), np.zeros((h, w, 3), np.uint8), np.full((h, w, 3), 255, np.uint8)]
+    imgs = [
+        photo,
+        np.full((h, w, 3), 128, np.uint8),
+        np.zeros((h, w, 3), np.uint8),
+        np.full((h, w, 3), 255, np.uint8),
+    ]
     cells = [(0, 0), (h // PATCH - 1, w // PATCH - 1)]
     batch = adapter.prepare([paint_markers(im, cells) for im in imgs] + imgs)
     lay = batch.layouts[0]
@@ -310,7 +329,9 @@ def tiny_tokenizer():
     for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = T.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"

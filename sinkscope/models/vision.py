@@ -154,10 +154,7 @@ class VisionAdapter(Adapter):
         pil = [im.convert("RGB") for im in pil]
         p = self.patch_size
         for nm, im in zip(names, pil):
-            if min(im.size) < p:
-                raise SinkscopeError(
-                    f"image {nm!r} is {im.size[0]}x{im.size[1]} px, smaller than one {p} px patch"
-                )
+            self.check_image(im.size[1], im.size[0], nm)
         mean, std = self._mean_std()
         if self.image_size is None and self.processor is not None:
             pv = self.processor(images=pil, return_tensors="pt")["pixel_values"]
@@ -172,7 +169,15 @@ class VisionAdapter(Adapter):
         pixels = [np.clip(s * 255.0 + 0.5, 0, 255).astype(np.uint8) for s in seen]
         H, W = pv.shape[-2:]
         lay = self.layout_for(H, W)
-        return ModelInputs(tensors={"pixel_values": pv}, layouts=[lay] * len(pil), names=list(names), pixels=pixels)
+        return ModelInputs(
+            tensors={"pixel_values": pv}, layouts=[lay] * len(pil), names=list(names), pixels=pixels
+        )
+
+    def check_image(self, height: int, width: int, name: str) -> None:
+        """Raise a one-line error when an image is smaller than one patch."""
+        p = self.patch_size
+        if min(height, width) < p:
+            raise SinkscopeError(f"image {name!r} is {width}x{height} px, smaller than one {p} px patch")
 
     def _default_size(self) -> tuple[int, int]:
         s = self.config.image_size

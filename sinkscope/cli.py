@@ -1,0 +1,227 @@
+"""The ``sinkscope`` command line.
+
+Examples::
+
+    sinkscope scan                                   # dinov2-small on the embedded images
+    sinkscope scan --model tiny-dinov2+sinks --method all --out runs/tiny
+    sinkscope scan --model openai/clip-vit-large-patch14-336 --images photos/ --threshold 100 \\
+                   --device cuda --dtype float16 --out runs/clip
+    sinkscope scan --model smollm2-135m --text "The capital of France is" --method dims
+    sinkscope scan --images photos/ --out runs/x --resume   # continue an interrupted scan
+    sinkscope models                                 # embedded model names
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ._utils import SinkscopeError
+
+SCAN_EXAMPLES = """examples:
+  sinkscope scan
+  sinkscope scan --model tiny-dinov2+sinks --method all --out runs/tiny
+  sinkscope scan --model openai/clip-vit-large-patch14-336 --images photos/ --threshold 100 \\
+                 --layers 23 --device cuda --dtype float16 --out runs/clip
+  sinkscope scan --model llava-hf/llava-1.5-7b-hf --images list.csv --method all --out runs/llava
+  sinkscope scan --model smollm2-135m --text "The capital of France is" --method dims --tau 20
+  sinkscope scan --images photos/ --out runs/x --resume
+"""
+
+
+def _image_size(s: str):
+    try:
+        parts = [int(x) for x in s.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad image size {s!r}: use 224 or 336x448 (height x width)"
+        ) from None
+    return parts[0] if len(parts) == 1 else tuple(parts[:2])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sinkscope",
+        description="Find and measure attention sinks in vision transformers, LVLMs and LLMs.",
+        epilog=__doc__.split("Examples::", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser(
+        "scan",
+        help="locate sinks: tokens.parquet, summary.json, report.html",
+        description="Scan a model on images (or prompts) and locate its sinks by norm, attention received "
+        "and sink dimensions. With no arguments: dinov2-small on the embedded sample images.",
+        epilog=SCAN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--model",
+        default="dinov2-small",
+        help="embedded name, local directory or hub id (default: %(default)s)",
+    )
+    s.add_argument(
+        "--images",
+        action="append",
+        metavar="PATH",
+        help="image file, folder or CSV/TSV/JSONL manifest (repeatable); 'embedded' or 'embedded:16' "
+        "for the bundled images (default)",
+    )
+    s.add_argument("--text", action="append", metavar="PROMPT", help="prompt for a causal LM (repeatable)")
+    s.add_argument(
+        "--method",
+        choices=["norm", "attention", "dims", "all"],
+        default="norm",
+        help="detection rule; 'all' applies every rule, norm first (default: %(default)s)",
+    )
+    g = s.add_argument_group("norm rule (default: automatic gap detection)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument(
+        "--threshold", type=float, help="absolute L2-norm threshold (paper: 100 for CLIP-L in LLaVA)"
+    )
+    x.add_argument("--relative", type=float, help="threshold as a multiple of the image's median patch norm")
+    g = s.add_argument_group("attention rule")
+    g.add_argument(
+        "--attn-factor",
+        type=float,
+        default=10.0,
+        help="sink when received >= F x uniform share (default: %(default)s)",
+    )
+    g.add_argument("--attn-fraction", type=float, help="sink when received >= this absolute share instead")
+    g = s.add_argument_group("dims rule")
+    g.add_argument(
+        "--tau",
+        type=float,
+        default=20.0,
+        help="max |x[d]|/RMS(x) threshold over sink dims (default: %(default)s)",
+    )
+    g.add_argument(
+        "--massive-abs",
+        type=float,
+        default=100.0,
+        help="massive activation: |a| > this (default: %(default)s)",
+    )
+    g.add_argument(
+        "--massive-ratio",
+        type=float,
+        default=1000.0,
+        help="... and >= this x median |a| (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dims-min-layer",
+        type=int,
+        default=0,
+        help="first layer the dims rule checks (default: %(default)s)",
+    )
+    s.add_argument(
+        "--layers", default="all", help="layers to scan: all, 0,3,5 or 4:9 (0 = embeddings; default: all)"
+    )
+    s.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: where the model loads)")
+    s.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="model dtype (norms are fp32 anyway)",
+    )
+    s.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=None,
+        help="resize inputs to 224 or HxW (no crop) instead of the processor's default",
+    )
+    s.add_argument("--out", default="sinkscope-out", help="output folder (default: %(default)s)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
+    s.add_argument("--no-report", action="store_true", help="skip report.html")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser(
+        "models", help="list the embedded models", description="List the embedded (offline) model names."
+    )
+    return p
+
+
+def _cmd_scan(a: argparse.Namespace) -> int:
+    from .scan import scan
+
+    images = a.images
+    if images and any(x == "embedded" or x.startswith("embedded:") for x in images):
+        from .data import image_items
+
+        images = image_items(images)
+    res = scan(
+        model=a.model,
+        images=images,
+        texts=a.text,
+        method=a.method,
+        layers=a.layers,
+        batch_size=a.batch_size,
+        out=a.out,
+        resume=a.resume,
+        device=a.device,
+        dtype=a.dtype,
+        image_size=a.image_size,
+        progress=not a.quiet,
+        report=not a.no_report,
+        threshold=a.threshold,
+        relative=a.relative,
+        attn_factor=a.attn_factor,
+        attn_fraction=a.attn_fraction,
+        tau=a.tau,
+        massive_abs=a.massive_abs,
+        massive_ratio=a.massive_ratio,
+        dims_min_layer=a.dims_min_layer,
+    )
+    s = res.summary
+    print(
+        f"model: {s['model']['name']} ({s['model']['family']}), {s['n_ok']} scanned, {s['n_failed']} failed"
+    )
+    for r in s["rules"]:
+        print(f"rule: {r['description']} -> {r['n_sinks']} sink token-layers")
+    sinks = res.report.sinks()
+    print(
+        f"sink tokens (main rule): {len(sinks)}; emergence layer: {s['emergence_layer']}; sink dims: {s['sink_dims']}"
+    )
+    if len(sinks):
+        print(sinks.head(10).to_string(index=False))
+    print(
+        f"wrote {res.out / 'tokens.parquet'}, {res.out / 'summary.json'}"
+        + ("" if a.no_report else f", {res.out / 'report.html'}")
+    )
+    return 0
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from .models import list_models
+
+    for name, desc in list_models().items():
+        print(f"{name:18s} {desc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s: %(message)s"
+    )
+    for noisy in ("transformers", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"scan": _cmd_scan, "models": _cmd_models}[a.command](a)
+    except SinkscopeError as e:
+        print(f"sinkscope: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sinkscope: interrupted; finished images are kept - rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

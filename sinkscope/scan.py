@@ -1,0 +1,442 @@
+"""The main job: scan a model on images (or prompts) and locate its sinks.
+
+A scan runs the model batch by batch under a :class:`~sinkscope.capture.Capture`, turns each
+batch into tidy rows (one per image, layer, token) and appends them to ``OUT/parts/`` with a
+progress log, so an interrupted scan resumes without recomputing or duplicating images. At the
+end the rules are applied to the whole table and ``tokens.parquet``, ``summary.json`` and
+``report.html`` are written.
+
+>>> res = scan("tiny-dinov2+sinks", images=sample_images(2), out=None, progress=False)  # doctest: +SKIP
+>>> res.report.sinks()                                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._utils import SinkscopeError, package_versions
+from .capture import BatchCapture, Capture, parse_layers, uniform_share
+from .data import ImageItem, image_items, sample_images
+from .models import Adapter, load_model
+from .models.base import ModelInputs
+from .sinks import AttentionRule, DimsRule, NormRule, Rule, SinkReport, rule_to_dict, topk_for_exact_dims
+
+log = logging.getLogger("sinkscope")
+
+METHODS = ("norm", "attention", "dims", "all")
+MAX_SAVED_IMAGES = 24
+
+
+def build_rules(
+    method: str = "norm",
+    threshold: float | None = None,
+    relative: float | None = None,
+    attn_factor: float = 10.0,
+    attn_fraction: float | None = None,
+    tau: float = 20.0,
+    massive_abs: float = 100.0,
+    massive_ratio: float = 1000.0,
+    dims_min_layer: int = 0,
+) -> list[Rule]:
+    """The rules a scan applies, main rule first (``all``: norm, attention, dims).
+
+    >>> [r.method for r in build_rules("all")]
+    ['norm', 'attention', 'dims']
+    """
+    if method not in METHODS:
+        raise SinkscopeError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    norm = NormRule(threshold=threshold, relative=relative)
+    attn = AttentionRule(factor=None if attn_fraction is not None else attn_factor, fraction=attn_fraction)
+    dims = DimsRule(tau=tau, massive_abs=massive_abs, massive_ratio=massive_ratio, min_layer=dims_min_layer)
+    return {"norm": [norm], "attention": [attn], "dims": [dims], "all": [norm, attn, dims]}[method]
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` returns: the sink report, the summary dict and the files written."""
+
+    report: SinkReport
+    summary: dict[str, Any]
+    out: Path | None = None
+    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> pd.DataFrame:
+        return self.report.tokens
+
+    def sinks(self) -> pd.DataFrame:
+        return self.report.sinks()
+
+
+def batch_rows(ad: Adapter, inputs: ModelInputs, cap: BatchCapture, causal: bool) -> pd.DataFrame:
+    """Tidy rows for one captured batch: one per (item, layer, token)."""
+    frames = []
+    layers = np.asarray(cap.layers)
+    L = ad.n_layers
+    for i, (name, lay) in enumerate(zip(inputs.names, inputs.layouts)):
+        n = lay.n_tokens
+        nl = len(layers)
+        rc = [lay.row_col(t) for t in range(n)]
+        d: dict[str, Any] = {
+            "image": np.repeat(name, nl * n),
+            "layer": np.repeat(layers, n).astype(np.int32),
+            "token": np.tile(np.arange(n, dtype=np.int32), nl),
+            "kind": np.tile(np.asarray(lay.kinds(), dtype=object), nl),
+            "row": pd.array(np.tile([r for r, _ in rc], nl), dtype="Int32"),
+            "col": pd.array(np.tile([c for _, c in rc], nl), dtype="Int32"),
+            "norm": cap.norms[i, :, :n].reshape(-1).numpy().astype(np.float32),
+        }
+        if cap.attn_received:
+            rec = np.full((nl, n), np.nan, np.float32)
+            for j, layer in enumerate(layers):
+                if layer < L and int(layer) in cap.attn_received:
+                    rec[j] = cap.attn_received[int(layer)][i, :n].numpy()
+            d["attention_received"] = rec.reshape(-1)
+            d["uniform_share"] = np.tile(uniform_share(n, causal), nl).astype(np.float32)
+        if cap.top_dims is not None:
+            d["top_dims"] = list(cap.top_dims[i, :, :n].reshape(nl * n, -1).numpy().astype(np.int32))
+            d["top_vals"] = list(cap.top_vals[i, :, :n].reshape(nl * n, -1).numpy().astype(np.float32))
+            d["rms"] = cap.rms[i, :, :n].reshape(-1).numpy().astype(np.float32)
+            d["median_abs"] = np.repeat(cap.median_abs[i].numpy(), n).astype(np.float32)
+        if lay.grid is None and hasattr(ad, "token_strings"):
+            d["text_token"] = np.tile(np.asarray(ad.token_strings(inputs, i), dtype=object), nl)
+        frames.append(pd.DataFrame(d))
+    return pd.concat(frames, ignore_index=True)
+
+
+class _RunDir:
+    """Resumable scan directory: ``parts/*.parquet`` + ``progress.jsonl`` + ``scan_config.json``."""
+
+    def __init__(self, out: Path, config: dict, resume: bool):
+        self.out = out
+        self.parts = out / "parts"
+        self.seen = out / "seen"
+        self.progress = out / "progress.jsonl"
+        cfg_path = out / "scan_config.json"
+        if resume and cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            diff = [k for k in config if old.get(k) != config[k]]
+            if diff:
+                raise SinkscopeError(
+                    f"cannot resume {out}: its scan used other settings ({', '.join(diff)}); "
+                    "drop --resume or choose another --out"
+                )
+        else:
+            for p in (self.parts, self.seen, self.progress, out / "tokens.parquet"):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        self.parts.mkdir(parents=True, exist_ok=True)
+        self.seen.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(json.dumps(config, indent=1))
+
+    def done(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        if self.progress.exists():
+            for line in self.progress.read_text().splitlines():
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a torn last line from a kill: ignore it
+                        continue
+                    out[rec["image"]] = rec
+        return out
+
+    def write_part(self, rows: pd.DataFrame) -> str:
+        k = len(list(self.parts.glob("part-*.parquet")))
+        name = f"part-{k:05d}.parquet"
+        tmp = self.parts / (name + ".tmp")
+        rows.to_parquet(tmp, index=False)
+        os.replace(tmp, self.parts / name)
+        return name
+
+    def log(self, records: list[dict]) -> None:
+        with self.progress.open("a") as fh:
+            for r in records:
+                fh.write(json.dumps(r) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def load_rows(self, records: dict[str, dict]) -> pd.DataFrame:
+        parts = sorted({r["part"] for r in records.values() if r.get("status") == "ok"})
+        if not parts:
+            return pd.DataFrame()
+        keep = {n for n, r in records.items() if r.get("status") == "ok"}
+        df = pd.concat([pd.read_parquet(self.parts / p) for p in parts], ignore_index=True)
+        return df[df["image"].isin(keep)].reset_index(drop=True)
+
+
+def _save_seen(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)
+
+
+def _load_seen(path: Path) -> np.ndarray | None:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")) if path.exists() else None
+
+
+def scan(
+    model: str | Adapter = "dinov2-small",
+    images: list[ImageItem] | list[str] | None = None,
+    texts: list[str] | None = None,
+    method: str = "norm",
+    rules: list[Rule] | None = None,
+    layers: str | list[int] | None = "all",
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    progress: bool = True,
+    report: bool = True,
+    **rule_kwargs,
+) -> ScanResult:
+    """Scan a model for sinks and (with ``out``) write ``tokens.parquet``, ``summary.json``, ``report.html``.
+
+    ``images``: image items or paths (files, folders, manifests); default: the embedded images.
+    ``texts``: prompts, for causal LMs. ``method``: norm, attention, dims or all (the first rule
+    is the main one, giving ``is_sink``); extra keyword arguments go to :func:`build_rules`.
+    A corrupt image is reported in one line, recorded as failed and skipped.
+
+    >>> res = scan("tiny-dinov2+sinks", progress=False)                          # doctest: +SKIP
+    >>> res.summary["emergence_layer"]                                           # doctest: +SKIP
+    2
+    """
+    t_start = time.perf_counter()
+    if batch_size < 1:
+        raise SinkscopeError(f"batch size must be >= 1, got {batch_size}")
+    rules = rules or build_rules(method, **rule_kwargs)
+    methods = {r.method for r in rules}
+    t0 = time.perf_counter()
+    ad = (
+        model
+        if isinstance(model, Adapter)
+        else load_model(model, device=device, dtype=dtype, image_size=image_size)
+    )
+    t_load = time.perf_counter() - t0
+    is_text = ad.family == "causal-lm"
+    if is_text:
+        if images:
+            raise SinkscopeError(f"model {ad.name!r} is a language model: give --text prompts, not images")
+        if not texts:
+            raise SinkscopeError(f"model {ad.name!r} is a language model: give at least one --text prompt")
+        items: list[Any] = [ImageItem(f"prompt{i}", t, loader=None) for i, t in enumerate(texts)]
+    else:
+        if texts:
+            log.warning("--text is ignored for vision model %s", ad.name)
+        if images is None:
+            items = sample_images()
+        elif images and all(isinstance(x, ImageItem) for x in images):
+            items = list(images)
+        else:
+            items = image_items(images)
+        if not items:
+            raise SinkscopeError("no images to scan")
+    names = [it.name for it in items]
+    layer_list = parse_layers(layers, ad.n_layers)
+    tau = next((r.tau for r in rules if isinstance(r, DimsRule)), 20.0)
+    config = {
+        "model": ad.name,
+        "methods": sorted(methods),
+        "layers": layer_list,
+        "image_size": list(image_size) if isinstance(image_size, (tuple, list)) else image_size,
+        "dtype": str(ad.dtype),
+    }
+    run = _RunDir(Path(out), config, resume) if out is not None else None
+    done = run.done() if run else {}
+    todo = [it for it in items if it.name not in done]
+    if run and done:
+        log.info("resuming %s: %d of %d items already done", run.out, len(items) - len(todo), len(items))
+
+    frames: list[pd.DataFrame] = []
+    status: dict[str, dict] = {n: done[n] for n in names if n in done}
+    pixels: dict[str, np.ndarray] = {}
+    t_forward = 0.0
+    cap_kw = dict(
+        layers=layer_list,
+        attention="all" if "attention" in methods else None,
+        dims="dims" in methods,
+        topk=topk_for_exact_dims(ad.hidden_size, tau),
+    )
+    bar = _progress(len(todo), enabled=progress, desc=f"scan {ad.name}")
+    with Capture(ad, **cap_kw) as cap:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            good, arrays, records = [], [], []
+            for it in chunk:
+                if is_text:
+                    good.append(it)
+                    continue
+                try:
+                    arr = it.load()
+                    ad.check_image(arr.shape[0], arr.shape[1], it.name)
+                    good.append(it)
+                    arrays.append(arr)
+                except SinkscopeError as e:
+                    log.error("%s", e)
+                    rec = {"image": it.name, "status": "failed", "reason": str(e), "source": it.source}
+                    records.append(rec)
+                    status[it.name] = rec
+            if good:
+                inputs = ad.prepare(
+                    [it.source for it in good] if is_text else arrays, [it.name for it in good]
+                )
+                t1 = time.perf_counter()
+                bc = cap.run(inputs)
+                t_forward += time.perf_counter() - t1
+                rows = batch_rows(ad, inputs, bc, causal=is_text)
+                part = run.write_part(rows) if run else None
+                frames.append(rows)
+                for k, it in enumerate(good):
+                    lay = inputs.layouts[k]
+                    rec = {
+                        "image": it.name,
+                        "status": "ok",
+                        "reason": None,
+                        "source": it.source,
+                        "part": part,
+                        "grid": list(lay.grid) if lay.grid else None,
+                        "n_tokens": lay.n_tokens,
+                    }
+                    if (
+                        inputs.pixels
+                        and len(pixels) + len([n for n in status if status[n].get("seen")]) < MAX_SAVED_IMAGES
+                    ):
+                        pixels[it.name] = inputs.pixels[k]
+                        if run:
+                            rec["seen"] = f"{len(list(run.seen.glob('*.png'))):05d}.png"
+                            _save_seen(run.seen / rec["seen"], inputs.pixels[k])
+                    records.append(rec)
+                    status[it.name] = rec
+            if run:
+                run.log(records)
+            bar.update(len(chunk))
+    bar.close()
+
+    if run:
+        all_rows = run.load_rows(status)
+        for n, rec in status.items():
+            if rec.get("seen") and n not in pixels:
+                img = _load_seen(run.seen / rec["seen"])
+                if img is not None:
+                    pixels[n] = img
+    else:
+        all_rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    ok_names = [n for n in names if status.get(n, {}).get("status") == "ok"]
+    if all_rows.empty:
+        raise SinkscopeError(f"no item could be scanned ({len(items)} tried; see the errors above)")
+    # keep the user's item order
+    order = {n: i for i, n in enumerate(ok_names)}
+    all_rows = all_rows.sort_values(
+        ["image", "layer", "token"], key=lambda s: s.map(order) if s.name == "image" else s
+    )
+    rep = SinkReport.from_tokens(all_rows.reset_index(drop=True), rules)
+    first_ok = next((status[n] for n in ok_names), {})
+    layout = _layout_summary(ad, first_ok)
+    summary = {
+        "model": ad.describe(),
+        "layout": layout,
+        **rep.summary(),
+        "images": [
+            {k: status.get(n, {}).get(k) for k in ("image", "status", "reason", "source", "grid", "n_tokens")}
+            for n in names
+        ],
+        "n_ok": len(ok_names),
+        "n_failed": sum(1 for n in names if status.get(n, {}).get("status") == "failed"),
+        "config": {
+            **config,
+            "batch_size": batch_size,
+            "device": str(ad.device),
+            "rules": [rule_to_dict(r) for r in rules],
+        },
+        "timings": {
+            "load_model_s": round(t_load, 3),
+            "forward_s": round(t_forward, 3),
+            "total_s": round(time.perf_counter() - t_start, 3),
+            "items_this_run": len(todo),
+        },
+        "versions": package_versions(),
+    }
+    if getattr(ad, "planted", None):
+        summary["model"]["planted"] = ad.planted.to_dict()
+    result = ScanResult(rep, summary, Path(out) if out is not None else None, pixels)
+    if run:
+        write_outputs(result, report=report)
+    return result
+
+
+def _layout_summary(ad: Adapter, first_ok: dict) -> dict[str, Any]:
+    vis = getattr(ad, "vision", ad)
+    if ad.family == "causal-lm":
+        return {"n_cls": 0, "n_registers": 0, "patch_size": None, "grid": None, "kinds": ["text"]}
+    d = {
+        "n_cls": vis.spec.n_cls,
+        "n_registers": vis.n_registers,
+        "patch_size": vis.patch_size,
+        "grid": first_ok.get("grid"),
+        "n_tokens": first_ok.get("n_tokens"),
+        "order": "[CLS] + registers + patches (row-major)" if vis.spec.n_cls else "patches (row-major)",
+    }
+    if ad.family == "llava":
+        d.update(
+            feature_layer=ad.feature_layer,
+            select_strategy=ad.select_strategy,
+            image_token_id=ad.image_token_id,
+        )
+    return d
+
+
+def write_outputs(result: ScanResult, report: bool = True) -> None:
+    """Write ``tokens.parquet``, ``summary.json`` and (optionally) ``report.html`` into ``result.out``."""
+    out = result.out
+    assert out is not None
+    tmp = out / "tokens.parquet.tmp"
+    result.tokens.to_parquet(tmp, index=False)
+    os.replace(tmp, out / "tokens.parquet")
+    (out / "summary.json").write_text(json.dumps(result.summary, indent=1, default=_json_default))
+    if report:
+        from .viz import write_scan_report
+
+        write_scan_report(out / "report.html", result.tokens, result.summary, result.pixels)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (torch.dtype, Path)):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img")

@@ -1,0 +1,400 @@
+"""Sink detection: every rule is a parameter set, reported with its result.
+
+Rules work on the tidy token table a scan produces (one row per image, layer, token, with
+``norm``, optional ``attention_received`` and the top-|activation| channels), so they can be
+re-run with other thresholds without the model, and tested on hand-made tables.
+
+- :class:`NormRule` - ``||x||_2`` with an absolute threshold (paper: 100 for CLIP-L in LLaVA;
+  Darcet: 150 for DINOv2-g), a threshold relative to the image's median patch norm, or an
+  automatic rule that looks for a clear gap in each layer's norm distribution and reports *no*
+  sinks when there is no separate upper mode.
+- :class:`AttentionRule` - tokens receiving far more than the uniform share of attention (head-
+  and query-averaged), per layer.
+- :class:`DimsRule` - discovers sink dimensions from massive activations (Sun et al.: ``|a| > 100``
+  and ``>= 1000 x`` the median ``|a|`` of the hidden state) and flags tokens with
+  ``max_{d in D_sink} |x[d]| / RMS(x) >= tau`` (Kang et al., tau = 20). Nothing is per model.
+
+>>> import pandas as pd
+>>> t = pd.DataFrame({"image": "a", "layer": 1, "token": range(5), "kind": "patch",
+...                   "norm": [10., 11., 9., 10., 400.]})
+>>> res = detect(t, NormRule(threshold=100))
+>>> res.is_sink.tolist(), res.describe()
+([False, False, False, False, True], 'norm: L2 norm >= 100 (absolute), patch/text tokens')
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._utils import SinkscopeError
+
+DEFAULT_KINDS = ("patch", "text")
+
+
+@dataclass(frozen=True)
+class NormRule:
+    """L2-norm rule. Exactly one of ``threshold`` (absolute) or ``relative`` may be set; neither
+    means automatic.
+
+    - ``threshold``: sink when ``norm >= threshold``.
+    - ``relative``: sink when ``norm >= relative x`` the image's median norm (over ``kinds``)
+      at that layer.
+    - automatic: per layer, sorted log-norms are split at their widest gap; the upper group counts
+      as sinks only if the gap is at least ``auto_gap`` (ratio between the two sides), the upper
+      group holds at most ``auto_max_frac`` of the tokens and its lowest norm is at least
+      ``auto_min_ratio`` x the median. The threshold is the geometric middle of the gap.
+    """
+
+    threshold: float | None = None
+    relative: float | None = None
+    auto_gap: float = 2.0
+    auto_max_frac: float = 0.1
+    auto_min_ratio: float = 4.0
+    kinds: tuple[str, ...] = DEFAULT_KINDS
+    method: str = field(default="norm", init=False)
+
+    def __post_init__(self):
+        if self.threshold is not None and self.relative is not None:
+            raise SinkscopeError("norm rule: give an absolute threshold or a relative one, not both")
+
+    @property
+    def mode(self) -> str:
+        return (
+            "absolute" if self.threshold is not None else "relative" if self.relative is not None else "auto"
+        )
+
+    def describe(self) -> str:
+        kinds = "/".join(self.kinds) + " tokens"
+        if self.mode == "absolute":
+            return f"norm: L2 norm >= {self.threshold:g} (absolute), {kinds}"
+        if self.mode == "relative":
+            return f"norm: L2 norm >= {self.relative:g} x image median (relative), {kinds}"
+        return (
+            f"norm: automatic - widest gap in each layer's log-norms, gap >= {self.auto_gap:g}x, "
+            f"upper group <= {self.auto_max_frac:.0%} of tokens and >= {self.auto_min_ratio:g}x median, {kinds}"
+        )
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """Attention-received rule: sink when a token receives ``>= factor x`` the uniform share.
+
+    Received attention is head- and query-averaged; the uniform share is ``1/N`` (bidirectional)
+    or, for causal models, what the key would get if each query spread evenly over its prefix.
+    ``fraction`` instead gives an absolute share (e.g. 0.05).
+    """
+
+    factor: float | None = 10.0
+    fraction: float | None = None
+    kinds: tuple[str, ...] = ("cls", "register", "patch", "text")
+    method: str = field(default="attention", init=False)
+
+    @property
+    def mode(self) -> str:
+        return "absolute" if self.fraction is not None else "relative"
+
+    def describe(self) -> str:
+        if self.fraction is not None:
+            return f"attention: received attention >= {self.fraction:g} (absolute share), head/query-averaged"
+        return f"attention: received attention >= {self.factor:g} x uniform share, head/query-averaged"
+
+
+@dataclass(frozen=True)
+class DimsRule:
+    """Sink-dimension rule: discover ``D_sink`` from massive activations, then threshold the
+    RMS-normalised value on those dims.
+
+    ``massive_abs``/``massive_ratio``: an activation is massive when ``|a| > massive_abs`` and
+    ``|a| >= massive_ratio x median|a|`` of its hidden state (Sun et al.). ``tau``: sink when
+    ``max_{d in D_sink} |x[d]| / RMS(x) >= tau`` (Kang et al.). ``min_layer``: first layer
+    checked (Kang et al. start at 2 for LLMs). ``dims``: give ``D_sink`` yourself instead.
+    """
+
+    tau: float = 20.0
+    massive_abs: float = 100.0
+    massive_ratio: float = 1000.0
+    min_layer: int = 0
+    dims: tuple[int, ...] | None = None
+    kinds: tuple[str, ...] = DEFAULT_KINDS
+    method: str = field(default="dims", init=False)
+
+    @property
+    def mode(self) -> str:
+        return "absolute"
+
+    def describe(self) -> str:
+        src = (
+            f"given dims {list(self.dims)}"
+            if self.dims is not None
+            else (f"dims with |a| > {self.massive_abs:g} and >= {self.massive_ratio:g}x median|a|")
+        )
+        return f"dims: max |x[d]| / RMS(x) >= {self.tau:g} over sink dims ({src}), layers >= {self.min_layer}"
+
+
+Rule = NormRule | AttentionRule | DimsRule
+
+
+def rule_to_dict(rule: Rule) -> dict[str, Any]:
+    d = asdict(rule)
+    d["method"] = rule.method
+    d["mode"] = rule.mode
+    d["description"] = rule.describe()
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    return d
+
+
+@dataclass
+class Detection:
+    """The result of one rule on a token table.
+
+    ``is_sink``: boolean Series aligned with the table's index. ``per_layer_threshold``: layer ->
+    threshold on the rule's statistic (``None`` where an automatic rule found no separate mode;
+    for relative rules the median over images). ``statistic``: the per-token value compared
+    with the threshold. ``sink_dims``: the discovered dims (dims rule).
+    """
+
+    rule: Rule
+    is_sink: pd.Series
+    statistic: pd.Series
+    per_layer_threshold: dict[int, float | None]
+    sink_dims: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return self.rule.describe()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = rule_to_dict(self.rule)
+        d["per_layer_threshold"] = {
+            str(k): (None if v is None or not math.isfinite(v) else float(v))
+            for k, v in self.per_layer_threshold.items()
+        }
+        d["sink_dims"] = [int(x) for x in self.sink_dims]
+        d["n_sinks"] = int(self.is_sink.sum())
+        return d
+
+
+def _eligible(tokens: pd.DataFrame, kinds: tuple[str, ...]) -> pd.Series:
+    return tokens["kind"].isin(kinds)
+
+
+def auto_gap_threshold(values: np.ndarray, rule: NormRule, n_images: int = 1) -> float | None:
+    """Valley of a clear gap in ``values`` (automatic norm rule), or ``None`` when unimodal.
+
+    The upper group may hold ``rule.auto_max_frac`` of the values, and at least one per image
+    (``n_images``), so short sequences with one sink each are not excluded.
+
+    >>> auto_gap_threshold(np.array([10, 11, 12, 9, 10, 300.]), NormRule())
+    54.772...
+    """
+    v = np.sort(np.asarray(values, np.float64))
+    v = v[np.isfinite(v) & (v > 0)]
+    if len(v) < 3:
+        return None
+    logs = np.log(v)
+    gaps = np.diff(logs)
+    # only gaps that leave a small upper group are candidates
+    n = len(v)
+    upper = n - 1 - np.arange(n - 1)  # tokens above each gap
+    ok = upper <= max(n_images, math.floor(rule.auto_max_frac * n))
+    if not ok.any():
+        return None
+    gaps = np.where(ok, gaps, -np.inf)
+    i = int(np.argmax(gaps))
+    lo, hi = v[i], v[i + 1]
+    if hi / lo < rule.auto_gap or hi < rule.auto_min_ratio * float(np.median(v)):
+        return None
+    return float(math.sqrt(lo * hi))
+
+
+def detect(tokens: pd.DataFrame, rule: Rule) -> Detection:
+    """Apply a rule to a token table (columns ``image, layer, token, kind, norm`` and, per rule,
+    ``attention_received``/``uniform_share`` or ``top_dims``/``top_vals``/``rms``/``median_abs``).
+    """
+    if isinstance(rule, NormRule):
+        return _detect_norm(tokens, rule)
+    if isinstance(rule, AttentionRule):
+        return _detect_attention(tokens, rule)
+    if isinstance(rule, DimsRule):
+        return _detect_dims(tokens, rule)
+    raise SinkscopeError(f"unknown rule {rule!r}")
+
+
+def _detect_norm(tokens: pd.DataFrame, rule: NormRule) -> Detection:
+    elig = _eligible(tokens, rule.kinds)
+    stat = tokens["norm"].astype(float)
+    thr = pd.Series(np.inf, index=tokens.index)
+    per_layer: dict[int, float | None] = {}
+    for layer, idx in tokens.groupby("layer").groups.items():
+        e = elig.loc[idx]
+        vals = stat.loc[idx][e]
+        if rule.mode == "absolute":
+            t = rule.threshold
+            thr.loc[idx] = t
+        elif rule.mode == "relative":
+            med = tokens.loc[idx][e].groupby("image")["norm"].median()
+            thr.loc[idx] = tokens.loc[idx, "image"].map(med).astype(float).values * rule.relative
+            t = float(med.median() * rule.relative) if len(med) else None
+        else:
+            t = auto_gap_threshold(vals.to_numpy(), rule, n_images=tokens.loc[idx, "image"].nunique())
+            thr.loc[idx] = np.inf if t is None else t
+        per_layer[int(layer)] = t
+    is_sink = elig & (stat >= thr)
+    return Detection(rule, is_sink, stat, per_layer)
+
+
+def _detect_attention(tokens: pd.DataFrame, rule: AttentionRule) -> Detection:
+    if "attention_received" not in tokens:
+        raise SinkscopeError("attention rule needs attention_received: scan with --method attention or all")
+    rec = tokens["attention_received"].astype(float)
+    elig = _eligible(tokens, rule.kinds) & rec.notna()
+    if rule.fraction is not None:
+        stat, t_all = rec, rule.fraction
+    else:
+        stat, t_all = rec / tokens["uniform_share"].astype(float), rule.factor
+    is_sink = elig & (stat >= t_all)
+    per_layer = {
+        int(layer): (float(t_all) if elig.loc[idx].any() else None)
+        for layer, idx in tokens.groupby("layer").groups.items()
+    }
+    return Detection(rule, is_sink, stat, per_layer)
+
+
+def discover_sink_dims(tokens: pd.DataFrame, rule: DimsRule) -> list[int]:
+    """Channels holding massive activations anywhere in the table, most frequent first.
+
+    An activation is massive when ``|a| > rule.massive_abs`` and ``|a| >= rule.massive_ratio x``
+    the median ``|a|`` of its (image, layer) hidden state.
+    """
+    if "top_dims" not in tokens:
+        raise SinkscopeError("dims rule needs the top-|activation| channels: scan with --method dims or all")
+    sel = tokens[tokens["layer"] >= rule.min_layer]
+    dims = np.stack(sel["top_dims"].to_numpy()) if len(sel) else np.zeros((0, 1), int)
+    vals = np.stack(sel["top_vals"].to_numpy()) if len(sel) else np.zeros((0, 1))
+    med = sel["median_abs"].to_numpy(float)[:, None] if len(sel) else np.zeros((0, 1))
+    massive = (vals > rule.massive_abs) & (vals >= rule.massive_ratio * med)
+    found, counts = np.unique(dims[massive], return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return [int(found[i]) for i in order]
+
+
+def _detect_dims(tokens: pd.DataFrame, rule: DimsRule) -> Detection:
+    dims = list(rule.dims) if rule.dims is not None else discover_sink_dims(tokens, rule)
+    if "top_dims" not in tokens:
+        raise SinkscopeError("dims rule needs the top-|activation| channels: scan with --method dims or all")
+    td = np.stack(tokens["top_dims"].to_numpy())
+    tv = np.stack(tokens["top_vals"].to_numpy())
+    on = np.isin(td, dims) if dims else np.zeros_like(td, bool)
+    phi = np.where(on, tv, 0.0).max(axis=1) / np.maximum(tokens["rms"].to_numpy(float), 1e-12)
+    stat = pd.Series(phi, index=tokens.index)
+    elig = _eligible(tokens, rule.kinds) & (tokens["layer"] >= rule.min_layer)
+    is_sink = elig & (stat >= rule.tau)
+    per_layer = {
+        int(layer): (float(rule.tau) if dims else None) for layer in sorted(tokens["layer"].unique())
+    }
+    return Detection(rule, is_sink, stat, per_layer, sink_dims=dims)
+
+
+def topk_for_exact_dims(hidden_size: int, tau: float = 20.0) -> int:
+    """How many top channels per token keep the dims rule exact.
+
+    If a sink dim is not among a token's top ``k`` channels yet reaches ``tau x RMS``, then
+    ``k + 1`` channels do, so ``sum x^2 >= (k + 1) tau^2 RMS^2 = (k + 1) tau^2 sum x^2 / D``, which is
+    impossible when ``(k + 1) tau^2 > D``. So ``k = floor(D / tau^2)`` suffices (at least 4).
+
+    >>> topk_for_exact_dims(4096)
+    10
+    """
+    return max(4, int(hidden_size // (tau * tau)))
+
+
+# -- sink reports ----------------------------------------------------------------------------
+
+
+@dataclass
+class SinkReport:
+    """Per image and layer: the sink tokens, their emergence layer and the sink dims.
+
+    ``tokens`` is the tidy table (one row per image, layer, token) with ``is_sink`` under the
+    main rule and ``is_sink_<method>`` for every rule applied.
+
+    >>> rep = SinkReport.from_tokens(table, [NormRule(threshold=100)])     # doctest: +SKIP
+    >>> rep.sinks()                                                       # doctest: +SKIP
+    """
+
+    tokens: pd.DataFrame
+    detections: list[Detection]
+
+    @classmethod
+    def from_tokens(cls, tokens: pd.DataFrame, rules: list[Rule]) -> SinkReport:
+        tokens = tokens.reset_index(drop=True).copy()
+        dets = [detect(tokens, r) for r in rules]
+        for d in dets:
+            tokens[f"is_sink_{d.rule.method}"] = d.is_sink.to_numpy()
+            if d.rule.method == "dims":
+                tokens["sink_dim_ratio"] = d.statistic.to_numpy()
+        tokens["is_sink"] = dets[0].is_sink.to_numpy() if dets else False
+        return cls(tokens, dets)
+
+    @property
+    def main(self) -> Detection:
+        return self.detections[0]
+
+    @property
+    def sink_dims(self) -> list[int]:
+        for d in self.detections:
+            if d.rule.method == "dims":
+                return d.sink_dims
+        return []
+
+    def to_frame(self) -> pd.DataFrame:
+        """The tidy token table."""
+        return self.tokens
+
+    def sinks(self, method: str | None = None) -> pd.DataFrame:
+        """One row per (image, token) that is a sink in some layer, with its emergence layer.
+
+        Columns: ``image, token, kind, row, col, emergence_layer, n_layers, max_norm``.
+        """
+        col = "is_sink" if method is None else f"is_sink_{method}"
+        s = self.tokens[self.tokens[col]]
+        if s.empty:
+            return pd.DataFrame(
+                columns=["image", "token", "kind", "row", "col", "emergence_layer", "n_layers", "max_norm"]
+            )
+        g = s.groupby(["image", "token"], sort=True)
+        out = g.agg(
+            kind=("kind", "first"),
+            row=("row", "first"),
+            col=("col", "first"),
+            emergence_layer=("layer", "min"),
+            n_layers=("layer", "nunique"),
+            max_norm=("norm", "max"),
+        ).reset_index()
+        return out
+
+    def emergence_layer(self, method: str | None = None) -> int | None:
+        """First layer where any token of any image is a sink (``None`` if none)."""
+        s = self.sinks(method)
+        return None if s.empty else int(s["emergence_layer"].min())
+
+    def per_layer_counts(self, method: str | None = None) -> dict[int, dict[str, int]]:
+        col = "is_sink" if method is None else f"is_sink_{method}"
+        g = self.tokens.groupby("layer")
+        return {int(layer): {"n_sinks": int(grp[col].sum()), "n_tokens": int(len(grp))} for layer, grp in g}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rule": self.main.to_dict(),
+            "rules": [d.to_dict() for d in self.detections],
+            "per_layer": {str(k): v for k, v in self.per_layer_counts().items()},
+            "emergence_layer": self.emergence_layer(),
+            "sink_dims": self.sink_dims,
+            "n_sink_tokens": int(len(self.sinks())),
+        }

@@ -1,0 +1,29 @@
+"""Shared fixtures: marked images at a non-default size, tiny models with planted sinks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sinkscope.models.tiny import PATCH, paint_markers
+
+# non-default input size: 48 x 40 px -> a 6 x 5 patch grid (the tiny models default to 32 x 32)
+H, W = 48, 40
+GRID = (H // PATCH, W // PATCH)
+# per image, the planted patches (row, col); the last image has none
+CELLS = [[(1, 2)], [(4, 0), (5, 4)], [(0, 0), (2, 3), (5, 1)], []]
+VISION_TINY = ["tiny-clip", "tiny-siglip", "tiny-dinov2", "tiny-dinov2-reg", "tiny-vit", "tiny-llava"]
+
+
+def photo(seed: int = 0, size=(H, W)) -> np.ndarray:
+    """A real photograph (scikit-image) resized to ``size``, different crop per seed."""
+    from skimage import data
+
+    imgs = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    return np.asarray(Image.fromarray(imgs[seed % len(imgs)]).resize((size[1], size[0]), Image.BICUBIC))
+
+
+@pytest.fixture(scope="session")
+def marked_images() -> list[np.ndarray]:
+    return [paint_markers(photo(i), cells) for i, cells in enumerate(CELLS)]
