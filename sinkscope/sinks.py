@@ -140,14 +140,26 @@ Rule = NormRule | AttentionRule | DimsRule
 
 
 def rule_to_dict(rule: Rule) -> dict[str, Any]:
-    d = asdict(rule)
-    d["method"] = rule.method
-    d["mode"] = rule.mode
-    d["description"] = rule.describe()
-    for k, v in d.items():
-        if isinstance(v, tuple):
-            d[k] = list(v)
-    return d
+    """JSON form of a rule: ``method``, ``mode``, ``description``, ``threshold`` =
+    ``{"kind": absolute|relative|auto, "value": ...}`` and every parameter under ``params``.
+
+    >>> rule_to_dict(NormRule(relative=5))["threshold"]
+    {'kind': 'relative', 'value': 5}
+    """
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(rule).items()}
+    if isinstance(rule, NormRule):
+        value = rule.threshold if rule.mode == "absolute" else rule.relative
+    elif isinstance(rule, AttentionRule):
+        value = rule.fraction if rule.fraction is not None else rule.factor
+    else:
+        value = rule.tau
+    return {
+        "method": rule.method,
+        "mode": rule.mode,
+        "description": rule.describe(),
+        "threshold": {"kind": rule.mode, "value": value},
+        "params": params,
+    }
 
 
 @dataclass

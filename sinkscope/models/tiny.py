@@ -230,7 +230,7 @@ def _vision_calibration(adapter: VisionAdapter):
 def _plant_neuron(adapter: Adapter, plant: Plant, t: int, calibration) -> None:
     """Neuron 0 of the MLP in block ``plant.layer - 1`` reads channel ``t`` and writes the sink.
 
-    The neuron is calibrated on a batch with known marked tokens: it fires (pre-activation >= 1.5)
+    The neuron is calibrated on a batch with known marked tokens: it fires (pre-activation >= 20)
     on every marked token and stays at <= -4.5 (GELU ~ 0) on every other token; its output
     weights are scaled so a marked token gains ``plant.magnitude`` along ``plant.dims``.
     """
@@ -246,7 +246,8 @@ def _plant_neuron(adapter: Adapter, plant: Plant, t: int, calibration) -> None:
         lo, hi = pre[marked].min().item(), pre[~marked].max().item()
         if lo - hi < 1e-3:
             raise SinkscopeError(f"cannot plant sinks in {adapter.name}: marked tokens are not separable")
-        w = 6.0 / (lo - hi)
+        # a register-neuron-like unit: a large activation (>= 20) on marked tokens, ~0 elsewhere
+        w = 25.0 / (lo - hi)
         fc1.weight[0, t] = w
         fc1.bias[0] = -w * hi - 4.5
     else:  # gated MLP (Llama): silu(gate) * up, both reading channel t (exactly 0 elsewhere)

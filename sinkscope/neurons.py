@@ -1,0 +1,125 @@
+"""Register neurons (Jiang et al., *Vision Transformers Don't Need Trained Registers*).
+
+Over a set of images, take the positions that are sinks at a detection layer (by a norm rule),
+then rank the MLP neurons of the blocks before it by their mean |activation| at those positions.
+The neurons that write the sinks rank first.
+
+>>> ad = load_model("tiny-dinov2+sinks")                                   # doctest: +SKIP
+>>> rn = register_neurons(ad, images, detection_layer=-1, rule=NormRule(threshold=100))  # doctest: +SKIP
+>>> rn.top(3)                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._utils import SinkscopeError
+from .capture import Capture, parse_layers
+from .data import ImageItem
+from .models.base import Adapter
+from .scan import _progress, batch_rows
+from .sinks import NormRule, Rule, detect, rule_to_dict
+
+
+@dataclass
+class RegisterNeurons:
+    """Ranked MLP neurons. ``table`` columns: ``block, neuron, mean_abs_sink, mean_abs_other,
+    ratio, contribution, rank`` (rank 1 = strongest at sink positions)."""
+
+    table: pd.DataFrame
+    detection_layer: int
+    rule: dict[str, Any]
+    n_sink_positions: int
+    n_other_positions: int
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` best-ranked neurons (Jiang et al.: 10 for ViT-B/16, 50 for DINOv2-L)."""
+        return self.table.head(k).reset_index(drop=True)
+
+
+def register_neurons(
+    adapter: Adapter,
+    images: list[Any],
+    detection_layer: int = -1,
+    rule: Rule | None = None,
+    blocks: list[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    score: str = "activation",
+) -> RegisterNeurons:
+    """Rank MLP neurons by mean |activation| at sink positions of ``detection_layer``.
+
+    ``images``: arrays, PIL images or :class:`~sinkscope.data.ImageItem`. ``rule``: the norm rule
+    that defines sink positions at the detection layer (Jiang et al. use absolute thresholds:
+    30 at the last layer of ViT-B/16, 150 at layer -2 of ViT-L/14 and DINOv2-L).
+    ``blocks``: the MLPs searched (default: every block before the detection layer).
+    ``score``: ``"activation"`` ranks by mean |activation| at sink positions (Jiang et al.);
+    ``"contribution"`` by that times the L2 norm of the neuron's output weights (what it writes).
+    """
+    if score not in ("activation", "contribution"):
+        raise SinkscopeError(f"unknown score {score!r}; use 'activation' or 'contribution'")
+    rule = rule or NormRule()
+    layer = parse_layers([detection_layer], adapter.n_layers)[0]
+    if layer == 0:
+        raise SinkscopeError("detection layer 0 has no MLP before it; choose a layer >= 1")
+    blocks = sorted(blocks) if blocks is not None else list(range(layer))
+    if any(b >= layer for b in blocks):
+        raise SinkscopeError(f"blocks {blocks} must come before the detection layer {layer}")
+    sums_s: dict[int, torch.Tensor] = {}
+    sums_o: dict[int, torch.Tensor] = {}
+    n_s = n_o = 0
+    bar = _progress(len(images), enabled=progress, desc="register neurons")
+    with Capture(adapter, layers=[layer], mlp=blocks) as cap:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            arrays = [it.load() if isinstance(it, ImageItem) else it for it in chunk]
+            inputs = adapter.prepare(arrays, [f"i{start + k}" for k in range(len(chunk))])
+            bc = cap.run(inputs)
+            rows = batch_rows(adapter, inputs, bc, causal=adapter.family == "causal-lm")
+            sink = detect(rows, rule).is_sink.to_numpy()
+            mask = torch.zeros(bc.norms.shape[0], bc.norms.shape[2], dtype=torch.bool)
+            for k, lay in enumerate(inputs.layouts):
+                sel = rows["image"].to_numpy() == inputs.names[k]
+                mask[k, : lay.n_tokens] = torch.from_numpy(sink[sel])
+            valid = torch.zeros_like(mask)
+            for k, lay in enumerate(inputs.layouts):
+                valid[k, : lay.n_tokens] = True
+            other = valid & ~mask
+            n_s += int(mask.sum())
+            n_o += int(other.sum())
+            for b in blocks:
+                act = bc.mlp_abs[b].float()  # [batch, tokens, neurons]
+                sums_s[b] = sums_s.get(b, 0) + act[mask].sum(0)
+                sums_o[b] = sums_o.get(b, 0) + act[other].sum(0)
+            bar.update(len(chunk))
+    bar.close()
+    if n_s == 0:
+        raise SinkscopeError(
+            f"no sink positions at layer {layer} under rule '{rule.describe()}': nothing to rank neurons by"
+        )
+    frames = []
+    for b in blocks:
+        ms = (sums_s[b] / n_s).numpy()
+        mo = (sums_o[b] / max(n_o, 1)).numpy()
+        w_out = adapter.mlp_out(b).weight.detach().float().norm(dim=0).cpu().numpy()
+        frames.append(
+            pd.DataFrame(
+                {
+                    "block": b,
+                    "neuron": np.arange(len(ms)),
+                    "mean_abs_sink": ms,
+                    "mean_abs_other": mo,
+                    "ratio": ms / np.maximum(mo, 1e-12),
+                    "contribution": ms * w_out,
+                }
+            )
+        )
+    key = "mean_abs_sink" if score == "activation" else "contribution"
+    table = pd.concat(frames, ignore_index=True).sort_values(key, ascending=False, kind="stable")
+    table["rank"] = np.arange(1, len(table) + 1)
+    return RegisterNeurons(table.reset_index(drop=True), layer, rule_to_dict(rule), n_s, n_o)

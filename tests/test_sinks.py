@@ -1,0 +1,188 @@
+"""Detection rules on hand-made tables with known answers, the sink report, register neurons."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sinkscope import Plant, SinkscopeError, load_model
+from sinkscope.neurons import register_neurons
+from sinkscope.sinks import (
+    AttentionRule,
+    DimsRule,
+    NormRule,
+    SinkReport,
+    auto_gap_threshold,
+    detect,
+    discover_sink_dims,
+    topk_for_exact_dims,
+)
+
+from .conftest import CELLS, H, W
+
+
+def _table(norms_by_image: dict[str, list[float]], layer=1, kind="patch"):
+    rows = []
+    for img, norms in norms_by_image.items():
+        for t, n in enumerate(norms):
+            rows.append(
+                {
+                    "image": img,
+                    "layer": layer,
+                    "token": t,
+                    "kind": kind,
+                    "row": pd.NA,
+                    "col": pd.NA,
+                    "norm": n,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_absolute_and_relative_norm_rules():
+    t = _table({"a": [10, 12, 11, 90, 10], "b": [100, 120, 110, 900, 100]})
+    abs_ = detect(t, NormRule(threshold=100))
+    assert abs_.is_sink.tolist() == [False, False, False, False, False, True, True, True, True, True]
+    rel = detect(t, NormRule(relative=5))
+    # relative to each image's own median: token 3 in both images
+    assert t[rel.is_sink][["image", "token"]].values.tolist() == [["a", 3], ["b", 3]]
+    assert rel.per_layer_threshold[1] == pytest.approx(5 * np.median([11, 110]))
+
+
+def test_auto_rule_finds_a_separate_mode_and_nothing_in_a_unimodal_layer():
+    rng = np.random.default_rng(0)
+    body = rng.lognormal(mean=np.log(40), sigma=0.25, size=500)
+    # unimodal, heavy-ish tail: no sinks, threshold None
+    assert auto_gap_threshold(body, NormRule()) is None
+    t = _table({"x": list(body)})
+    det = detect(t, NormRule())
+    assert not det.is_sink.any() and det.per_layer_threshold[1] is None
+    # plant 6 outliers at ~10x: exactly those, threshold in the valley
+    vals = np.concatenate([body, [400, 420, 390, 450, 410, 405]])
+    thr = auto_gap_threshold(vals, NormRule())
+    assert body.max() < thr < 390
+    det = detect(_table({"x": list(vals)}), NormRule())
+    assert det.is_sink.sum() == 6 and det.is_sink.iloc[-6:].all()
+
+
+def test_auto_rule_rejects_a_large_upper_group_and_a_small_gap():
+    # half the tokens high: not a sink mode (a second population)
+    assert auto_gap_threshold(np.r_[np.full(50, 10.0), np.full(50, 100.0)], NormRule()) is None
+    # a clear but small ratio (1.5x) gap: not enough
+    assert auto_gap_threshold(np.r_[np.linspace(10, 11, 100), [16.5]], NormRule()) is None
+
+
+def test_norm_rule_ignores_cls_by_default_and_rule_errors():
+    t = _table({"a": [500, 10, 11, 12]})
+    t.loc[0, "kind"] = "cls"
+    assert not detect(t, NormRule(threshold=100)).is_sink.any()
+    assert detect(t, NormRule(threshold=100, kinds=("cls", "patch"))).is_sink.tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    with pytest.raises(SinkscopeError, match="not both"):
+        NormRule(threshold=1, relative=2)
+
+
+def test_attention_rule_uses_the_uniform_share():
+    t = _table({"a": [1.0] * 4})
+    t["attention_received"] = [0.7, 0.1, 0.1, 0.1]
+    t["uniform_share"] = 0.25
+    assert detect(t, AttentionRule(factor=2)).is_sink.tolist() == [True, False, False, False]
+    assert detect(t, AttentionRule(factor=None, fraction=0.05)).is_sink.all()
+    with pytest.raises(SinkscopeError, match="attention_received"):
+        detect(_table({"a": [1.0]}), AttentionRule())
+
+
+def _dims_table():
+    """Two 'images', 5 tokens, D=2000; token 0 of each has a massive activation on dim 42."""
+    rows = []
+    for img in ("a", "b"):
+        for t in range(5):
+            massive = t == 0
+            top_dims = [42, 3, 9, 11] if massive else [3, 9, 11, 17]
+            top_vals = [3000.0, 2.0, 1.9, 1.8] if massive else [2.0, 1.9, 1.8, 1.7]
+            rms = 3000.0 / np.sqrt(2000) * 1.01 if massive else 1.0
+            rows.append(
+                {
+                    "image": img,
+                    "layer": 3,
+                    "token": t,
+                    "kind": "text",
+                    "norm": 0.0,
+                    "top_dims": top_dims,
+                    "top_vals": top_vals,
+                    "rms": rms,
+                    "median_abs": 0.8,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_dims_rule_discovers_dims_and_thresholds_the_rms_ratio():
+    t = _dims_table()
+    assert discover_sink_dims(t, DimsRule()) == [42]
+    det = detect(t, DimsRule(tau=20))
+    assert det.sink_dims == [42]
+    assert t[det.is_sink].token.tolist() == [0, 0]
+    assert det.statistic.iloc[0] == pytest.approx(3000 / (3000 / np.sqrt(2000) * 1.01))
+    # below 1000x the median: not massive, no dims, no sinks
+    t2 = t.assign(median_abs=10.0)
+    assert discover_sink_dims(t2, DimsRule()) == [] and not detect(t2, DimsRule()).is_sink.any()
+    # dims given explicitly
+    assert detect(t2, DimsRule(dims=(42,))).is_sink.sum() == 2
+
+
+def test_topk_keeps_the_dims_rule_exact():
+    # with k = topk_for_exact_dims(D, tau), (k+1) channels >= tau*RMS would exceed the total energy
+    for D in (64, 384, 576, 1024, 4096, 8192):
+        k = topk_for_exact_dims(D, 20)
+        assert (k + 1) * 400 > D
+
+
+def test_sink_report_emergence_and_frame():
+    rows = []
+    for layer in range(4):
+        for t in range(6):
+            n = 500.0 if (t == 2 and layer >= 2) or (t == 4 and layer >= 3) else 10.0 + t
+            rows.append(
+                {
+                    "image": "im",
+                    "layer": layer,
+                    "token": t,
+                    "kind": "patch",
+                    "row": t // 3,
+                    "col": t % 3,
+                    "norm": n,
+                }
+            )
+    rep = SinkReport.from_tokens(pd.DataFrame(rows), [NormRule(threshold=100)])
+    s = rep.sinks()
+    assert s[["token", "row", "col", "emergence_layer", "n_layers"]].values.tolist() == [
+        [2, 0, 2, 2, 2],
+        [4, 1, 1, 3, 1],
+    ]
+    assert rep.emergence_layer() == 2
+    counts = rep.per_layer_counts()
+    assert [counts[i]["n_sinks"] for i in range(4)] == [0, 0, 1, 2]
+    summ = rep.summary()
+    assert summ["rule"]["description"].startswith("norm: L2 norm >= 100") and summ["n_sink_tokens"] == 2
+
+
+def test_register_neurons_rank_the_planted_neuron_first(marked_images):
+    plant = Plant(layer=2, dims=(7,), magnitude=600.0)
+    ad = load_model("tiny-clip", plant=plant, image_size=(H, W))
+    rn = register_neurons(ad, marked_images, detection_layer=-1, rule=NormRule(threshold=100), progress=False)
+    top = rn.top(3)
+    assert (int(top.block[0]), int(top.neuron[0])) == (plant.layer - 1, 0)
+    by_write = register_neurons(
+        ad, marked_images, rule=NormRule(threshold=100), progress=False, score="contribution"
+    )
+    assert (int(by_write.table.block[0]), int(by_write.table.neuron[0])) == (plant.layer - 1, 0)
+    assert rn.n_sink_positions == sum(len(c) for c in CELLS)
+    assert top.ratio[0] > 100  # silent elsewhere
+    with pytest.raises(SinkscopeError, match="no sink positions"):
+        register_neurons(ad, marked_images[-1:], rule=NormRule(threshold=100), progress=False)
