@@ -108,22 +108,23 @@ def load_model(
 def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> Adapter:
     import transformers as T
 
-    local = Path(src)
+    local = Path(src).expanduser()
     if not local.exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
         raise SinkscopeError(f"model path {src!r} does not exist")
+    hub_kw = {} if local.exists() else _hub_access(src)
     try:
-        config = T.AutoConfig.from_pretrained(src)
+        config = T.AutoConfig.from_pretrained(src, **hub_kw)
     except (OSError, ValueError) as e:
         hint = "an embedded name (" + ", ".join(list(EMBEDDED)[:3]) + ", ...), a local directory or a hub id"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SinkscopeError(f"cannot load model {src!r}: {first} (expected {hint})") from None
-    kw: dict[str, Any] = {"attn_implementation": attn_impl}
+    kw: dict[str, Any] = {"attn_implementation": attn_impl, **hub_kw}
     if dtype is not None:
         kw["dtype"] = dtype
     mtype = config.model_type
     if mtype == "llava":
         model = T.LlavaForConditionalGeneration.from_pretrained(src, **kw)
-        processor = _try(lambda: T.AutoProcessor.from_pretrained(src))
+        processor = _try(lambda: T.AutoProcessor.from_pretrained(src, **hub_kw))
         return LlavaAdapter(model, name, processor, image_size=image_size)
     if mtype in ("clip", "siglip") or vision_family_of(config) is not None:
         cls = {
@@ -133,7 +134,7 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
             "siglip_vision_model": T.SiglipVisionModel,
         }.get(mtype, T.AutoModel)
         model = cls.from_pretrained(src, **kw)
-        processor = _try(lambda: T.AutoImageProcessor.from_pretrained(src))
+        processor = _try(lambda: T.AutoImageProcessor.from_pretrained(src, **hub_kw))
         return VisionAdapter(model, name, processor, image_size=image_size)
     if getattr(config, "is_encoder_decoder", False):
         raise SinkscopeError(f"model {src!r} ({mtype}) is an encoder-decoder; sinkscope supports decoder LMs")
@@ -144,8 +145,41 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
             f"model {src!r} (model_type={mtype!r}) is neither a supported ViT "
             f"({', '.join(VISION_FAMILIES)}), a LLaVA model nor a causal LM: {str(e).splitlines()[0]}"
         ) from None
-    tokenizer = _try(lambda: T.AutoTokenizer.from_pretrained(src))
+    tokenizer = _try(lambda: T.AutoTokenizer.from_pretrained(src, **hub_kw))
     return CausalLMAdapter(model, name, tokenizer)
+
+
+def _hub_access(repo_id: str) -> dict[str, Any]:
+    """How to reach a hub id: from the local HF cache when it is there (no network), else check
+    once, quickly, that the hub answers - so a bad name fails at once instead of after retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library rejects: let transformers say why
+        cached = None
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    reachable = False
+    if not offline:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            reachable = True
+        except OSError:
+            pass
+    if not reachable:
+        raise SinkscopeError(
+            f"cannot load model {repo_id!r}: not an embedded name ({', '.join(list(EMBEDDED)[:3])}, ...), "
+            f"not a local directory, not in the Hugging Face cache, and the hub ({host}) is "
+            + ("disabled (HF_HUB_OFFLINE)" if offline else "unreachable")
+        )
+    return {}
 
 
 def _try(fn):

