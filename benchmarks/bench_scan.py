@@ -216,11 +216,18 @@ def proc_status_mb(key: str) -> float:
 
 
 def mem_worker(mode: str, n: int, batch_size: int) -> dict:
-    """One measurement: load, then run ``mode`` over ``n`` images loading/preparing per batch."""
+    """One measurement: load, then run ``mode`` over ``n`` images, loading/preparing per batch.
+
+    ``sinkscope``: ``Capture(layers="all", attention="all")`` on the SDPA model (the scan's
+    forward path); ``hf``: the eager model with ``output_hidden_states`` + ``output_attentions``,
+    reduced right away. Both keep only per-image reduced results (norms ``[L+1, N]`` and received
+    attention ``[L, N]``, ~25 KB an image). ``scan``: the full :func:`sinkscope.scan.scan` API.
+    """
     from sinkscope import load_model
 
     items = image_items(n)
     t0 = time.perf_counter()
+    per_batch: list[float] = []  # ru_maxrss after each batch: flat = bounded memory
     if mode == "scan":
         from sinkscope.scan import scan
 
@@ -230,29 +237,32 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
             res = scan(ad, images=items, method="all", batch_size=batch_size, out=Path(tmp) / "run",
                        report=False, progress=False)  # fmt: skip
             kept = len(res.tokens)
-    else:
+    elif mode in ("sinkscope", "hf"):
         from sinkscope.capture import Capture
 
         ad = load_model(MODEL, attn_implementation="sdpa" if mode == "sinkscope" else "eager")
         before = maxrss_mb()
-        keep = []  # per-image reduced results only: norms [L+1, N] and received attention [L, N]
+        keep = []
         with torch.no_grad():
             if mode == "sinkscope":
                 with Capture(ad, layers="all", attention="all") as cap:
                     for s in range(0, n, batch_size):
                         inp = ad.prepare([it.load() for it in items[s : s + batch_size]])
                         bc = cap.run(inp)
-                        keep.extend(zip(bc.norms, cap_received(bc)))
-            elif mode == "hf":
+                        keep.extend(zip(bc.norms.clone(), cap_received(bc)))
+                        del inp, bc
+                        per_batch.append(round(maxrss_mb(), 1))
+            else:
                 for s in range(0, n, batch_size):
                     inp = ad.prepare([it.load() for it in items[s : s + batch_size]])
                     o = ad.model(pixel_values=inp.tensors["pixel_values"], output_hidden_states=True,
                                  output_attentions=True)  # fmt: skip
                     keep.extend(zip(hf_norms(o.hidden_states), hf_received(o.attentions)))
-                    del o
-            else:
-                raise SystemExit(f"unknown memory mode {mode!r}")
+                    del inp, o
+                    per_batch.append(round(maxrss_mb(), 1))
         kept = len(keep)
+    else:
+        raise SystemExit(f"unknown memory mode {mode!r}")
     return {
         "mode": mode,
         "images": n,
@@ -261,6 +271,7 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
         "peak_rss_mb": round(maxrss_mb(), 1),  # ru_maxrss
         "vm_hwm_mb": round(proc_status_mb("VmHWM"), 1),
         "final_rss_mb": round(proc_status_mb("VmRSS"), 1),
+        "peak_after_batch_mb": per_batch,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -270,42 +281,62 @@ def run_mem(mode: str, n: int, batch_size: int) -> dict:
 
     On Linux ``ru_maxrss`` survives ``execve``: a child exec'd straight from this (large) process
     would report *our* peak. So the worker is started by a shell that forks it (``; exit $?``
-    keeps the shell from exec'ing it), giving it a fresh high-water mark; ``VmHWM`` is recorded as
-    a cross-check.
+    keeps the shell from exec'ing it), giving it a fresh high-water mark; ``VmHWM`` (per process
+    image) is recorded as a cross-check.
     """
-    argv = [sys.executable, __file__, "--_mem-worker", mode, "--images", str(n), "--batch-size", str(batch_size)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--_mem-worker",
+        mode,
+        "--images",
+        str(n),
+        "--batch-size",
+        str(batch_size),
+    ]
     cmd = ["/bin/sh", "-c", " ".join(shlex.quote(a) for a in argv) + "; exit $?"]
     env = dict(os.environ, TQDM_DISABLE="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
     if p.returncode != 0 or line is None:
         raise SystemExit(f"memory worker {mode}/{n} failed (rc={p.returncode}):\n{p.stderr[-3000:]}")
-    return json.loads(line)
+    r = json.loads(line)
+    if abs(r["vm_hwm_mb"] - r["peak_rss_mb"]) > 0.02 * r["vm_hwm_mb"]:
+        print(f"  WARNING {mode}/{n}: ru_maxrss {r['peak_rss_mb']} MB != VmHWM {r['vm_hwm_mb']} MB")
+    return r
 
 
-def memory_section(batch_size: int, with_scan: bool) -> dict:
-    modes = ["sinkscope", "hf"] + (["scan"] if with_scan else [])
+def memory_section(batch_size: int, trials: int, scan_trials: int) -> dict:
+    """Median peak RSS over ``trials`` fresh processes per (mode, image count), 16 and 64 alternating."""
+    plan = {"sinkscope": trials, "hf": trials, "scan": scan_trials}
     out = {}
-    for mode in modes:
-        r16, r64 = run_mem(mode, 16, batch_size), run_mem(mode, 64, batch_size)
-        growth = 100.0 * (r64["peak_rss_mb"] / r16["peak_rss_mb"] - 1.0)
-        over = {k: r["peak_rss_mb"] - r["rss_after_load_mb"] for k, r in (("16", r16), ("64", r64))}
+    for mode, k in plan.items():
+        if k < 1:
+            continue
+        runs: dict[int, list[dict]] = {16: [], 64: []}
+        for _ in range(k):
+            for n in (16, 64):
+                runs[n].append(run_mem(mode, n, batch_size))
+        peak = {n: statistics.median(r["peak_rss_mb"] for r in rs) for n, rs in runs.items()}
+        load = {n: statistics.median(r["rss_after_load_mb"] for r in rs) for n, rs in runs.items()}
+        growth = 100.0 * (peak[64] / peak[16] - 1.0)
         out[mode] = {
-            "16": r16,
-            "64": r64,
+            "trials": k,
+            "median_peak_rss_mb": {str(n): v for n, v in peak.items()},
+            "median_rss_after_load_mb": {str(n): v for n, v in load.items()},
             "peak_growth_pct": round(growth, 2),
-            "peak_above_load_mb": {k: round(v, 1) for k, v in over.items()},
+            "runs": {str(n): rs for n, rs in runs.items()},
         }
+        spread = {n: f"{min(r['peak_rss_mb'] for r in rs):.0f}-{max(r['peak_rss_mb'] for r in rs):.0f}"
+                  for n, rs in runs.items()}  # fmt: skip
         print(
-            f"  {mode:10s} peak RSS 16 img {r16['peak_rss_mb']:7.1f} MB | 64 img {r64['peak_rss_mb']:7.1f} MB"
-            f" | growth {growth:+6.2f}% | above post-load RSS: {over['16']:6.1f} -> {over['64']:6.1f} MB"
-            f" (post-load {r16['rss_after_load_mb']:.0f} MB)",
+            f"  {mode:10s} peak RSS 16 img {peak[16]:7.1f} MB ({spread[16]}) | 64 img {peak[64]:7.1f} MB "
+            f"({spread[64]}) | growth {growth:+6.2f}% | post-load RSS {load[16]:.0f} MB | {k} trial(s)",
             flush=True,
         )
-        for r in (r16, r64):
-            if abs(r["vm_hwm_mb"] - r["peak_rss_mb"]) > 0.02 * r["vm_hwm_mb"]:
-                print(f"  WARNING {mode}/{r['images']}: ru_maxrss {r['peak_rss_mb']} MB != VmHWM "
-                      f"{r['vm_hwm_mb']} MB (ru_maxrss inherited?)")  # fmt: skip
+        if mode != "scan":
+            traj = runs[64][len(runs[64]) // 2]["peak_after_batch_mb"]
+            print(f"  {'':10s} peak after each batch (64 img): {' '.join(f'{v:.0f}' for v in traj)}")
     return out
 
 
@@ -318,7 +349,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     ap.add_argument("--out", default="benchmarks/results/scan.json")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-    ap.add_argument("--no-scan-memory", action="store_true", help="skip the full scan() RSS measurement")
+    ap.add_argument("--mem-trials", type=int, default=3, help="fresh processes per memory figure (default 3)")
+    ap.add_argument("--scan-mem-trials", type=int, default=1,
+                    help="the same for the full scan() API (0 = skip; default 1)")  # fmt: skip
     ap.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -370,7 +403,9 @@ def main(argv=None) -> int:
     ratio_sdpa = {m: med[m] / med["bare_sdpa"] for m in METHODS}
 
     print()
-    print(f"{'method':24s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'vs eager':>9s} {'vs sdpa':>8s}  target")
+    print(
+        f"{'method':24s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'vs eager':>9s} {'vs sdpa':>8s}  target"
+    )
     verdicts = {}
     for m in METHODS:
         tgt = ""
@@ -389,7 +424,7 @@ def main(argv=None) -> int:
     if not args.no_memory:
         print("\npeak RSS (fresh subprocess each; norms + attention for all layers, batch "
               f"{args.batch_size}; 64 = the 16 images x4):")  # fmt: skip
-        memory = memory_section(args.batch_size, with_scan=not args.no_scan_memory)
+        memory = memory_section(args.batch_size, args.mem_trials, args.scan_mem_trials)
         g = memory["sinkscope"]["peak_growth_pct"]
         ok = g < MEM_GROWTH_TARGET
         verdicts["memory_growth_sinkscope"] = {"target_pct": MEM_GROWTH_TARGET, "growth_pct": g, "met": ok}

@@ -10,7 +10,7 @@ embedding output.
 """
 
 from ._utils import SinkscopeError
-from .capture import BatchCapture, Capture, capture, parse_layers
+from .capture import BatchCapture, Capture, parse_layers
 from .data import ImageItem, image_items, sample_images
 from .models import Plant, TokenLayout, list_models, load_model, paint_markers
 from .neurons import RegisterNeurons, register_neurons
@@ -35,7 +35,6 @@ __all__ = [
     "TokenLayout",
     "__version__",
     "build_rules",
-    "capture",
     "detect",
     "image_items",
     "list_models",

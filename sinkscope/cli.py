@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="resize inputs to 224 or HxW (no crop) instead of the processor's default",
     )
+    s.add_argument(
+        "--save-layers",
+        default=None,
+        metavar="LAYERS",
+        help="also store full hidden states of these layers in OUT/activations (safetensors shards)",
+    )
+    s.add_argument(
+        "--save-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of stored activations (default: %(default)s)",
+    )
     s.add_argument("--out", default="sinkscope-out", help="output folder (default: %(default)s)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
     s.add_argument("--no-report", action="store_true", help="skip report.html")
@@ -166,6 +178,8 @@ def _cmd_scan(a: argparse.Namespace) -> int:
         image_size=a.image_size,
         progress=not a.quiet,
         report=not a.no_report,
+        save_layers=a.save_layers,
+        save_dtype=a.save_dtype,
         threshold=a.threshold,
         relative=a.relative,
         attn_factor=a.attn_factor,

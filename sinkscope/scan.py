@@ -205,6 +205,8 @@ def scan(
     image_size: int | tuple[int, int] | None = None,
     progress: bool = True,
     report: bool = True,
+    save_layers: str | list[int] | None = None,
+    save_dtype: str = "float32",
     **rule_kwargs,
 ) -> ScanResult:
     """Scan a model for sinks and (with ``out``) write ``tokens.parquet``, ``summary.json``, ``report.html``.
@@ -212,7 +214,9 @@ def scan(
     ``images``: image items or paths (files, folders, manifests); default: the embedded images.
     ``texts``: prompts, for causal LMs. ``method``: norm, attention, dims or all (the first rule
     is the main one, giving ``is_sink``); extra keyword arguments go to :func:`build_rules`.
-    A corrupt image is reported in one line, recorded as failed and skipped.
+    A corrupt image is reported in one line, recorded as failed and skipped. ``save_layers``
+    keeps the full hidden states of those layers in ``OUT/activations`` (an
+    :class:`~sinkscope.store.ActivationStore`: safetensors shards + manifest, resumable).
 
     >>> res = scan("tiny-dinov2+sinks", progress=False)                          # doctest: +SKIP
     >>> res.summary["emergence_layer"]                                           # doctest: +SKIP
@@ -251,15 +255,28 @@ def scan(
     names = [it.name for it in items]
     layer_list = parse_layers(layers, ad.n_layers)
     tau = next((r.tau for r in rules if isinstance(r, DimsRule)), 20.0)
+    keep = parse_layers(save_layers, ad.n_layers) if save_layers is not None else []
+    if keep and out is None:
+        raise SinkscopeError(
+            "saving activations (save_layers / --save-layers) needs an output folder (--out)"
+        )
     config = {
         "model": ad.name,
         "methods": sorted(methods),
         "layers": layer_list,
+        "save_layers": keep,
         "image_size": list(image_size) if isinstance(image_size, (tuple, list)) else image_size,
         "dtype": str(ad.dtype),
     }
     run = _RunDir(Path(out), config, resume) if out is not None else None
     done = run.done() if run else {}
+    store = None
+    if keep:
+        from .store import ActivationStore
+
+        store = ActivationStore(
+            Path(out) / "activations", keep, model=ad.name, dtype=save_dtype, resume=resume
+        )
     todo = [it for it in items if it.name not in done]
     if run and done:
         log.info("resuming %s: %d of %d items already done", run.out, len(items) - len(todo), len(items))
@@ -273,6 +290,7 @@ def scan(
         attention="all" if "attention" in methods else None,
         dims="dims" in methods,
         topk=topk_for_exact_dims(ad.hidden_size, tau),
+        keep=keep,
     )
     bar = _progress(len(todo), enabled=progress, desc=f"scan {ad.name}")
     with Capture(ad, **cap_kw) as cap:
@@ -301,6 +319,8 @@ def scan(
                 bc = cap.run(inputs)
                 t_forward += time.perf_counter() - t1
                 rows = batch_rows(ad, inputs, bc, causal=is_text)
+                if store is not None:
+                    store.add(inputs.names, inputs.layouts, bc.hidden)
                 part = run.write_part(rows) if run else None
                 frames.append(rows)
                 for k, it in enumerate(good):
@@ -373,6 +393,8 @@ def scan(
         },
         "versions": package_versions(),
     }
+    if store is not None:
+        summary["activations"] = {"path": "activations", **store.info()}
     if getattr(ad, "planted", None):
         summary["model"]["planted"] = ad.planted.to_dict()
     result = ScanResult(rep, summary, Path(out) if out is not None else None, pixels)

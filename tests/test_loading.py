@@ -38,7 +38,9 @@ def test_full_clip_checkpoint_loads_its_vision_half(tmp_path):
     batch = ad.prepare([img])
     assert batch.layouts[0].grid == (4, 4) and batch.layouts[0].n_cls == 1  # processor: resize + crop to 56
     cap = capture(ad, batch, keep=[2])
-    ref = full.vision_model(pixel_values=batch.tensors["pixel_values"], output_hidden_states=True).hidden_states[2]
+    ref = full.vision_model(
+        pixel_values=batch.tensors["pixel_values"], output_hidden_states=True
+    ).hidden_states[2]
     torch.testing.assert_close(cap.hidden[2], ref, atol=1e-5, rtol=1e-5)
 
 
@@ -46,8 +48,14 @@ def test_full_clip_checkpoint_loads_its_vision_half(tmp_path):
     "family,proc",
     [
         ("siglip", lambda: T.SiglipImageProcessor(size={"height": 32, "width": 32})),
-        ("dinov2", lambda: T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
-        ("dinov2-reg", lambda: T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
+        (
+            "dinov2",
+            lambda: T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        ),
+        (
+            "dinov2-reg",
+            lambda: T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        ),
         ("vit", lambda: T.ViTImageProcessor(size={"height": 32, "width": 32})),
     ],
 )
@@ -87,8 +95,14 @@ def test_llava_loads_from_a_directory_with_its_processor(tmp_path):
     model = _tiny_llava()
     ip = T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     tok = tiny_tokenizer()
-    proc = T.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                            image_token="<image>", num_additional_image_tokens=1)
+    proc = T.LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
     ad = load_model(_save(model, proc, tmp_path / "llava"))
     assert isinstance(ad, LlavaAdapter)
     assert ad.feature_layer == 3 and ad.select_strategy == "default" and ad.vision.family == "clip"
@@ -99,12 +113,17 @@ def test_llava_loads_from_a_directory_with_its_processor(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["default", "full"])
 def test_llava_maps_a_planted_vit_sink_to_its_llm_positions(strategy):
-    from sinkscope.models.tiny import Plant, plant_vision_sinks, paint_markers, _LlavaParts, _image_processor
+    from sinkscope.models.tiny import Plant, _image_processor, _LlavaParts, paint_markers, plant_vision_sinks
 
     model = _tiny_llava(strategy)
-    ad = LlavaAdapter(model, "t", _LlavaParts(_image_processor("clip"), tiny_tokenizer()), image_size=(32, 32))
+    ad = LlavaAdapter(
+        model, "t", _LlavaParts(_image_processor("clip"), tiny_tokenizer()), image_size=(32, 32)
+    )
     plant_vision_sinks(ad.vision, Plant(layer=2))
-    imgs = [paint_markers(np.zeros((32, 32, 3), np.uint8), [(1, 2)]), paint_markers(np.zeros((32, 32, 3), np.uint8), [(3, 0)])]
+    imgs = [
+        paint_markers(np.zeros((32, 32, 3), np.uint8), [(1, 2)]),
+        paint_markers(np.zeros((32, 32, 3), np.uint8), [(3, 0)]),
+    ]
     n_feat = 16 + (strategy == "full")
     # two images in one prompt: <s> describe <image>*n and <image>*n ?
     ids = [1, 5] + [4] * n_feat + [55] + [4] * n_feat + [9]
@@ -123,12 +142,20 @@ def test_llava_maps_a_planted_vit_sink_to_its_llm_positions(strategy):
     assert llm_pos == [first, second]
     # the LLM really receives the projected sink features there
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=ad.prepare(imgs).tensors["pixel_values"]).pooler_output
-        feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+        feats = model.model.get_image_features(
+            pixel_values=ad.prepare(imgs).tensors["pixel_values"]
+        ).pooler_output
+        feats = (
+            torch.cat(list(feats), 0)
+            if isinstance(feats, (list, tuple))
+            else feats.reshape(-1, feats.shape[-1])
+        )
         emb = model.model.get_input_embeddings()(input_ids)
         merged = emb.masked_scatter((input_ids == 4)[..., None], feats.to(emb.dtype))
     # the feature at the mapped position is the projection of the sink's ViT vector
-    vit = model.model.vision_tower(pixel_values=ad.prepare(imgs).tensors["pixel_values"], output_hidden_states=True)
+    vit = model.model.vision_tower(
+        pixel_values=ad.prepare(imgs).tensors["pixel_values"], output_hidden_states=True
+    )
     h = vit.hidden_states[ad.feature_layer]
     expected = model.model.multi_modal_projector(h[0, vit_sinks[0]][None])[0]
     torch.testing.assert_close(merged[0, first], expected, atol=1e-5, rtol=1e-5)

@@ -42,7 +42,10 @@ def test_dinov2_small_attention_rule_finds_the_cls_token(dinov2_scan):
 
 
 def test_smollm2_dims_rule_finds_the_first_token_massive_activation():
-    prompts = ["The capital of France is Paris. The capital of Germany is", "Describe the image in one sentence."]
+    prompts = [
+        "The capital of France is Paris. The capital of Germany is",
+        "Describe the image in one sentence.",
+    ]
     res = scan("smollm2-135m", texts=prompts, method="dims", progress=False)
     t = res.tokens
     first = t[t.token == 0]

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from sinkscope import SinkscopeError
+from sinkscope import SinkscopeError, load_model
 from sinkscope.cli import main
 from sinkscope.scan import scan
 
@@ -164,3 +165,38 @@ def test_readme_main_command_runs_end_to_end(tmp_path):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["model"]["name"] == "dinov2-small" and s["n_ok"] == 9 and s["n_failed"] == 0
     assert "sink tokens (main rule): 0" in r.stdout
+
+
+def test_saved_activations_equal_hf_hidden_states_and_survive_resume(tmp_path, image_dir, monkeypatch):
+    import torch
+
+    from sinkscope import capture as capmod
+    from sinkscope.store import ActivationStore
+
+    out = tmp_path / "out"
+    real_run = capmod.Capture.run
+    calls = {"n": 0}
+
+    def dying_run(self, inputs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(self, inputs)
+
+    monkeypatch.setattr(capmod.Capture, "run", dying_run)
+    with pytest.raises(KeyboardInterrupt):
+        _scan_tiny(out, [str(image_dir)], batch_size=3, save_layers="2,4")
+    monkeypatch.setattr(capmod.Capture, "run", real_run)
+    assert len(ActivationStore.open(out / "activations")) == 3
+    res = _scan_tiny(out, [str(image_dir)], batch_size=3, save_layers="2,4", resume=True)
+    st = ActivationStore.open(out / "activations")
+    assert st.names() == [f"im{i}.png" for i in range(4)] and st.layers == [2, 4]
+    assert res.summary["activations"]["n_items"] == 4
+    # equal to HF's own hidden states for that image
+    ad = load_model("tiny-dinov2+sinks", image_size=(H, W))
+    pv = ad.prepare([np.asarray(Image.open(image_dir / "im3.png"))]).tensors["pixel_values"]
+    ref = ad.model(pixel_values=pv, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(st.load("im3.png", 4), ref[4][0], atol=1e-5, rtol=1e-5)
+    assert st.layout("im3.png").grid == (6, 5)
+    with pytest.raises(SinkscopeError, match="needs an output folder"):
+        _scan_tiny(None, [str(image_dir)], save_layers="1")
