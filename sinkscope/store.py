@@ -98,7 +98,7 @@ class ActivationStore:
             raise SinkscopeError(f"store needs layers {missing}, which were not captured")
         shard = f"shard-{len(self.manifest['shards']):05d}.safetensors"
         tensors = {}
-        for slot, (name, lay) in enumerate(zip(names, layouts)):
+        for slot, lay in enumerate(layouts):
             for layer in self.layers:
                 tensors[f"{slot}/{layer}"] = hidden[layer][slot, : lay.n_tokens].to(self.dtype).contiguous()
         tmp = self.root / (shard + ".tmp")
