@@ -11,7 +11,7 @@ the usual route's to 1e-4 relative; attention received to 1e-5) and aborts if no
 Then it measures peak RSS of the forward path (and optionally of the full ``scan`` API) in fresh
 subprocesses on 16 and on 64 images (the embedded images repeated), and reports the growth.
 
-    .venv/bin/python benchmarks/bench_scan.py [--images 16] [--batch-size 8] [--repeats 15]
+    .venv/bin/python benchmarks/bench_scan.py [--images 16] [--batch-size 8] [--repeats 11]
                                               [--out benchmarks/results/scan.json]
 
 See benchmarks/README.md for what each row means.
@@ -228,6 +228,7 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
     items = image_items(n)
     t0 = time.perf_counter()
     per_batch: list[float] = []  # ru_maxrss after each batch: flat = bounded memory
+    extra: dict = {}
     if mode == "scan":
         from sinkscope.scan import scan
 
@@ -237,6 +238,7 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
             res = scan(ad, images=items, method="all", batch_size=batch_size, out=Path(tmp) / "run",
                        report=False, progress=False)  # fmt: skip
             kept = len(res.tokens)
+            extra["tokens_table_mb"] = round(float(res.tokens.memory_usage(deep=True).sum()) / 2**20, 1)
     elif mode in ("sinkscope", "hf"):
         from sinkscope.capture import Capture
 
@@ -273,6 +275,7 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
         "final_rss_mb": round(proc_status_mb("VmRSS"), 1),
         "peak_after_batch_mb": per_batch,
         "seconds": round(time.perf_counter() - t0, 2),
+        **extra,
     }
 
 
@@ -334,7 +337,10 @@ def memory_section(batch_size: int, trials: int, scan_trials: int) -> dict:
             f"({spread[64]}) | growth {growth:+6.2f}% | post-load RSS {load[16]:.0f} MB | {k} trial(s)",
             flush=True,
         )
-        if mode != "scan":
+        if mode == "scan":
+            tab = {n: runs[n][0].get("tokens_table_mb") for n in (16, 64)}
+            print(f"  {'':10s} the tidy token table it keeps: {tab[16]} MB (16 img) -> {tab[64]} MB (64 img)")
+        else:
             traj = runs[64][len(runs[64]) // 2]["peak_after_batch_mb"]
             print(f"  {'':10s} peak after each batch (64 img): {' '.join(f'{v:.0f}' for v in traj)}")
     return out
@@ -345,13 +351,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=16, help="embedded images to time (<=16; default 16)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=15, help="timed rounds over all methods (default 15)")
+    ap.add_argument("--repeats", type=int, default=11, help="timed rounds over all methods (default 11)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     ap.add_argument("--out", default="benchmarks/results/scan.json")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--mem-trials", type=int, default=3, help="fresh processes per memory figure (default 3)")
-    ap.add_argument("--scan-mem-trials", type=int, default=1,
-                    help="the same for the full scan() API (0 = skip; default 1)")  # fmt: skip
+    ap.add_argument("--scan-mem-trials", type=int, default=3,
+                    help="the same for the full scan() API (0 = skip; default 3)")  # fmt: skip
     ap.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -383,6 +389,9 @@ def main(argv=None) -> int:
         return 1
 
     times: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}  # process CPU time: less hit by other load
+    loadavg: list[float] = []
+    t_timing = time.perf_counter()
     with torch.no_grad():
         for _ in range(args.warmup):
             for m in METHODS:
@@ -391,20 +400,28 @@ def main(argv=None) -> int:
             order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
             for m in order:
                 gc.collect()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 res = fns[m]()
                 times[m].append(time.perf_counter() - t0)
+                cpu[m].append(time.process_time() - c0)
                 del res
+            loadavg.append(os.getloadavg()[0])
             print(f"  repeat {r + 1}/{args.repeats}: "
                   + " ".join(f"{m}={times[m][-1]:.3f}" for m in METHODS), flush=True)  # fmt: skip
 
+    t_timing = time.perf_counter() - t_timing
     med = {m: statistics.median(v) for m, v in times.items()}
+    med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
+    ratio_cpu = {m: med_cpu[m] / med_cpu["bare_eager"] for m in METHODS}
+    # repeats more than 1.5x slower than the method's best: another process took the cores
+    noisy = {m: sum(t > 1.5 * min(v) for t in v) for m, v in times.items()}
     ratio = {m: med[m] / med["bare_eager"] for m in METHODS}
     ratio_sdpa = {m: med[m] / med["bare_sdpa"] for m in METHODS}
 
     print()
     print(
-        f"{'method':24s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'vs eager':>9s} {'vs sdpa':>8s}  target"
+        f"{'method':24s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'vs eager':>9s} {'vs sdpa':>8s}"
+        f" {'cpu-time vs eager':>17s}  target"
     )
     verdicts = {}
     for m in METHODS:
@@ -418,7 +435,13 @@ def main(argv=None) -> int:
         elif m == "bare_eager":
             tgt = "(baseline)"
         print(f"{m:24s} {med[m]:9.3f} {min(times[m]):7.3f} {max(times[m]):7.3f} {ratio[m]:8.3f}x "
-              f"{ratio_sdpa[m]:7.3f}x  {tgt}")  # fmt: skip
+              f"{ratio_sdpa[m]:7.3f}x {ratio_cpu[m]:16.3f}x  {tgt}")  # fmt: skip
+    n_noisy = max(noisy.values())
+    print(f"(timing section {t_timing:.0f} s; load average per repeat {min(loadavg):.1f}-{max(loadavg):.1f})")
+    if n_noisy > args.repeats // 4:
+        which = ", ".join(f"{m} {k}/{args.repeats}" for m, k in noisy.items() if k > args.repeats // 4)
+        print(f"WARNING: repeats > 1.5x the method's best time: {which} - other processes competing for "
+              "the cores, or the method's own variance (see raw_s in the JSON); treat those medians with care")  # fmt: skip
 
     memory = None
     if not args.no_memory:
@@ -444,6 +467,11 @@ def main(argv=None) -> int:
         "ratio_to_bare_eager": {m: round(v, 4) for m, v in ratio.items()},
         "ratio_to_bare_sdpa": {m: round(v, 4) for m, v in ratio_sdpa.items()},
         "raw_s": {m: [round(t, 5) for t in v] for m, v in times.items()},
+        "median_cpu_s": {m: round(v, 5) for m, v in med_cpu.items()},
+        "cpu_ratio_to_bare_eager": {m: round(v, 4) for m, v in ratio_cpu.items()},
+        "raw_cpu_s": {m: [round(t, 5) for t in v] for m, v in cpu.items()},
+        "noisy_repeats": noisy,
+        "loadavg_1min_per_repeat": [round(x, 2) for x in loadavg],
         "targets": verdicts,
         "memory": memory,
         "wall_s": round(time.perf_counter() - t_all, 1),

@@ -105,8 +105,12 @@ def batch_rows(ad: Adapter, inputs: ModelInputs, cap: BatchCapture, causal: bool
             d["attention_received"] = rec.reshape(-1)
             d["uniform_share"] = np.tile(uniform_share(n, causal), nl).astype(np.float32)
         if cap.top_dims is not None:
-            d["top_dims"] = list(cap.top_dims[i, :, :n].reshape(nl * n, -1).numpy().astype(np.int32))
-            d["top_vals"] = list(cap.top_vals[i, :, :n].reshape(nl * n, -1).numpy().astype(np.float32))
+            # fixed-width columns (top_dim_0.., top_val_0..): compact, unlike per-row lists
+            td = cap.top_dims[i, :, :n].reshape(nl * n, -1).numpy().astype(np.int32)
+            tv = cap.top_vals[i, :, :n].reshape(nl * n, -1).numpy().astype(np.float32)
+            for j in range(td.shape[1]):
+                d[f"top_dim_{j}"] = td[:, j]
+                d[f"top_val_{j}"] = tv[:, j]
             d["rms"] = cap.rms[i, :, :n].reshape(-1).numpy().astype(np.float32)
             d["median_abs"] = np.repeat(cap.median_abs[i].numpy(), n).astype(np.float32)
         if lay.grid is None and hasattr(ad, "token_strings"):
@@ -322,7 +326,8 @@ def scan(
                 if store is not None:
                     store.add(inputs.names, inputs.layouts, bc.hidden)
                 part = run.write_part(rows) if run else None
-                frames.append(rows)
+                if run is None:  # with an output folder the parts on disk are the record
+                    frames.append(rows)
                 for k, it in enumerate(good):
                     lay = inputs.layouts[k]
                     rec = {

@@ -227,7 +227,7 @@ def auto_gap_threshold(values: np.ndarray, rule: NormRule, n_images: int = 1) ->
 
 def detect(tokens: pd.DataFrame, rule: Rule) -> Detection:
     """Apply a rule to a token table (columns ``image, layer, token, kind, norm`` and, per rule,
-    ``attention_received``/``uniform_share`` or ``top_dims``/``top_vals``/``rms``/``median_abs``).
+    ``attention_received``/``uniform_share`` or ``top_dim_j``/``top_val_j``/``rms``/``median_abs``).
     """
     if isinstance(rule, NormRule):
         return _detect_norm(tokens, rule)
@@ -278,17 +278,25 @@ def _detect_attention(tokens: pd.DataFrame, rule: AttentionRule) -> Detection:
     return Detection(rule, is_sink, stat, per_layer)
 
 
+def top_channels(tokens: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``[rows, k]`` channel indices and |values| of each token's k largest |activations|
+    (columns ``top_dim_0 .. top_dim_{k-1}`` and ``top_val_0 ..``)."""
+    k = sum(1 for c in tokens.columns if str(c).startswith("top_dim_"))
+    if k == 0:
+        raise SinkscopeError("dims rule needs the top-|activation| channels: scan with --method dims or all")
+    dims = tokens[[f"top_dim_{j}" for j in range(k)]].to_numpy(np.int64)
+    vals = tokens[[f"top_val_{j}" for j in range(k)]].to_numpy(np.float64)
+    return dims, vals
+
+
 def discover_sink_dims(tokens: pd.DataFrame, rule: DimsRule) -> list[int]:
     """Channels holding massive activations anywhere in the table, most frequent first.
 
     An activation is massive when ``|a| > rule.massive_abs`` and ``|a| >= rule.massive_ratio x``
     the median ``|a|`` of its (image, layer) hidden state.
     """
-    if "top_dims" not in tokens:
-        raise SinkscopeError("dims rule needs the top-|activation| channels: scan with --method dims or all")
     sel = tokens[tokens["layer"] >= rule.min_layer]
-    dims = np.stack(sel["top_dims"].to_numpy()) if len(sel) else np.zeros((0, 1), int)
-    vals = np.stack(sel["top_vals"].to_numpy()) if len(sel) else np.zeros((0, 1))
+    dims, vals = top_channels(sel)
     med = sel["median_abs"].to_numpy(float)[:, None] if len(sel) else np.zeros((0, 1))
     massive = (vals > rule.massive_abs) & (vals >= rule.massive_ratio * med)
     found, counts = np.unique(dims[massive], return_counts=True)
@@ -298,10 +306,7 @@ def discover_sink_dims(tokens: pd.DataFrame, rule: DimsRule) -> list[int]:
 
 def _detect_dims(tokens: pd.DataFrame, rule: DimsRule) -> Detection:
     dims = list(rule.dims) if rule.dims is not None else discover_sink_dims(tokens, rule)
-    if "top_dims" not in tokens:
-        raise SinkscopeError("dims rule needs the top-|activation| channels: scan with --method dims or all")
-    td = np.stack(tokens["top_dims"].to_numpy())
-    tv = np.stack(tokens["top_vals"].to_numpy())
+    td, tv = top_channels(tokens)
     on = np.isin(td, dims) if dims else np.zeros_like(td, bool)
     phi = np.where(on, tv, 0.0).max(axis=1) / np.maximum(tokens["rms"].to_numpy(float), 1e-12)
     stat = pd.Series(phi, index=tokens.index)

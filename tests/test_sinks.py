@@ -113,8 +113,8 @@ def _dims_table():
                     "token": t,
                     "kind": "text",
                     "norm": 0.0,
-                    "top_dims": top_dims,
-                    "top_vals": top_vals,
+                    **{f"top_dim_{j}": d for j, d in enumerate(top_dims)},
+                    **{f"top_val_{j}": v for j, v in enumerate(top_vals)},
                     "rms": rms,
                     "median_abs": 0.8,
                 }
