@@ -67,18 +67,26 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
     if not isinstance(spec, str):
         return _resolve(list(spec), n_layers + 1, "layer")
     out: list[int] = []
+    n = n_layers + 1
     for part in spec.split(","):
         part = part.strip()
-        if ":" in part:
-            a, b = part.split(":", 1)
-            out.extend(range(int(a) if a else 0, int(b) if b else n_layers + 1))
-        else:
-            try:
+        try:
+            if ":" in part:
+                a, b = part.split(":", 1)
+                lo = int(a) if a.strip() else 0
+                hi = int(b) if b.strip() else n
+                lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
+                out.extend(range(max(lo, 0), min(hi, n)))
+            else:
                 out.append(int(part))
-            except ValueError:
-                raise SinkscopeError(
-                    f"bad layer selection {spec!r}: use e.g. 'all', '0,3,5' or '4:9'"
-                ) from None
+        except ValueError:
+            raise SinkscopeError(
+                f"bad layer selection {spec!r}: use e.g. 'all', '0,3,5', '4:9' or '-3:'"
+            ) from None
+    if not out:
+        raise SinkscopeError(
+            f"layer selection {spec!r} selects no layer (the model has layers 0..{n_layers})"
+        )
     return _resolve(out, n_layers + 1, "layer")
 
 
@@ -237,6 +245,8 @@ class Capture:
     def _layer0_hook(self, module, args, kwargs):
         h = args[0] if args else kwargs.get("hidden_states")
         self._record_layer(0, h)
+        if self.stop_early and self._last_needed == 0:
+            raise StopForward
 
     def _make_layer_hook(self, layer: int):
         def hook(module, args, output):
@@ -273,7 +283,7 @@ class Capture:
 
     def _make_mlp_hook(self, block: int):
         def hook(module, args):
-            self._buf.setdefault("mlp", {})[block] = args[0].detach().abs().to("cpu", torch.float16)
+            self._buf.setdefault("mlp", {})[block] = args[0].detach().abs().to("cpu", torch.float32)
 
         return hook
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ._utils import SinkscopeError
+
+log = logging.getLogger("sinkscope")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 MANIFEST_SUFFIXES = {".csv", ".jsonl", ".tsv"}
@@ -158,10 +161,18 @@ def image_items(paths: Iterable[str | Path]) -> list[ImageItem]:
             items.append(ImageItem(p.name, str(p)))
         else:
             raise SinkscopeError(f"image path {raw} does not exist")
-    names = [it.name for it in items]
+    seen: set[str] = set()
+    unique = []
+    for it in items:  # the same file named twice is scanned once
+        if it.source in seen:
+            log.warning("image %s is listed more than once; scanning it once", it.source)
+            continue
+        seen.add(it.source)
+        unique.append(it)
+    names = [it.name for it in unique]
     if len(set(names)) != len(names):  # same relative name from two sources: use full paths
-        items = [ImageItem(it.source, it.source, it.loader) for it in items]
-    return items
+        unique = [ImageItem(it.source, it.source, it.loader) for it in unique]
+    return unique
 
 
 def read_manifest(path: str | Path) -> list[ImageItem]:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from ._utils import SinkscopeError
-from .capture import Capture, parse_layers
+from .capture import StopForward, capture, parse_layers
 from .data import ImageItem
 from .models.base import Adapter
 from .scan import _progress, batch_rows
@@ -61,42 +61,44 @@ def register_neurons(
     ``score``: ``"activation"`` ranks by mean |activation| at sink positions (Jiang et al.);
     ``"contribution"`` by that times the L2 norm of the neuron's output weights (what it writes).
     """
+    rule = rule or NormRule(relative=5.0)
+    if isinstance(rule, NormRule) and rule.mode == "auto":
+        raise SinkscopeError(
+            "register neurons need a batch-independent rule: give NormRule(threshold=...) or NormRule(relative=...)"
+        )
     if score not in ("activation", "contribution"):
         raise SinkscopeError(f"unknown score {score!r}; use 'activation' or 'contribution'")
-    rule = rule or NormRule()
     layer = parse_layers([detection_layer], adapter.n_layers)[0]
     if layer == 0:
         raise SinkscopeError("detection layer 0 has no MLP before it; choose a layer >= 1")
     blocks = sorted(blocks) if blocks is not None else list(range(layer))
     if any(b >= layer for b in blocks):
         raise SinkscopeError(f"blocks {blocks} must come before the detection layer {layer}")
-    sums_s: dict[int, torch.Tensor] = {}
-    sums_o: dict[int, torch.Tensor] = {}
+    sums_s = {b: 0.0 for b in blocks}
+    sums_o = {b: 0.0 for b in blocks}
     n_s = n_o = 0
     bar = _progress(len(images), enabled=progress, desc="register neurons")
-    with Capture(adapter, layers=[layer], mlp=blocks) as cap:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            arrays = [it.load() if isinstance(it, ImageItem) else it for it in chunk]
-            inputs = adapter.prepare(arrays, [f"i{start + k}" for k in range(len(chunk))])
-            bc = cap.run(inputs)
-            rows = batch_rows(adapter, inputs, bc, causal=adapter.family == "causal-lm")
-            sink = detect(rows, rule).is_sink.to_numpy()
-            mask = torch.zeros(bc.norms.shape[0], bc.norms.shape[2], dtype=torch.bool)
-            for k, lay in enumerate(inputs.layouts):
-                sel = rows["image"].to_numpy() == inputs.names[k]
-                mask[k, : lay.n_tokens] = torch.from_numpy(sink[sel])
-            valid = torch.zeros_like(mask)
-            for k, lay in enumerate(inputs.layouts):
-                valid[k, : lay.n_tokens] = True
-            other = valid & ~mask
-            n_s += int(mask.sum())
-            n_o += int(other.sum())
-            for b in blocks:
-                act = bc.mlp_abs[b].float()  # [batch, tokens, neurons]
-                sums_s[b] = sums_s.get(b, 0) + act[mask].sum(0)
-                sums_o[b] = sums_o.get(b, 0) + act[other].sum(0)
-            bar.update(len(chunk))
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        arrays = [it.load() if isinstance(it, ImageItem) else it for it in chunk]
+        inputs = adapter.prepare(arrays, [f"i{start + k}" for k in range(len(chunk))])
+        # pass 1: sink positions at the detection layer (the forward stops there)
+        bc = capture(adapter, inputs, layers=[layer])
+        rows = batch_rows(adapter, inputs, bc, causal=adapter.family == "causal-lm")
+        sink = detect(rows, rule).is_sink.to_numpy()
+        n_tok = bc.norms.shape[2]
+        mask = torch.zeros(len(chunk), n_tok, dtype=torch.bool)
+        valid = torch.zeros_like(mask)
+        for k, lay in enumerate(inputs.layouts):
+            sel = rows["image"].to_numpy() == inputs.names[k]
+            mask[k, : lay.n_tokens] = torch.from_numpy(sink[sel])
+            valid[k, : lay.n_tokens] = True
+        other = valid & ~mask
+        n_s += int(mask.sum())
+        n_o += int(other.sum())
+        # pass 2: reduce every neuron's |activation| inside the hooks, in fp32, with the known masks
+        _accumulate(adapter, inputs, blocks, mask, other, sums_s, sums_o)
+        bar.update(len(chunk))
     bar.close()
     if n_s == 0:
         raise SinkscopeError(
@@ -104,8 +106,8 @@ def register_neurons(
         )
     frames = []
     for b in blocks:
-        ms = (sums_s[b] / n_s).numpy()
-        mo = (sums_o[b] / max(n_o, 1)).numpy()
+        ms = (sums_s[b] / n_s).cpu().numpy()
+        mo = (sums_o[b] / max(n_o, 1)).cpu().numpy()
         w_out = adapter.mlp_out(b).weight.detach().float().norm(dim=0).cpu().numpy()
         frames.append(
             pd.DataFrame(
@@ -123,3 +125,32 @@ def register_neurons(
     table = pd.concat(frames, ignore_index=True).sort_values(key, ascending=False, kind="stable")
     table["rank"] = np.arange(1, len(table) + 1)
     return RegisterNeurons(table.reset_index(drop=True), layer, rule_to_dict(rule), n_s, n_o)
+
+
+@torch.no_grad()
+def _accumulate(adapter, inputs, blocks, mask, other, sums_s, sums_o) -> None:
+    """One forward whose MLP hooks add up |activation| per neuron at sink and other positions."""
+    dev = adapter.device
+    m_s, m_o = mask.to(dev, torch.float32), other.to(dev, torch.float32)
+    last = max(blocks)
+
+    def make(b):
+        def hook(module, args):
+            act = args[0].detach().float().abs()  # [batch, tokens, neurons]
+            sums_s[b] = sums_s[b] + torch.einsum("bt,btf->f", m_s, act)
+            sums_o[b] = sums_o[b] + torch.einsum("bt,btf->f", m_o, act)
+
+        return hook
+
+    def stop(module, args, output):
+        raise StopForward
+
+    handles = [adapter.mlp_out(b).register_forward_pre_hook(make(b)) for b in blocks]
+    handles.append(adapter.blocks()[last].register_forward_hook(stop))
+    try:
+        adapter.forward(inputs)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()

@@ -137,7 +137,7 @@ class _RunDir:
                     "drop --resume or choose another --out"
                 )
         else:
-            for p in (self.parts, self.seen, self.progress, out / "tokens.parquet"):
+            for p in (self.parts, self.seen, self.progress, out / "tokens.parquet", out / "activations"):
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
@@ -152,10 +152,11 @@ class _RunDir:
             for line in self.progress.read_text().splitlines():
                 if line.strip():
                     try:
-                        rec = json.loads(line)
+                        recs = json.loads(line)
                     except json.JSONDecodeError:  # a torn last line from a kill: ignore it
                         continue
-                    out[rec["image"]] = rec
+                    for rec in recs if isinstance(recs, list) else [recs]:
+                        out[rec["image"]] = rec
         return out
 
     def write_part(self, rows: pd.DataFrame) -> str:
@@ -167,9 +168,9 @@ class _RunDir:
         return name
 
     def log(self, records: list[dict]) -> None:
+        """Append one batch's records as a single line: a kill leaves the batch in or out, whole."""
         with self.progress.open("a") as fh:
-            for r in records:
-                fh.write(json.dumps(r) + "\n")
+            fh.write(json.dumps(records) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -177,9 +178,12 @@ class _RunDir:
         parts = sorted({r["part"] for r in records.values() if r.get("status") == "ok"})
         if not parts:
             return pd.DataFrame()
-        keep = {n for n, r in records.items() if r.get("status") == "ok"}
-        df = pd.concat([pd.read_parquet(self.parts / p) for p in parts], ignore_index=True)
-        return df[df["image"].isin(keep)].reset_index(drop=True)
+        frames = []
+        for p in parts:  # from each part, only the images whose logged record names that part
+            names = {n for n, r in records.items() if r.get("status") == "ok" and r.get("part") == p}
+            df = pd.read_parquet(self.parts / p)
+            frames.append(df[df["image"].isin(names)])
+        return pd.concat(frames, ignore_index=True)
 
 
 def _save_seen(path: Path, pixels: np.ndarray) -> None:
@@ -271,6 +275,7 @@ def scan(
         "save_layers": keep,
         "image_size": list(image_size) if isinstance(image_size, (tuple, list)) else image_size,
         "dtype": str(ad.dtype),
+        "topk": topk_for_exact_dims(ad.hidden_size, tau) if "dims" in methods else None,
     }
     run = _RunDir(Path(out), config, resume) if out is not None else None
     done = run.done() if run else {}
@@ -281,6 +286,14 @@ def scan(
         store = ActivationStore(
             Path(out) / "activations", keep, model=ad.name, dtype=save_dtype, resume=resume
         )
+    # finished = scanned ok with the same source; failed items are tried again
+    changed = [it.name for it in items if it.name in done and done[it.name].get("source") != it.source]
+    if changed:
+        raise SinkscopeError(
+            f"cannot resume {out}: item {changed[0]!r} now has another source than in the interrupted scan "
+            "(drop --resume or choose another --out)"
+        )
+    done = {n: r for n, r in done.items() if r.get("status") == "ok"}
     todo = [it for it in items if it.name not in done]
     if run and done:
         log.info("resuming %s: %d of %d items already done", run.out, len(items) - len(todo), len(items))
@@ -289,9 +302,23 @@ def scan(
     status: dict[str, dict] = {n: done[n] for n in names if n in done}
     pixels: dict[str, np.ndarray] = {}
     t_forward = 0.0
+    attn_blocks = [layer for layer in layer_list if layer < ad.n_layers]
+    if "attention" in methods and not attn_blocks:
+        raise SinkscopeError(
+            f"the attention rule needs a layer below {ad.n_layers}: the last layer has no attention block reading it"
+        )
+    if "dims" in methods and ad.hidden_size < tau * tau:
+        log.warning(
+            "hidden size %d: max|x[d]|/RMS(x) cannot exceed sqrt(%d) = %.1f < tau = %g, so the dims rule "
+            "cannot fire; lower --tau",
+            ad.hidden_size,
+            ad.hidden_size,
+            ad.hidden_size**0.5,
+            tau,
+        )
     cap_kw = dict(
         layers=layer_list,
-        attention="all" if "attention" in methods else None,
+        attention=attn_blocks if "attention" in methods else None,
         dims="dims" in methods,
         topk=topk_for_exact_dims(ad.hidden_size, tau),
         keep=keep,
@@ -339,10 +366,8 @@ def scan(
                         "grid": list(lay.grid) if lay.grid else None,
                         "n_tokens": lay.n_tokens,
                     }
-                    if (
-                        inputs.pixels
-                        and len(pixels) + len([n for n in status if status[n].get("seen")]) < MAX_SAVED_IMAGES
-                    ):
+                    n_saved = sum(1 for r in status.values() if r.get("seen")) if run else len(pixels)
+                    if inputs.pixels and n_saved < MAX_SAVED_IMAGES:
                         pixels[it.name] = inputs.pixels[k]
                         if run:
                             rec["seen"] = f"{len(list(run.seen.glob('*.png'))):05d}.png"
@@ -436,7 +461,9 @@ def write_outputs(result: ScanResult, report: bool = True) -> None:
     tmp = out / "tokens.parquet.tmp"
     result.tokens.to_parquet(tmp, index=False)
     os.replace(tmp, out / "tokens.parquet")
-    (out / "summary.json").write_text(json.dumps(result.summary, indent=1, default=_json_default))
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(result.summary, indent=1, default=_json_default))
+    os.replace(tmp, out / "summary.json")
     if report:
         from .viz import write_scan_report
 

@@ -82,15 +82,21 @@ class NormRule:
 
 @dataclass(frozen=True)
 class AttentionRule:
-    """Attention-received rule: sink when a token receives ``>= factor x`` the uniform share.
+    """Attention-received rule.
 
-    Received attention is head- and query-averaged; the uniform share is ``1/N`` (bidirectional)
-    or, for causal models, what the key would get if each query spread evenly over its prefix.
-    ``fraction`` instead gives an absolute share (e.g. 0.05).
+    Bidirectional encoders (ViTs): sink when a token receives ``>= factor x`` the uniform share
+    ``1/N`` of attention (head- and query-averaged); ``fraction`` gives an absolute share instead.
+
+    Causal sequences (``kind == "text"``): a key ``k`` is seen only by queries ``i >= k``, so the
+    statistic is Gu et al.'s ``alpha_k = mean_{i >= k} A[i, k]`` (head-averaged), and a token is a
+    sink when ``alpha_k >= causal_fraction`` (their epsilon, 0.3) and at least ``min_queries``
+    queries see it (the last few tokens are seen by too few queries to call them sinks).
     """
 
     factor: float | None = 10.0
     fraction: float | None = None
+    causal_fraction: float = 0.3
+    min_queries: int = 4
     kinds: tuple[str, ...] = ("cls", "register", "patch", "text")
     method: str = field(default="attention", init=False)
 
@@ -99,9 +105,15 @@ class AttentionRule:
         return "absolute" if self.fraction is not None else "relative"
 
     def describe(self) -> str:
-        if self.fraction is not None:
-            return f"attention: received attention >= {self.fraction:g} (absolute share), head/query-averaged"
-        return f"attention: received attention >= {self.factor:g} x uniform share, head/query-averaged"
+        enc = (
+            f"received attention >= {self.fraction:g} (absolute share)"
+            if self.fraction is not None
+            else f"received attention >= {self.factor:g} x uniform share"
+        )
+        return (
+            f"attention: {enc}, head/query-averaged; causal text: mean attention from the queries "
+            f"that see the token >= {self.causal_fraction:g} (Gu et al.), seen by >= {self.min_queries} queries"
+        )
 
 
 @dataclass(frozen=True)
@@ -266,13 +278,23 @@ def _detect_attention(tokens: pd.DataFrame, rule: AttentionRule) -> Detection:
         raise SinkscopeError("attention rule needs attention_received: scan with --method attention or all")
     rec = tokens["attention_received"].astype(float)
     elig = _eligible(tokens, rule.kinds) & rec.notna()
+    causal = (tokens["kind"] == "text").to_numpy()
     if rule.fraction is not None:
-        stat, t_all = rec, rule.fraction
+        stat, t_enc = rec.copy(), rule.fraction
     else:
-        stat, t_all = rec / tokens["uniform_share"].astype(float), rule.factor
-    is_sink = elig & (stat >= t_all)
+        stat, t_enc = rec / tokens["uniform_share"].astype(float), rule.factor
+    thr = pd.Series(float(t_enc), index=tokens.index)
+    if causal.any():
+        # received is averaged over all n queries, of which n - k see key k: alpha_k = rec * n / (n - k)
+        n = tokens.groupby(["image", "layer"])["token"].transform("max") + 1
+        seen_by = (n - tokens["token"]).astype(float)
+        alpha = rec * n / seen_by
+        stat = stat.where(~causal, alpha)
+        thr = thr.where(~causal, rule.causal_fraction)
+        elig = elig & (~pd.Series(causal, index=tokens.index) | (seen_by >= rule.min_queries))
+    is_sink = elig & (stat >= thr)
     per_layer = {
-        int(layer): (float(t_all) if elig.loc[idx].any() else None)
+        int(layer): (float(thr.loc[idx][elig.loc[idx]].iloc[0]) if elig.loc[idx].any() else None)
         for layer, idx in tokens.groupby("layer").groups.items()
     }
     return Detection(rule, is_sink, stat, per_layer)

@@ -177,3 +177,72 @@ def test_uniform_share_causal_matches_brute_force():
     A = torch.tril(torch.ones(n, n))
     A = A / A.sum(1, keepdim=True)
     assert torch.allclose(torch.tensor(uniform_share(n, causal=True)), A.mean(0).double())
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "qwen2"])
+def test_other_decoders_match_huggingface(arch):
+    """The last layer is the final norm's output wherever the decoder keeps it (OPT: decoder.final_layer_norm)."""
+    import transformers as T
+
+    from sinkscope.models import CausalLMAdapter
+    from sinkscope.models.base import ModelInputs, TokenLayout
+
+    torch.manual_seed(0)
+    cfg, cls = {
+        "opt": (
+            T.OPTConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                ffn_dim=64,
+                vocab_size=50,
+                word_embed_proj_dim=32,
+                eos_token_id=2,
+                bos_token_id=1,
+                pad_token_id=0,
+            ),
+            T.OPTForCausalLM,
+        ),
+        "gpt2": (
+            T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, bos_token_id=1, eos_token_id=2),
+            T.GPT2LMHeadModel,
+        ),
+        "qwen2": (
+            T.Qwen2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+                vocab_size=50,
+            ),
+            T.Qwen2ForCausalLM,
+        ),
+    }[arch]
+    m = cls(cfg).eval()
+    ad = CausalLMAdapter(m, arch)
+    ids = torch.randint(3, 50, (2, 7))
+    batch = ModelInputs({"input_ids": ids}, [TokenLayout(n_text=7)] * 2, ["a", "b"])
+    with torch.no_grad():
+        cap = capture(ad, batch, keep=[0, 1, 2], attention="all")
+        hs = m(input_ids=ids, output_hidden_states=True).hidden_states
+    for i in range(3):
+        torch.testing.assert_close(cap.hidden[i], hs[i], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_slices_with_negative_and_empty_bounds():
+    assert parse_layers("-3:", 12) == [10, 11, 12]
+    assert parse_layers(":-1", 4) == [0, 1, 2, 3]
+    with pytest.raises(SinkscopeError, match="selects no layer"):
+        parse_layers("2:1", 4)
+
+
+def test_only_layer_zero_stops_before_the_first_block(marked_images):
+    ad = load_model("tiny-vit", image_size=(H, W))
+    calls = []
+    h = ad.blocks()[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        cap = capture(ad, ad.prepare(marked_images[:1]), layers=[0])
+    finally:
+        h.remove()
+    assert calls == [] and cap.norms.shape == (1, 1, 31)

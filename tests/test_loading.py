@@ -174,3 +174,18 @@ def test_unknown_names_and_paths_fail_at_once():
         load_model("./no/such/dir")
     with pytest.raises(SinkscopeError, match="only '\\+sinks'"):
         load_model("tiny-clip+registers")
+
+
+def test_missing_processor_uses_the_family_normalisation(tmp_path):
+    m = T.Dinov2Model(_vision_config("dinov2")).eval()
+    ad = load_model(_save(m, None, tmp_path / "noproc"))
+    mean, std = ad._mean_std()
+    assert np.allclose(mean, [0.485, 0.456, 0.406]) and np.allclose(std, [0.229, 0.224, 0.225])
+    assert ad.prepare([np.zeros((50, 50, 3), np.uint8)]).layouts[0].grid == (4, 4)  # config image size 32
+
+
+def test_a_directory_without_weights_fails_in_one_line(tmp_path):
+    _vision_config("clip").save_pretrained(tmp_path / "cfg")
+    with pytest.raises(SinkscopeError, match=r"cannot load the weights of .*cfg") as e:
+        load_model(str(tmp_path / "cfg"))
+    assert "\n" not in str(e.value)

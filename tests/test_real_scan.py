@@ -63,3 +63,14 @@ def test_smollm2_dims_rule_finds_the_first_token_massive_activation():
     assert res.summary["sink_dims"] and peak in res.summary["sink_dims"]
     assert float(hs[15][0, 0].abs().max() / hs[15][0, 0].pow(2).mean().sqrt()) >= 20
     assert np.isfinite(t.norm).all()
+
+
+def test_smollm2_attention_rule_finds_the_first_token():
+    """Causal statistic (Gu et al.): mean attention from the queries that see the token."""
+    prompt = (
+        "The capital of France is Paris. The capital of Germany is Berlin, and the capital of Italy is Rome."
+    )
+    res = scan("smollm2-135m", texts=[prompt], method="attention", progress=False)
+    s = res.tokens[res.tokens.is_sink]
+    assert set(s.token) == {0}
+    assert s.layer.nunique() >= 20  # token 0 is the attention sink in most of the 30 blocks

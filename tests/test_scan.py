@@ -102,7 +102,7 @@ def test_resume_neither_recomputes_nor_duplicates(tmp_path, image_dir, monkeypat
     with pytest.raises(KeyboardInterrupt):
         _scan_tiny(out, [str(image_dir)], batch_size=2)
     monkeypatch.setattr(capmod.Capture, "run", real_run)
-    done = [json.loads(x)["image"] for x in (out / "progress.jsonl").read_text().splitlines()]
+    done = [r["image"] for x in (out / "progress.jsonl").read_text().splitlines() for r in json.loads(x)]
     assert done == ["im0.png", "im1.png"]
 
     seen = []
@@ -200,3 +200,85 @@ def test_saved_activations_equal_hf_hidden_states_and_survive_resume(tmp_path, i
     assert st.layout("im3.png").grid == (6, 5)
     with pytest.raises(SinkscopeError, match="needs an output folder"):
         _scan_tiny(None, [str(image_dir)], save_layers="1")
+
+
+def test_kill_between_part_and_log_and_a_torn_log_line_do_not_duplicate(tmp_path, image_dir, monkeypatch):
+    from sinkscope.scan import _RunDir
+
+    out = tmp_path / "out"
+    real_log = _RunDir.log
+    calls = {"n": 0}
+
+    def dying_log(self, records):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the second batch's part is on disk, its log line is not
+        return real_log(self, records)
+
+    monkeypatch.setattr(_RunDir, "log", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        _scan_tiny(out, [str(image_dir)], batch_size=2)
+    monkeypatch.setattr(_RunDir, "log", real_log)
+    assert len(list((out / "parts").glob("part-*.parquet"))) == 2
+    with (out / "progress.jsonl").open("a") as fh:
+        fh.write('[{"image": "im2.png", "status": "ok", "part": "part-0')  # torn by a kill
+    res = _scan_tiny(out, [str(image_dir)], batch_size=2, resume=True)
+    assert res.summary["timings"]["items_this_run"] == 2
+    t = pd.read_parquet(out / "tokens.parquet")
+    assert t.duplicated(["image", "layer", "token"]).sum() == 0 and t.image.nunique() == 4
+
+
+def test_resume_refuses_changed_inputs_and_retries_failures(tmp_path, image_dir):
+    out = tmp_path / "t"
+    scan("tiny-llama+sinks", texts=["a cat is on the mat"], out=out, progress=False, report=False)
+    with pytest.raises(SinkscopeError, match="another source"):
+        scan("tiny-llama+sinks", texts=["dog"], out=out, resume=True, progress=False)
+    # a different top-k (set by tau for the dims rule) would mix column layouts: refused
+    with pytest.raises(SinkscopeError, match="other settings"):
+        scan(
+            "tiny-llama+sinks",
+            texts=["a cat is on the mat"],
+            out=out,
+            resume=True,
+            progress=False,
+            method="dims",
+            tau=2,
+        )
+    # a failed image is tried again on resume, once fixed
+    (image_dir / "late.png").write_bytes(b"garbage")
+    out2 = tmp_path / "i"
+    first = _scan_tiny(out2, [str(image_dir)])
+    assert first.summary["n_failed"] == 1
+    Image.new("RGB", (W, H), (10, 20, 30)).save(image_dir / "late.png")
+    second = _scan_tiny(out2, [str(image_dir)], resume=True)
+    assert second.summary["n_failed"] == 0 and second.summary["timings"]["items_this_run"] == 1
+
+
+def test_same_file_twice_is_scanned_once(image_dir):
+    f = str(image_dir / "im0.png")
+    res = _scan_tiny(None, [f, f, str(image_dir / "im1.png")])
+    assert res.summary["n_ok"] == 2 and res.tokens.duplicated(["image", "layer", "token"]).sum() == 0
+
+
+def test_attention_follows_the_layer_selection(image_dir):
+    res = _scan_tiny(None, [str(image_dir)], method="attention", layers="1,2")
+    t = res.tokens
+    assert sorted(t.layer.unique()) == [1, 2] and t.attention_received.notna().all()
+    with pytest.raises(SinkscopeError, match="needs a layer below 4"):
+        _scan_tiny(None, [str(image_dir)], method="attention", layers="4")
+
+
+def test_report_keeps_up_to_24_images_with_an_output_folder(tmp_path, marked_images):
+    from sinkscope.data import ImageItem
+
+    items = [ImageItem(f"x{i}", f"x{i}", loader=lambda im=marked_images[i % 4]: im) for i in range(30)]
+    res = scan(
+        "tiny-vit",
+        images=items,
+        out=tmp_path / "r",
+        image_size=(H, W),
+        progress=False,
+        report=False,
+        batch_size=8,
+    )
+    assert len(res.pixels) == 24 and len(list((tmp_path / "r" / "seen").glob("*.png"))) == 24

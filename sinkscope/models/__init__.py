@@ -123,7 +123,7 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
         kw["dtype"] = dtype
     mtype = config.model_type
     if mtype == "llava":
-        model = T.LlavaForConditionalGeneration.from_pretrained(src, **kw)
+        model = _weights(T.LlavaForConditionalGeneration, src, kw)
         processor = _try(lambda: T.AutoProcessor.from_pretrained(src, **hub_kw))
         return LlavaAdapter(model, name, processor, image_size=image_size)
     if mtype in ("clip", "siglip") or vision_family_of(config) is not None:
@@ -133,20 +133,47 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
             "siglip": T.SiglipVisionModel,
             "siglip_vision_model": T.SiglipVisionModel,
         }.get(mtype, T.AutoModel)
-        model = cls.from_pretrained(src, **kw)
+        model = _weights(cls, src, kw)
         processor = _try(lambda: T.AutoImageProcessor.from_pretrained(src, **hub_kw))
         return VisionAdapter(model, name, processor, image_size=image_size)
     if getattr(config, "is_encoder_decoder", False):
         raise SinkscopeError(f"model {src!r} ({mtype}) is an encoder-decoder; sinkscope supports decoder LMs")
     try:
-        model = T.AutoModelForCausalLM.from_pretrained(src, **kw)
-    except ValueError as e:
+        model = _weights(T.AutoModelForCausalLM, src, kw)
+    except _NotCausal as e:
         raise SinkscopeError(
             f"model {src!r} (model_type={mtype!r}) is neither a supported ViT "
-            f"({', '.join(VISION_FAMILIES)}), a LLaVA model nor a causal LM: {str(e).splitlines()[0]}"
+            f"({', '.join(VISION_FAMILIES)}), a LLaVA model nor a causal LM: {e}"
         ) from None
     tokenizer = _try(lambda: T.AutoTokenizer.from_pretrained(src, **hub_kw))
     return CausalLMAdapter(model, name, tokenizer)
+
+
+class _NotCausal(Exception):
+    pass
+
+
+def _weights(cls, src: str, kw: dict[str, Any]):
+    """``cls.from_pretrained`` with transformers' load report silenced and one-line errors."""
+    import transformers as T
+
+    verbosity = T.logging.get_verbosity()
+    T.logging.set_verbosity_error()  # a full CLIP checkpoint lists every text weight as unused
+    try:
+        return cls.from_pretrained(src, **kw)
+    except ValueError as e:
+        if cls is T.AutoModelForCausalLM and "Unrecognized configuration class" in str(e):
+            raise _NotCausal(str(e).strip().splitlines()[0]) from None
+        raise SinkscopeError(f"cannot load the weights of {src!r}: {_first_line(e)}") from None
+    except (OSError, RuntimeError, KeyError) as e:
+        raise SinkscopeError(f"cannot load the weights of {src!r}: {_first_line(e)}") from None
+    finally:
+        T.logging.set_verbosity(verbosity)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _hub_access(repo_id: str) -> dict[str, Any]:
@@ -186,7 +213,11 @@ def _try(fn):
     try:
         return fn()
     except (OSError, ValueError) as e:  # a model saved without its processor still loads
-        log.warning("no processor/tokenizer found (%s); pass image_size or input ids yourself", e)
+        log.warning(
+            "no processor/tokenizer found (%s); images use the family's standard mean/std and the "
+            "config's image size (pass image_size to change it); texts need a tokenizer",
+            _first_line(e),
+        )
         return None
 
 

@@ -66,6 +66,11 @@ class CausalLMAdapter(Adapter):
         self._cfg = cfg
         self.decoder = _decoder(model)
         self._layers = _find_layers(self.decoder, int(cfg.num_hidden_layers))
+        if self.final_norm() is None:
+            raise SinkscopeError(
+                f"model {name!r}: cannot find the final norm of {type(self.decoder).__name__} "
+                f"(looked for {', '.join(_NORM_NAMES)} beside the layers)"
+            )
 
     def blocks(self) -> list[nn.Module]:
         return list(self._layers)
@@ -78,10 +83,14 @@ class CausalLMAdapter(Adapter):
         return _child(mlp, _MLP_OUT_NAMES, "MLP output projection")
 
     def final_norm(self) -> nn.Module | None:
-        for nm in _NORM_NAMES:
-            sub = getattr(self.decoder, nm, None)
-            if isinstance(sub, nn.Module):
-                return sub
+        """The final norm: a ``norm``/``ln_f``/``final_layer_norm`` beside the layer list
+        (``LlamaModel.norm``, ``GPT2Model.ln_f``, ``OPTDecoder.final_layer_norm``)."""
+        for _, mod in self.decoder.named_modules():
+            if any(child is self._layers for child in mod.children()):
+                for nm in _NORM_NAMES:
+                    sub = getattr(mod, nm, None)
+                    if isinstance(sub, nn.Module):
+                        return sub
         return None
 
     @property

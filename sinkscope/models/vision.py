@@ -26,6 +26,10 @@ from torch import nn
 from .._utils import SinkscopeError
 from .base import Adapter, ModelInputs, TokenLayout
 
+_CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_HALF_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
 
 @dataclass(frozen=True)
 class VisionFamily:
@@ -33,16 +37,18 @@ class VisionFamily:
     model_types: tuple[str, ...]  # config.model_type values of the vision config
     n_cls: int
     takes_interpolate_flag: bool  # forward accepts interpolate_pos_encoding=
+    #: (mean, std) of the family's standard image processor, used when a checkpoint has none
+    default_stats: tuple = _HALF_STATS
 
 
 VISION_FAMILIES = {
     f.name: f
     for f in (
-        VisionFamily("clip", ("clip_vision_model", "clip"), 1, True),
-        VisionFamily("siglip", ("siglip_vision_model", "siglip"), 0, True),
-        VisionFamily("dinov2", ("dinov2",), 1, False),
-        VisionFamily("dinov2-reg", ("dinov2_with_registers",), 1, False),
-        VisionFamily("vit", ("vit",), 1, True),
+        VisionFamily("clip", ("clip_vision_model", "clip"), 1, True, _CLIP_STATS),
+        VisionFamily("siglip", ("siglip_vision_model", "siglip"), 0, True, _HALF_STATS),
+        VisionFamily("dinov2", ("dinov2",), 1, False, _IMAGENET_STATS),
+        VisionFamily("dinov2-reg", ("dinov2_with_registers",), 1, False, _IMAGENET_STATS),
+        VisionFamily("vit", ("vit",), 1, True, _HALF_STATS),
     )
 }
 _TYPE_TO_FAMILY = {t: f for f in VISION_FAMILIES.values() for t in f.model_types}
@@ -139,7 +145,7 @@ class VisionAdapter(Adapter):
         mean = getattr(proc, "image_mean", None) if proc is not None else None
         std = getattr(proc, "image_std", None) if proc is not None else None
         if mean is None or std is None:
-            mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+            mean, std = self.spec.default_stats
         return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
     def prepare(self, items: list[Any], names: list[str] | None = None) -> ModelInputs:
