@@ -13,6 +13,7 @@ matplotlib, so everything works offline.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ._utils import SinkscopeError
 
@@ -212,3 +214,185 @@ def read_manifest_table(path: str | Path) -> list[dict]:
     if not rows:
         raise SinkscopeError(f"manifest {p} is empty")
     return rows
+
+
+# -- labelled datasets (probes) -----------------------------------------------------------------
+
+
+@dataclass
+class LabeledImages:
+    """Images with one or more label columns (e.g. object class and lighting).
+
+    ``labels`` has one row per item, in item order. ``min_side``: the smallest source side a
+    model may receive (built-in sets of tiny images are upsampled by the model's processor).
+
+    >>> ds = load_dataset("lfw-faces")
+    >>> len(ds), ds.label_columns, ds.labels["label"].value_counts().to_dict()
+    (200, ['label'], {'face': 100, 'non-face': 100})
+    """
+
+    name: str
+    items: list[ImageItem]
+    labels: pd.DataFrame
+    min_side: int = 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [c for c in self.labels.columns]
+
+    def fingerprint(self) -> str:
+        """Stable hash of the dataset's sources and labels (feature caches key on it)."""
+        h = hashlib.sha1(self.name.encode())
+        for it in self.items:
+            h.update(it.source.encode() + b"\0")
+        h.update(self.labels.to_csv(index=False).encode())
+        return h.hexdigest()[:16]
+
+    def subsample(self, n: int | None, seed: int = 0) -> LabeledImages:
+        """A stratified-by-first-label random subset of ``n`` items (seeded), in original order."""
+        if n is None or n >= len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(len(self), size=n, replace=False))
+        return LabeledImages(
+            f"{self.name}[{n}@{seed}]",
+            [self.items[i] for i in idx],
+            self.labels.iloc[idx].reset_index(drop=True),
+            self.min_side,
+        )
+
+
+BUILTIN_DATASETS = {
+    "lfw-faces": "scikit-image lfw_subset: 200 grey 25x25 images, 100 faces / 100 non-faces",
+    "digits": "scikit-learn digits: 1797 grey 8x8 images, 10 classes",
+    "textile": "conformal-clip-data: 2000 textile photos 250x250, nominal / local / global defect",
+    "samples": "the 16 embedded sample images, labelled by name (for smoke tests)",
+}
+
+
+def load_dataset(spec: str, split: str = "train") -> LabeledImages:
+    """A labelled image set by name or path.
+
+    - built-ins: ``lfw-faces``, ``digits``, ``textile``, ``samples`` (offline);
+    - a folder with one subfolder per class (label column ``label``);
+    - a CSV/TSV/JSONL manifest: a path column plus label columns (all other columns);
+    - ``imagefolder:DIR`` (Hugging Face ``datasets`` imagefolder) or ``hf:NAME`` / ``hf:NAME:SPLIT``
+      (any ``datasets`` image dataset; needs the hub or its local cache).
+
+    >>> load_dataset("digits").labels["label"].nunique()
+    10
+    """
+    if spec == "lfw-faces":
+        return _array_dataset(spec, _skimage_lfw)
+    if spec == "digits":
+        return _array_dataset(spec, _sklearn_digits)
+    if spec == "textile":
+        return _textile()
+    if spec == "samples":
+        items = sample_images(len(EMBEDDED_IMAGES))
+        return LabeledImages(spec, items, pd.DataFrame({"label": [it.name for it in items]}))
+    if spec.startswith(("hf:", "imagefolder:")):
+        return _hf_dataset(spec, split)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return _class_folders(p)
+    if p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
+        return _manifest_dataset(p)
+    raise SinkscopeError(
+        f"unknown dataset {spec!r}: use {', '.join(BUILTIN_DATASETS)}, a class-subfolder directory, "
+        "a CSV/TSV/JSONL manifest, imagefolder:DIR or hf:NAME"
+    )
+
+
+def _array_dataset(name: str, fn) -> LabeledImages:
+    images, labels = fn()
+    items = [ImageItem(f"{name}/{i:05d}", f"{name}:{i}", loader=lambda a=a: a) for i, a in enumerate(images)]
+    return LabeledImages(name, items, pd.DataFrame({"label": labels}), min_side=1)
+
+
+def _skimage_lfw():
+    from skimage import data
+
+    x = data.lfw_subset()  # first 100 faces, then 100 non-faces (scikit-image docs)
+    labels = ["face"] * 100 + ["non-face"] * (len(x) - 100)
+    return [to_rgb_uint8(a) for a in x], labels
+
+
+def _sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return [to_rgb_uint8(a / 16.0) for a in d.images], [str(t) for t in d.target]
+
+
+def _textile() -> LabeledImages:
+    import importlib.util
+
+    spec = importlib.util.find_spec("conformal_clip_data")
+    if spec is None:
+        raise SinkscopeError(
+            "the textile set needs the 'conformal-clip-data' package: pip install --no-deps conformal-clip-data==0.1.4"
+        )
+    root = Path(spec.submodule_search_locations[0]) / "data" / "textile_images" / "simulated"
+    ds = _class_folders(root, name="textile")
+    return ds
+
+
+def _class_folders(root: Path, name: str | None = None) -> LabeledImages:
+    classes = sorted(d for d in root.iterdir() if d.is_dir())
+    items, labels = [], []
+    for c in classes:
+        for f in sorted(f for f in c.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES):
+            items.append(ImageItem(str(f.relative_to(root)), str(f)))
+            labels.append(c.name)
+    if not items:
+        raise SinkscopeError(f"folder {root} has no class subfolders with images")
+    return LabeledImages(name or root.name, items, pd.DataFrame({"label": labels}))
+
+
+def _manifest_dataset(path: Path) -> LabeledImages:
+    rows = read_manifest_table(path)
+    items = read_manifest(path)
+    col = next(c for c in _PATH_COLUMNS if c in rows[0])
+    labels = pd.DataFrame([{k: v for k, v in r.items() if k not in (col, "name")} for r in rows])
+    if labels.shape[1] == 0:
+        raise SinkscopeError(f"manifest {path} has no label column besides {col!r}")
+    return LabeledImages(path.stem, items, labels)
+
+
+def _hf_dataset(spec: str, split: str) -> LabeledImages:
+    try:
+        import datasets
+    except ImportError:
+        raise SinkscopeError(
+            "Hugging Face datasets need the 'datasets' package: pip install datasets"
+        ) from None
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "imagefolder":
+            ds = datasets.load_dataset("imagefolder", data_dir=rest, split=split)
+        else:
+            name, _, sp = rest.partition(":")
+            ds = datasets.load_dataset(name, split=sp or split)
+    except Exception as e:  # datasets raises many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SinkscopeError(f"cannot load dataset {spec!r}: {first}") from None
+    img_col = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    if img_col is None:
+        raise SinkscopeError(f"dataset {spec!r} has no image column")
+    label_cols = [c for c in ds.features if c != img_col]
+    labels = pd.DataFrame({c: ds[c] for c in label_cols})
+    for c in label_cols:
+        feat = ds.features[c]
+        if isinstance(feat, datasets.ClassLabel):
+            labels[c] = [feat.int2str(int(v)) for v in labels[c]]
+    items = [
+        ImageItem(
+            f"{kind}/{i:06d}", f"{spec}#{i}", loader=lambda i=i: np.asarray(ds[i][img_col].convert("RGB"))
+        )
+        for i in range(len(ds))
+    ]
+    return LabeledImages(spec, items, labels)

@@ -66,8 +66,8 @@ class LlavaAdapter(Adapter):
     def forward(self, inputs: ModelInputs, **extra) -> Any:
         return self.vision.forward(inputs, **extra)
 
-    def check_image(self, height: int, width: int, name: str) -> None:
-        self.vision.check_image(height, width, name)
+    def check_image(self, height: int, width: int, name: str, min_side: int | None = None) -> None:
+        self.vision.check_image(height, width, name, min_side)
 
     # how ViT tokens reach the LLM --------------------------------------------------------
     @property

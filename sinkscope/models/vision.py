@@ -179,11 +179,15 @@ class VisionAdapter(Adapter):
             tensors={"pixel_values": pv}, layouts=[lay] * len(pil), names=list(names), pixels=pixels
         )
 
-    def check_image(self, height: int, width: int, name: str) -> None:
-        """Raise a one-line error when an image is smaller than one patch."""
-        p = self.patch_size
+    def check_image(self, height: int, width: int, name: str, min_side: int | None = None) -> None:
+        """Raise a one-line error when an image is smaller than one patch (or ``min_side`` px)."""
+        p = self.patch_size if min_side is None else min_side
         if min(height, width) < p:
-            raise SinkscopeError(f"image {name!r} is {width}x{height} px, smaller than one {p} px patch")
+            raise SinkscopeError(
+                f"image {name!r} is {width}x{height} px, smaller than one {p} px patch"
+                if min_side is None
+                else f"image {name!r} is {width}x{height} px, smaller than {p} px"
+            )
 
     def _default_size(self) -> tuple[int, int]:
         s = self.config.image_size

@@ -1,0 +1,125 @@
+"""Probe figures: accuracy vs layer per token group, with error bands and the chance line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from . import style
+
+GROUP_COLORS = {
+    "cls": style.KIND_COLORS.get("cls", "#E69F00"),
+    "registers": style.KIND_COLORS.get("register", "#009E73"),
+    "mean": "#0072B2",
+    "random": "#56B4E9",
+    "sink": style.SINK_COLOR,
+    "nonsink": "#999999",
+    "nonsink_random": "#CC79A7",
+    "matched": "#7F7F00",
+}
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    if len(h) != 6:
+        return f"rgba(120,120,120,{alpha})"
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -> go.Figure:
+    """Accuracy (R2 for regression) vs layer, one line per group with a +-1 std band over folds,
+    the shuffle control dotted, and the chance level dashed.
+
+    >>> fig = probe_figure(pd.read_csv("runs/p/probe.csv"), "label")     # doctest: +SKIP
+    """
+    t = table[table.label == label].sort_values(["group", "layer"])
+    fig = go.Figure()
+    regression = (t.task == "regression").any()
+    for g, d in t.groupby("group", sort=False):
+        c = GROUP_COLORS.get(g, "#333333")
+        x = d.layer.tolist()
+        hi = (d.accuracy + d.accuracy_std).tolist()
+        lo = (d.accuracy - d.accuracy_std).tolist()
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=hi + lo[::-1],
+                fill="toself",
+                fillcolor=_rgba(c, 0.18),
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+                meta={"role": "band", "group": g},
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=d.accuracy,
+                mode="lines+markers",
+                name=g,
+                line={"color": c, "width": 2},
+                customdata=d[["accuracy_std", "n_images", "n_tokens", "balanced_accuracy"]].to_numpy(),
+                hovertemplate=f"{g}<br>layer %{{x}}<br>score %{{y:.3f}} +- %{{customdata[0]:.3f}}"
+                "<br>images %{customdata[1]}, tokens %{customdata[2]}<br>balanced %{customdata[3]:.3f}<extra></extra>",
+                meta={"role": "accuracy", "group": g},
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=d.shuffle_accuracy,
+                mode="lines",
+                name=f"{g} (shuffled labels)",
+                line={"color": c, "dash": "dot", "width": 1},
+                visible="legendonly",
+                meta={"role": "shuffle", "group": g},
+            )
+        )
+    if len(t) and not regression:
+        chance = float(t.chance.max())
+        fig.add_hline(
+            y=chance,
+            line={"dash": "dash", "color": style.THRESHOLD_COLOR},
+            annotation_text=f"chance {chance:.2f}",
+            annotation_position="bottom right",
+        )
+    model = (summary or {}).get("model", {}).get("name", "")
+    rule = (summary or {}).get("rule", {}).get("description", "")
+    style.apply_style(
+        fig,
+        title=f"Linear probe '{label}' - {model}<br><sup>sink groups by {rule}</sup>",
+        x_title=style.LABEL_LAYER,
+        y_title="R2 (held-out folds)" if regression else "accuracy (held-out folds)",
+    )
+    return fig
+
+
+def write_probe_report(path: str | Path, table: pd.DataFrame, summary: dict) -> Path:
+    """One self-contained HTML page (plotly.js inline) with a figure per label."""
+    import plotly.io as pio
+
+    path = Path(path)
+    parts, first = [], True
+    for label in table.label.unique():
+        fig = probe_figure(table, label, summary)
+        parts.append(pio.to_html(fig, full_html=False, include_plotlyjs=True if first else False))
+        first = False
+    miss = summary.get("images_without_sink", {})
+    info = (
+        f"<p><b>model</b> {summary.get('model', {}).get('name')} &middot; <b>dataset</b> "
+        f"{summary.get('dataset', {}).get('name')} ({summary.get('dataset', {}).get('n_images')} images) &middot; "
+        f"<b>folds</b> {summary.get('folds')} &middot; <b>seed</b> {summary.get('seed')}</p>"
+        f"<p><b>protocol</b> {summary.get('protocol', '')}</p>"
+        f"<p><b>images without a sink, per layer</b>: {miss}</p>"
+    )
+    html = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sinkscope probe</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}</style></head><body>"
+        f"<h1>Linear probes</h1>{info}{''.join(parts)}</body></html>"
+    )
+    path.write_text(html, encoding="utf-8")
+    return path
