@@ -30,6 +30,15 @@ SCAN_EXAMPLES = """examples:
 """
 
 
+PROBE_EXAMPLES = """examples:
+  sinkscope probe                                       # dinov2-small on lfw-faces, all layers
+  sinkscope probe --dataset textile --max-images 600 --groups cls,mean,random --out runs/textile
+  sinkscope probe --model openai/clip-vit-large-patch14-336 --dataset photos.csv --label object \\
+                  --label lighting --threshold 100 --groups sink,nonsink,cls,matched --device cuda
+  sinkscope probe --dataset digits --label col --groups random,sink   # position regression (R2)
+"""
+
+
 def _image_size(s: str):
     try:
         parts = [int(x) for x in s.lower().replace("x", ",").split(",")]
@@ -150,6 +159,64 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-report", action="store_true", help="skip report.html")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    pr = sub.add_parser(
+        "probe",
+        help="linear probes on sink / non-sink / CLS / pooled tokens: probe.csv, summary.json, probe.html",
+        description="Capture one vector per (image, layer, token group) once (cached), then fit image-grouped, "
+        "stratified k-fold L2 logistic-regression probes for every layer and group, with a label-shuffle control.",
+        epilog=PROBE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument(
+        "--model",
+        default="dinov2-small",
+        help="embedded name, local directory or hub id (default: %(default)s)",
+    )
+    pr.add_argument(
+        "--dataset",
+        default="lfw-faces",
+        help="lfw-faces, digits, textile, samples, a class-subfolder directory, a CSV/JSONL manifest, "
+        "imagefolder:DIR or hf:NAME (default: %(default)s)",
+    )
+    pr.add_argument(
+        "--label",
+        action="append",
+        help="label column(s) to probe (repeatable; 'row'/'col' = position "
+        "regression of single-token groups); default: every label column",
+    )
+    pr.add_argument(
+        "--groups",
+        default="cls,mean,random,sink,nonsink",
+        help="token groups: cls, registers, mean, random, sink, nonsink, nonsink_random, matched "
+        "(default: %(default)s)",
+    )
+    pr.add_argument("--layers", default="all", help="layers: all, 0,3,5 or 4:9 (default: all)")
+    pr.add_argument("--folds", type=int, default=5, help="outer folds (default: %(default)s)")
+    pr.add_argument(
+        "--seed", type=int, default=0, help="seed for splits, random tokens, shuffles (default: %(default)s)"
+    )
+    x = pr.add_mutually_exclusive_group()
+    x.add_argument("--threshold", type=float, help="sink rule: absolute L2-norm threshold")
+    x.add_argument(
+        "--relative",
+        type=float,
+        default=None,
+        help="sink rule: multiple of the image's median patch norm (default 5)",
+    )
+    pr.add_argument("--max-images", type=int, help="random subset of this many images (seeded)")
+    pr.add_argument(
+        "--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)"
+    )
+    pr.add_argument(
+        "--image-size", type=_image_size, default=None, help="resize inputs to 224 or HxW (no crop)"
+    )
+    pr.add_argument("--device", default=None)
+    pr.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    pr.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+    pr.add_argument("--jobs", type=int, default=None, help="parallel probe fits (default: all cores)")
+    pr.add_argument("--out", default="sinkscope-probe", help="output folder (default: %(default)s)")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser(
         "models", help="list the embedded models", description="List the embedded (offline) model names."
     )
@@ -208,6 +275,42 @@ def _cmd_scan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(a: argparse.Namespace) -> int:
+    from .probing import probe
+    from .sinks import NormRule
+
+    rule = (
+        NormRule(threshold=a.threshold) if a.threshold is not None else NormRule(relative=a.relative or 5.0)
+    )
+    res = probe(
+        model=a.model,
+        dataset=a.dataset,
+        labels=a.label,
+        groups=[g.strip() for g in a.groups.split(",") if g.strip()],
+        layers=a.layers,
+        folds=a.folds,
+        seed=a.seed,
+        rule=rule,
+        max_images=a.max_images,
+        batch_size=a.batch_size,
+        image_size=a.image_size,
+        device=a.device,
+        dtype=a.dtype,
+        out=a.out,
+        cache=not a.no_cache,
+        progress=not a.quiet,
+        n_jobs=a.jobs,
+    )
+    t = res.table
+    for label in t.label.unique():
+        piv = t[t.label == label].pivot(index="layer", columns="group", values="accuracy").round(3)
+        print(f"label {label!r} (chance {t[t.label == label].chance.max():.3f}):")
+        print(piv.to_string())
+    print(f"sink rule: {res.summary['rule']['description']}")
+    print(f"wrote {res.out / 'probe.csv'}, {res.out / 'summary.json'}, {res.out / 'probe.html'}")
+    return 0
+
+
 def _cmd_models(a: argparse.Namespace) -> int:
     from .models import list_models
 
@@ -228,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"scan": _cmd_scan, "models": _cmd_models}[a.command](a)
+        return {"scan": _cmd_scan, "probe": _cmd_probe, "models": _cmd_models}[a.command](a)
     except SinkscopeError as e:
         print(f"sinkscope: error: {e}", file=sys.stderr)
         return 1

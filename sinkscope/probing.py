@@ -169,10 +169,13 @@ def extract_group_features(
     if cache:
         folder = Path(cache) if not isinstance(cache, bool) else cache_dir("features", key)
         if (folder / "meta.json").exists() and (folder / "features.safetensors").exists():
-            log.info("reusing cached features %s", folder)
             feats = GroupFeatures.load(folder)
-            feats.meta["cached"] = True
-            return feats
+            if feats.meta.get("key") == key:
+                log.info("reusing cached features %s", folder)
+                feats.meta["cached"] = True
+                feats.meta["path"] = str(folder)
+                return feats
+            log.info("features in %s were made with other settings; recomputing", folder)
     t0 = time.perf_counter()
     vis = getattr(adapter, "vision", adapter)
     n_all = len(data)
@@ -223,6 +226,7 @@ def extract_group_features(
             "groups": list(groups),
             "rule": rule_to_dict(rule),
             "seed": seed,
+            "key": key,
             "failed": failed,
             "extract_s": round(time.perf_counter() - t0, 3),
             "cached": False,
@@ -232,6 +236,17 @@ def extract_group_features(
         feats.save(folder)
         feats.meta["path"] = str(folder)
     return feats
+
+
+_NAN2 = np.array([np.nan, np.nan], np.float32)
+
+
+def _mean_of(h: torch.Tensor, tokens, rc: np.ndarray, p0: int, grid: bool):
+    """(mean vector, token count, mean (row, col)) of ``tokens``; NaNs when there are none."""
+    if len(tokens) == 0:
+        return np.full(h.shape[1], np.nan, np.float32), 0, _NAN2
+    where = rc[np.asarray(tokens) - p0].mean(0) if grid else _NAN2
+    return h[torch.as_tensor(tokens)].mean(0).numpy(), len(tokens), where
 
 
 def _group_vectors(bc, layouts, rows, layers, groups, rule: NormRule, seed: int, acc) -> None:
@@ -252,15 +267,11 @@ def _group_vectors(bc, layouts, rows, layers, groups, rule: NormRule, seed: int,
             thr = rule.threshold if rule.mode == "absolute" else rule.relative * float(np.median(pn))
             sink_mask = pn >= thr
             sinks, others = patches[sink_mask], patches[~sink_mask]
-            D = h.shape[1]
-            nan = np.full(D, np.nan, np.float32)
-            nanpos = np.array([np.nan, np.nan], np.float32)
 
-            def mean_of(tokens):
-                if len(tokens) == 0:
-                    return nan, 0, nanpos
-                where = rc[np.asarray(tokens) - p0].mean(0) if lay.grid else nanpos
-                return h[torch.as_tensor(tokens)].mean(0).numpy(), len(tokens), where
+            def mean_of(tokens, h=h, rc=rc, p0=p0, grid=lay.grid is not None):
+                return _mean_of(h, tokens, rc, p0, grid)
+
+            nan, nanpos = mean_of([])[0], _NAN2
 
             for g in groups:
                 if g == "cls":
