@@ -152,7 +152,7 @@ def test_same_seed_same_csv_and_the_model_is_not_run_twice(tmp_path, lfw_feature
         cache=cache,
         progress=False,
     )
-    b = probe(
+    probe(
         "dinov2-small",
         "lfw-faces",
         groups=["cls", "mean"],
