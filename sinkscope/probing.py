@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,9 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, Ridge
 from sklearn.metrics import balanced_accuracy_score, r2_score
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from ._utils import SinkscopeError, cache_dir, package_versions
@@ -330,32 +331,29 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.scaler_ = StandardScaler().fit(X)
         Z = self.scaler_.transform(X)
         self.classes_ = np.unique(y)
-        self.C_ = self._select(Z, y, groups) if len(self.Cs) > 1 else float(self.Cs[0])
-        self.model_ = self._logreg(self.C_).fit(Z, y)
+        cv = self._inner_splits(Z, y, groups) if len(self.Cs) > 1 else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9 announces API changes
+            if cv:
+                m = LogisticRegressionCV(
+                    Cs=sorted(self.Cs), cv=cv, max_iter=self.max_iter, tol=self.tol, scoring="accuracy"
+                ).fit(Z, y)
+                self.C_ = float(np.atleast_1d(m.C_)[0])
+            else:
+                self.C_ = float(sorted(self.Cs)[len(self.Cs) // 2])
+                m = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
+        self.model_ = m
         return self
 
-    def _logreg(self, C: float) -> LogisticRegression:
-        return LogisticRegression(C=C, max_iter=self.max_iter, tol=self.tol)
-
-    def _select(self, Z, y, groups) -> float:
-        n_min = np.bincount(np.unique(y, return_inverse=True)[1]).min()
-        k = min(self.inner_folds, int(n_min))
+    def _inner_splits(self, Z, y, groups):
+        """Inner folds: stratified, grouped by image when an image gives several samples."""
+        n_min = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
+        k = min(self.inner_folds, n_min)
         if k < 2:
-            return float(sorted(self.Cs)[len(self.Cs) // 2])
-        g = np.arange(len(y)) if groups is None else np.asarray(groups)
-        splits = list(StratifiedGroupKFold(n_splits=k, shuffle=False).split(Z, y, g))
-        scores = np.zeros(len(self.Cs))
-        for tr, va in splits:
-            coef = None
-            for j, C in enumerate(sorted(self.Cs)):  # warm start along the C path
-                m = LogisticRegression(C=C, max_iter=self.max_iter, tol=self.tol, warm_start=True)
-                if coef is not None:
-                    m.coef_, m.intercept_, m.classes_ = coef
-                m.fit(Z[tr], y[tr])
-                coef = (m.coef_.copy(), m.intercept_.copy(), m.classes_)
-                scores[j] += (m.predict(Z[va]) == y[va]).mean()
-        best = int(np.argmax(scores))  # ties: the smallest C (strongest regularisation)
-        return float(sorted(self.Cs)[best])
+            return None
+        if groups is None or len(np.unique(groups)) == len(groups):
+            return list(StratifiedKFold(n_splits=k).split(Z, y))
+        return list(StratifiedGroupKFold(n_splits=k).split(Z, y, groups))
 
     def predict(self, X):
         return self.model_.predict(self.scaler_.transform(np.asarray(X, np.float64)))
@@ -394,7 +392,8 @@ def _fit_one(X, y, img, splits, task, seed, Cs, alphas):
             chosen.append(m.C_)
             ys = rng.permutation(y[tr])  # label-shuffle control: same pipeline, labels broken
             if len(np.unique(ys)) > 1:
-                shuf.append(float((LinearProbe(Cs=(m.C_,)).fit(X[tr], ys).predict(X[te]) == y[te]).mean()))
+                ctl = LinearProbe(Cs=(m.C_,)).fit(X[tr], ys)
+                shuf.append(float((ctl.predict(X[te]) == y[te]).mean()))
         else:
             sc = StandardScaler().fit(X[tr])
             Ztr, Zte = sc.transform(X[tr]), sc.transform(X[te])
