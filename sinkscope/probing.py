@@ -43,6 +43,8 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, Ridge
 from sklearn.metrics import balanced_accuracy_score, r2_score
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._utils import SinkscopeError, cache_dir, package_versions
 from .capture import Capture, parse_layers
@@ -326,8 +328,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.tol = tol
 
     def fit(self, X, y, groups=None):
-        X = np.asarray(X, np.float64)
-        y = np.asarray(y)
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
         self.scaler_ = StandardScaler().fit(X)
         Z = self.scaler_.transform(X)
         self.classes_ = np.unique(y)
@@ -343,6 +345,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 self.C_ = float(sorted(self.Cs)[len(self.Cs) // 2])
                 m = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol).fit(Z, y)
         self.model_ = m
+        self.n_iter_ = np.atleast_1d(m.n_iter_).ravel()
         return self
 
     def _inner_splits(self, Z, y, groups):
@@ -356,7 +359,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return list(StratifiedGroupKFold(n_splits=k).split(Z, y, groups))
 
     def predict(self, X):
-        return self.model_.predict(self.scaler_.transform(np.asarray(X, np.float64)))
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return self.model_.predict(self.scaler_.transform(X))
 
 
 def outer_splits(

@@ -240,3 +240,25 @@ def test_cli_probe_writes_three_files(tmp_path):
         assert (tmp_path / "o" / f).stat().st_size > 100
     t = pd.read_csv(tmp_path / "o" / "probe.csv")
     assert len(t) == 4 and t.n_images.eq(12).all()
+
+
+def test_linear_probe_passes_sklearn_estimator_checks():
+    import warnings
+
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(LinearProbe(), on_fail=None)
+    failed = [r["check_name"] for r in results if r["status"] == "failed"]
+    assert len(results) > 40 and failed == []
+
+
+def test_hugging_face_imagefolder_dataset(tmp_path):
+    for cls, color in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.new("RGB", (30, 30), color).save(tmp_path / cls / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}")
+    assert len(ds) == 4 and sorted(ds.labels.label) == ["cat", "cat", "dog", "dog"]
+    assert ds.items[0].load().shape == (30, 30, 3)
