@@ -166,6 +166,7 @@ class Capture:
         self._restore: list[tuple[nn.Module, object]] = []
         self._model_attn_impl: str | None = None
         self._mask: torch.Tensor | None = None
+        self._qmask: torch.Tensor | None = None
         self._buf: dict = {}
         # the last layer whose hidden state (or block) we still need
         needed = set(self.layers) | set(self.keep) | {b + 1 for b in self.attn_blocks + self.mlp_blocks}
@@ -271,13 +272,17 @@ class Capture:
                     f"block {block}: the attention module returned no weights (is it an eager-capable module?)"
                 )
             w = w.detach().float()  # [batch, head, query, key]
-            mask = self._mask
-            if mask is None:
-                per_head = w.mean(dim=2)  # [batch, head, key]
-            else:
-                m = mask[:, None, :, None].to(w.dtype)  # valid queries
-                per_head = (w * m).sum(2) / m.sum(2).clamp_min(1)
-            self._buf.setdefault("attn_heads", {})[block] = per_head.cpu()
+            B, _, Q, _ = w.shape
+            qm = self._qmask if self._qmask is not None and self._qmask.shape[1] == Q else None
+            if qm is None and self._mask is not None and self._mask.shape[1] == Q:
+                qm = self._mask
+            if qm is None:  # every query counts (e.g. one new token per generation step)
+                qm = torch.ones(B, Q, device=w.device)
+            m = qm[:, None, :, None].to(w.dtype)
+            # accumulate (sum over chosen queries, query count): a generate() call adds one entry per step
+            self._buf.setdefault("attn_parts", {}).setdefault(block, []).append(
+                ((w * m).sum(2).cpu(), qm.to(w.dtype).sum(1).cpu())
+            )
 
         return hook
 
@@ -313,18 +318,48 @@ class Capture:
     @torch.no_grad()
     def run(self, inputs: ModelInputs) -> BatchCapture:
         """Run one prepared batch through the model and return its reduced capture."""
+        mask = inputs.attention_mask.to(self.adapter.device) if inputs.attention_mask is not None else None
+        return self.run_fn(lambda: self.adapter.forward(inputs), attention_mask=mask)
+
+    @torch.no_grad()
+    def run_fn(
+        self,
+        fn,
+        attention_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> BatchCapture:
+        """Run any callable that drives the model (a LLaVA forward over a hooked vision tower,
+        ``model.generate``, ...) and return the reduced capture of everything the hooks saw.
+
+        ``attention_mask`` ``[batch, seq]`` marks valid tokens (padding); ``query_mask``
+        ``[batch, seq]`` picks the queries whose attention is averaged (e.g. text tokens only).
+        Calls whose query length differs from the masks (generation steps) count every query,
+        and attention received is averaged over all queries of all calls.
+
+        >>> with Capture(ad.llm, layers=None, attention="all") as c:          # doctest: +SKIP
+        ...     cap = c.run_fn(lambda: ad.model.generate(**inputs, max_new_tokens=4))
+        """
         if not self._handles and (self.layers or self.keep or self.attn_blocks or self.mlp_blocks):
             raise SinkscopeError("Capture.run() must be called inside `with Capture(...) as cap:`")
         self._buf = {}
-        self._mask = (
-            inputs.attention_mask.to(self.adapter.device) if inputs.attention_mask is not None else None
-        )
+        self._mask = attention_mask
+        self._qmask = query_mask.to(self.adapter.device) if query_mask is not None else None
         try:
-            self.adapter.forward(inputs)
+            fn()
         except StopForward:
             pass
         finally:
             self._mask = None
+            self._qmask = None
+        return self._assemble()
+
+    def reset(self) -> None:
+        """Forget what the hooks recorded (before a forward driven from outside, see :meth:`collect`)."""
+        self._buf = {}
+
+    def collect(self) -> BatchCapture:
+        """The reduced capture of whatever ran since :meth:`reset` (e.g. a vision tower's hooks
+        during a full LLaVA forward driven by another capture's :meth:`run_fn`)."""
         return self._assemble()
 
     def _assemble(self) -> BatchCapture:
@@ -336,7 +371,12 @@ class Capture:
         def stack(key):
             return torch.stack([per[layer][key] for layer in self.layers], dim=1) if self.layers else None
 
-        heads = self._buf.get("attn_heads", {})
+        heads = {}
+        for b, parts in self._buf.get("attn_parts", {}).items():
+            k_max = max(p[0].shape[-1] for p in parts)
+            total = sum(torch.nn.functional.pad(p[0], (0, k_max - p[0].shape[-1])) for p in parts)
+            count = sum(p[1] for p in parts)  # [batch]
+            heads[b] = total / count.clamp_min(1)[:, None, None]
         cap = BatchCapture(
             layers=list(self.layers),
             norms=stack("norm") if self.layers else torch.empty(0),

@@ -120,6 +120,45 @@ class LlavaAdapter(Adapter):
             for k, p in enumerate(pos)
         ]
 
+    def build_inputs(self, images: list[Any], prompt: str, image_marker: str = "<image>") -> dict[str, Any]:
+        """LLaVA inputs for one prompt with any number of images, without a hub processor.
+
+        ``prompt`` holds one ``image_marker`` per image (missing markers are put in front); each
+        marker becomes as many image tokens as the select strategy feeds (LLaVA-1.5: 576). Returns
+        ``input_ids``, ``attention_mask``, ``pixel_values`` ``[images, 3, H, W]`` and the ViT layout.
+
+        >>> inp = ad.build_inputs([img], "<image> What is in the picture?")     # doctest: +SKIP
+        """
+        if self.tokenizer is None:
+            raise SinkscopeError(f"model {self.name!r} has no tokenizer to build a prompt with")
+        n_marks = prompt.count(image_marker)
+        if n_marks < len(images):
+            prompt = (image_marker + " ") * (len(images) - n_marks) + prompt
+        elif n_marks > len(images):
+            raise SinkscopeError(f"prompt has {n_marks} {image_marker} markers for {len(images)} images")
+        vis = self.vision.prepare(images)
+        lay = vis.layouts[0]
+        n_feat = len(self.fed_vit_tokens(lay.n_tokens))
+        tok = self.tokenizer
+        ids: list[int] = []
+        probe_ids = tok("a").input_ids
+        if tok.bos_token_id is not None and probe_ids and probe_ids[0] == tok.bos_token_id:
+            ids.append(tok.bos_token_id)
+        segments = prompt.split(image_marker)
+        for k, seg in enumerate(segments):
+            if seg.strip():
+                ids.extend(tok(seg, add_special_tokens=False).input_ids)
+            if k < len(segments) - 1:
+                ids.extend([self.image_token_id] * n_feat)
+        input_ids = torch.tensor([ids])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": vis.tensors["pixel_values"],
+            "layout": lay,
+            "pixels": vis.pixels,
+        }
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(
