@@ -39,6 +39,15 @@ PROBE_EXAMPLES = """examples:
 """
 
 
+FLOW_EXAMPLES = """examples:
+  sinkscope flow                                     # mini-llava (untrained projector) on one embedded photo
+  sinkscope flow --model tiny-llava+sinks --analysis propagation --analysis knockout --stride 2
+  sinkscope flow --model llava-hf/llava-1.5-7b-hf --images cat.jpg --prompt "What animal is this?" \\
+                 --vit-threshold 100 --generate 8 --device cuda --dtype float16 --out runs/llava-flow
+  sinkscope flow --model dinov2-small --analysis rollout    # ViT only
+"""
+
+
 def _image_size(s: str):
     try:
         parts = [int(x) for x in s.lower().replace("x", ",").split(",")]
@@ -217,6 +226,72 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="sinkscope-probe", help="output folder (default: %(default)s)")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    fl = sub.add_parser(
+        "flow",
+        help="attention flow: rollout, ViT->LLM propagation, knockout, decoding, attribution -> tables + flow.html",
+        description="Trace information pathways inside the ViT (rollout) and from ViT tokens into the LLM of a "
+        "LLaVA-style model (attention by ViT-norm bin, knockout, isolated-token decoding, captum attribution).",
+        epilog=FLOW_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fl.add_argument(
+        "--model",
+        default="mini-llava",
+        help="a LLaVA-style model, or a ViT for rollout only (default: %(default)s)",
+    )
+    fl.add_argument(
+        "--images",
+        action="append",
+        metavar="PATH",
+        help="image file/folder/manifest (repeatable); default: one embedded photo",
+    )
+    fl.add_argument(
+        "--prompt",
+        default="What is the main object in the image?",
+        help="the question (one <image> marker per image, or none)",
+    )
+    fl.add_argument(
+        "--analysis",
+        action="append",
+        choices=["rollout", "propagation", "knockout", "decode", "attribution", "all"],
+        help="analyses to run (repeatable; default: all)",
+    )
+    x = fl.add_mutually_exclusive_group()
+    x.add_argument(
+        "--vit-threshold", type=float, help="ViT sink rule: absolute norm threshold (paper: 100 for CLIP-L)"
+    )
+    x.add_argument(
+        "--vit-relative",
+        type=float,
+        default=5.0,
+        help="ViT sink rule: x image median norm (default: %(default)s)",
+    )
+    fl.add_argument(
+        "--llm-tau",
+        type=float,
+        default=20.0,
+        help="LLM sink rule: max|x[d]|/RMS over sink dims (default: %(default)s)",
+    )
+    fl.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        help="average attention of N generated tokens instead of the prompt's text",
+    )
+    fl.add_argument(
+        "--window", type=int, default=9, help="knockout window in LLM layers (default: %(default)s)"
+    )
+    fl.add_argument(
+        "--stride", type=int, default=1, help="step between knockout windows (default: %(default)s)"
+    )
+    fl.add_argument("--bin-width", type=float, default=5.0, help="ViT-norm bin width (default: %(default)s)")
+    fl.add_argument(
+        "--attribution-steps", type=int, default=16, help="integrated-gradients steps (default: %(default)s)"
+    )
+    fl.add_argument("--device", default=None)
+    fl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    fl.add_argument("--out", default="sinkscope-flow", help="output folder (default: %(default)s)")
+
     sub.add_parser(
         "models", help="list the embedded models", description="List the embedded (offline) model names."
     )
@@ -311,6 +386,38 @@ def _cmd_probe(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flow(a: argparse.Namespace) -> int:
+    from .flow.run import ANALYSES, run_flow
+
+    analyses = ANALYSES if not a.analysis or "all" in a.analysis else tuple(dict.fromkeys(a.analysis))
+    res = run_flow(
+        model=a.model,
+        images=a.images,
+        prompt=a.prompt,
+        analyses=analyses,
+        out=a.out,
+        vit_threshold=a.vit_threshold,
+        vit_relative=a.vit_relative,
+        llm_tau=a.llm_tau,
+        generate=a.generate,
+        window=a.window,
+        stride=a.stride,
+        bin_width=a.bin_width,
+        attribution_steps=a.attribution_steps,
+        device=a.device,
+        dtype=a.dtype,
+    )
+    s = res["summary"]
+    if s.get("warning"):
+        print(f"note: {s['warning']}")
+    for name, df in res["tables"].items():
+        print(f"{name}: {len(df)} rows")
+    if "attention_by_group" in res["tables"]:
+        print(res["tables"]["attention_by_group"].to_string(index=False))
+    print(f"wrote tables, summary.json and flow.html to {a.out}")
+    return 0
+
+
 def _cmd_models(a: argparse.Namespace) -> int:
     from .models import list_models
 
@@ -331,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"scan": _cmd_scan, "probe": _cmd_probe, "models": _cmd_models}[a.command](a)
+        return {"scan": _cmd_scan, "probe": _cmd_probe, "flow": _cmd_flow, "models": _cmd_models}[a.command](
+            a
+        )
     except SinkscopeError as e:
         print(f"sinkscope: error: {e}", file=sys.stderr)
         return 1

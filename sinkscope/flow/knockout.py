@@ -74,6 +74,7 @@ def knockout(
     target: Sequence[int],
     window: int = 9,
     answer_id: int | None = None,
+    stride: int = 1,
 ) -> pd.DataFrame:
     """Change in the answer's probability when ``source -> target`` edges are blocked in a
     sliding window of ``window`` LLM layers.
@@ -81,7 +82,7 @@ def knockout(
     ``run_model``: a zero-argument callable that runs the full model on the fixed input and
     returns an output with ``.logits`` (e.g. ``lambda: ad.model(**inputs)``). ``answer_id``: the
     token whose probability is tracked (default: the model's own top prediction without
-    knockout). Returns one row per window start: ``window_start, window_end, p_answer, p_base,
+    knockout). ``stride``: step between window starts. Returns one row per window start: ``window_start, window_end, p_answer, p_base,
     delta, relative_change``.
     """
     L = lm.n_layers
@@ -90,7 +91,7 @@ def knockout(
     ans = int(base.argmax()) if answer_id is None else int(answer_id)
     p0 = float(base[ans])
     rows = []
-    for start in range(0, L - window + 1):
+    for start in range(0, L - window + 1, max(1, stride)):
         with blocked_edges(lm, range(start, start + window), source, target):
             p = float(_last_probs(run_model)[ans])
         rows.append(

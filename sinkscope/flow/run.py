@@ -1,0 +1,272 @@
+"""`sinkscope flow`: run the information-pathway analyses and write tidy tables + `flow.html`.
+
+Analyses (``--analysis``):
+
+- ``rollout`` (any ViT, or a VLM's tower): attention rollout from CLS and from every ViT sink,
+  over the patch grid -> ``rollout.csv`` (``image, start, start_kind, token, row, col, value``)
+- ``propagation`` (VLM): ``visual_tokens.parquet`` (one row per visual token fed to the LLM),
+  ``attention_by_bin.csv`` (Fig. 3A), ``attention_by_group.csv``
+- ``knockout`` (VLM): ``knockout.csv`` (``source, target, window_start, window_end, p_answer,
+  p_base, delta, relative_change``)
+- ``decode`` (VLM): ``decode.csv`` (isolated visual tokens through the LM head:
+  ``image, vit_token, is_vit_sink, position, rank, token_id, token, prob``)
+- ``attribution`` (VLM): ``attribution.csv`` (captum, per visual token)
+
+>>> run_flow("tiny-llava+sinks", prompt="What is this?", out="runs/flow")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._utils import SinkscopeError, package_versions
+from ..data import ImageItem, image_items, sample_images
+from ..models import load_model
+from ..models.base import Adapter
+from ..models.llava import LlavaAdapter
+from ..sinks import DimsRule, NormRule, rule_to_dict
+
+log = logging.getLogger("sinkscope")
+
+ANALYSES = ("rollout", "propagation", "knockout", "decode", "attribution")
+
+
+def _items(images) -> list[ImageItem]:
+    if images is None:
+        return sample_images(1)
+    if all(isinstance(x, ImageItem) for x in images):
+        return list(images)
+    return image_items(images)
+
+
+def run_flow(
+    model: str | Adapter,
+    images=None,
+    prompt: str = "What is the main object in the image?",
+    analyses: tuple[str, ...] | list[str] = ANALYSES,
+    out: str | Path | None = None,
+    vit_threshold: float | None = None,
+    vit_relative: float | None = 5.0,
+    llm_tau: float = 20.0,
+    generate: int = 0,
+    window: int = 9,
+    stride: int = 1,
+    bin_width: float = 5.0,
+    decode_nonsinks: int = 4,
+    top_k: int = 5,
+    attribution_steps: int = 16,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the chosen analyses on one prompt with its images; return (and write) the tables."""
+    t0 = time.perf_counter()
+    bad = [a for a in analyses if a not in ANALYSES]
+    if bad:
+        raise SinkscopeError(f"unknown analysis {bad[0]!r}; choose from {', '.join(ANALYSES)} or all")
+    ad = model if isinstance(model, Adapter) else load_model(model, device=device, dtype=dtype)
+    is_vlm = isinstance(ad, LlavaAdapter)
+    vlm_only = [a for a in analyses if a != "rollout"]
+    if vlm_only and not is_vlm:
+        if len(analyses) == len(ANALYSES):
+            analyses = ["rollout"]
+        else:
+            raise SinkscopeError(
+                f"analyses {vlm_only} need a LLaVA-style model; {ad.name!r} is {ad.family!r}"
+            )
+    items = _items(images)
+    arrays = [it.load() for it in items]
+    vit_rule = (
+        NormRule(threshold=vit_threshold) if vit_threshold is not None else NormRule(relative=vit_relative)
+    )
+    tables: dict[str, pd.DataFrame] = {}
+    summary: dict[str, Any] = {
+        "model": ad.describe(),
+        "images": [it.name for it in items],
+        "prompt": prompt if is_vlm else None,
+        "analyses": list(analyses),
+        "vit_rule": rule_to_dict(vit_rule),
+    }
+    if is_vlm and ad.planted is None and getattr(ad, "projector_trained", True) is False:
+        summary["warning"] = "the projector is untrained: the model's answers carry no meaning"
+    timings: dict[str, float] = {}
+    if "rollout" in analyses:
+        t = time.perf_counter()
+        tables["rollout"] = _rollout_table(
+            getattr(ad, "vision", ad), arrays, [it.name for it in items], vit_rule
+        )
+        timings["rollout_s"] = time.perf_counter() - t
+    prop = None
+    if is_vlm and {"propagation", "knockout", "decode", "attribution"} & set(analyses):
+        from .propagation import propagation
+
+        t = time.perf_counter()
+        prop = propagation(
+            ad,
+            arrays,
+            prompt,
+            vit_rule=vit_rule,
+            llm_rule=DimsRule(tau=llm_tau, min_layer=2),
+            generate=generate,
+            bin_width=bin_width,
+        )
+        timings["propagation_s"] = time.perf_counter() - t
+        vt = prop.visual_tokens.copy()
+        vt.insert(0, "image_name", [items[i].name for i in vt.image])
+        if "propagation" in analyses:
+            tables["visual_tokens"] = vt
+            tables["attention_by_bin"] = prop.by_bin
+            tables["attention_by_group"] = prop.by_group
+            summary["propagation"] = prop.summary
+    if is_vlm and ({"knockout", "decode", "attribution"} & set(analyses)):
+        inp = ad.build_inputs(arrays, prompt)
+        kw = {k: inp[k].to(ad.device) for k in ("input_ids", "attention_mask")}
+        kw["pixel_values"] = inp["pixel_values"].to(ad.device, ad.dtype)
+        run = lambda: ad.model(**kw)  # noqa: E731
+        ids = inp["input_ids"][0]
+        seq = len(ids)
+        vt = prop.visual_tokens
+        img_pos = vt.llm_position.tolist()
+        sinks = vt[vt.is_vit_sink].llm_position.tolist()
+        nonsinks = vt[~vt.is_vit_sink].llm_position.tolist()
+        question = [p for p in range(max(img_pos) + 1, seq)]
+        last = [seq - 1]
+        if "knockout" in analyses:
+            from .knockout import knockout
+
+            t = time.perf_counter()
+            groups = {"image": img_pos, "vit_sinks": sinks, "nonsinks": nonsinks, "question": question}
+            pairs = [
+                ("image", "question"),
+                ("image", "last"),
+                ("vit_sinks", "last"),
+                ("nonsinks", "last"),
+                ("question", "last"),
+            ]
+            frames = []
+            for src, tgt in pairs:
+                target = last if tgt == "last" else groups[tgt]
+                k = knockout(run, ad.llm, groups[src], target, window=window, stride=stride)
+                k.insert(0, "target", tgt)
+                k.insert(0, "source", src)
+                k["n_source"] = len(groups[src])
+                frames.append(k)
+            tables["knockout"] = pd.concat(frames, ignore_index=True)
+            timings["knockout_s"] = time.perf_counter() - t
+        if "decode" in analyses:
+            from .knockout import decode_isolated
+
+            t = time.perf_counter()
+            rng = np.random.default_rng(seed)
+            pick_ns = (
+                list(rng.choice(nonsinks, size=min(decode_nonsinks, len(nonsinks)), replace=False))
+                if nonsinks
+                else []
+            )
+            chosen = sorted(set(sinks) | {int(p) for p in pick_ns})
+            d = decode_isolated(run, ad.llm, chosen, seq, ad.tokenizer, top_k=top_k)
+            meta = vt.set_index("llm_position")[["image", "vit_token", "is_vit_sink"]]
+            d = d.join(meta, on="position")
+            tables["decode"] = d[
+                ["image", "vit_token", "is_vit_sink", "position", "rank", "token_id", "token", "prob"]
+            ]
+            timings["decode_s"] = time.perf_counter() - t
+        if "attribution" in analyses:
+            from .attribution import attribute_visual_tokens
+
+            t = time.perf_counter()
+            a = attribute_visual_tokens(ad, inp, n_steps=attribution_steps)
+            a = pd.concat(
+                [
+                    vt[["image", "vit_token", "row", "col", "is_vit_sink", "llm_position"]].reset_index(
+                        drop=True
+                    ),
+                    a.reset_index(drop=True),
+                ],
+                axis=1,
+            )
+            tables["attribution"] = a
+            summary["attribution_by_group"] = (
+                a.groupby("is_vit_sink")
+                .abs_attribution.mean()
+                .rename(lambda s: "vit_sink" if s else "nonsink")
+                .to_dict()
+            )
+            timings["attribution_s"] = time.perf_counter() - t
+    summary["timings"] = {k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()}
+    summary["versions"] = package_versions(("sinkscope", "torch", "transformers", "captum"))
+    if out is not None:
+        write_flow_outputs(Path(out), tables, summary)
+    return {"tables": tables, "summary": summary}
+
+
+def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> pd.DataFrame:
+    """Rollout from CLS (if any) and from every ViT sink at the last layer, on the patch grid."""
+    from ..capture import Capture
+    from .rollout import rollout
+
+    batch = vis.prepare(arrays, names)
+    lay = batch.layouts[0]
+    rows = []
+    attn: dict[int, list[torch.Tensor]] = {}
+
+    def make(b):
+        def hook(module, args, output):
+            attn.setdefault(b, []).append(output[1].detach().float().cpu())
+
+        return hook
+
+    handles = []
+    with Capture(vis, layers=[vis.n_layers], attention="all", stop_early=False) as cap:
+        for b in range(vis.n_layers):
+            handles.append(vis.attention(b).register_forward_hook(make(b)))
+        try:
+            bc = cap.run(batch)
+        finally:
+            for h in handles:
+                h.remove()
+    norms = bc.norms[:, 0].numpy()
+    for i, name in enumerate(names):
+        per_layer = [attn[b][0][i] for b in range(vis.n_layers)]  # [heads, q, k]
+        R = np.asarray(rollout(per_layer))
+        pn = norms[i, lay.n_prefix :]
+        thr = vit_rule.threshold if vit_rule.mode == "absolute" else vit_rule.relative * float(np.median(pn))
+        starts = ([(0, "cls")] if lay.n_cls else []) + [
+            (lay.n_prefix + int(j), "sink") for j in np.nonzero(pn >= thr)[0]
+        ]
+        for start, kind in starts:
+            for t in range(lay.n_prefix, lay.n_tokens):
+                r, c = lay.row_col(t)
+                rows.append(
+                    {
+                        "image": name,
+                        "start": start,
+                        "start_kind": kind,
+                        "token": t,
+                        "row": r,
+                        "col": c,
+                        "value": float(R[start, t]),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def write_flow_outputs(out: Path, tables: dict[str, pd.DataFrame], summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        if name == "visual_tokens":
+            df.to_parquet(out / "visual_tokens.parquet", index=False)
+        else:
+            df.to_csv(out / f"{name}.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    from ..viz.flow_report import write_flow_report
+
+    write_flow_report(out / "flow.html", tables, summary)
