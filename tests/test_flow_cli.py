@@ -1,0 +1,108 @@
+"""`sinkscope flow` end to end: tiny-llava with planted sinks (fast) and mini-llava (real weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sinkscope.cli import main
+from sinkscope.models.tiny import paint_markers
+
+
+@pytest.fixture()
+def marked(tmp_path):
+    p = tmp_path / "m.png"
+    Image.fromarray(paint_markers(np.full((32, 32, 3), 110, np.uint8), [(2, 1)])).save(p)
+    return p
+
+
+def test_flow_cli_on_tiny_llava_writes_every_table(tmp_path, marked):
+    out = tmp_path / "f"
+    rc = main(
+        [
+            "flow",
+            "--model",
+            "tiny-llava+sinks",
+            "--images",
+            str(marked),
+            "--prompt",
+            "what is this ?",
+            "--vit-threshold",
+            "100",
+            "--window",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    vt = pd.read_parquet(out / "visual_tokens.parquet")
+    for c in (
+        "image",
+        "vit_token",
+        "kind",
+        "row",
+        "col",
+        "vit_norm",
+        "is_vit_sink",
+        "llm_position",
+        "llm_sink_layers",
+        "attention_received",
+    ):
+        assert c in vt.columns
+    s = vt[vt.is_vit_sink]
+    assert (
+        s[["row", "col"]].astype(int).values.tolist() == [[2, 1]]
+        and int(s.vit_token.iloc[0]) == 1 + 2 * 4 + 1
+    )
+    for f in (
+        "attention_by_bin.csv",
+        "attention_by_group.csv",
+        "knockout.csv",
+        "decode.csv",
+        "attribution.csv",
+        "rollout.csv",
+        "summary.json",
+        "flow.html",
+    ):
+        assert (out / f).stat().st_size > 50, f
+    ko = pd.read_csv(out / "knockout.csv")
+    assert set(zip(ko.source, ko.target)) >= {("image", "question"), ("vit_sinks", "last")}
+    assert len(ko) == 5 * (4 - 2 + 1)
+    ro = pd.read_csv(out / "rollout.csv")
+    assert set(ro.start_kind) == {"cls", "sink"}
+    assert ro.groupby("start").value.sum().between(0, 1.0 + 1e-6).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["vit_rule"]["threshold"] == {"kind": "absolute", "value": 100.0}
+    html = (out / "flow.html").read_text()
+    assert "Attention knockout" in html and "LLM attention by ViT norm" in html
+
+
+@pytest.mark.slow
+def test_mini_llava_runs_every_analysis(tmp_path):
+    out = tmp_path / "mini"
+    rc = main(
+        [
+            "flow",
+            "--model",
+            "mini-llava",
+            "--analysis",
+            "all",
+            "--stride",
+            "7",
+            "--attribution-steps",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "untrained" in summary["warning"]
+    vt = pd.read_parquet(out / "visual_tokens.parquet")
+    assert len(vt) == 256 and vt.llm_position.is_monotonic_increasing
+    assert (pd.read_csv(out / "attribution.csv").shape[0]) == 256
