@@ -106,3 +106,25 @@ def test_mini_llava_runs_every_analysis(tmp_path):
     vt = pd.read_parquet(out / "visual_tokens.parquet")
     assert len(vt) == 256 and vt.llm_position.is_monotonic_increasing
     assert (pd.read_csv(out / "attribution.csv").shape[0]) == 256
+
+
+def test_vit_only_rollout_relevance_and_group_attention(tmp_path):
+    from sinkscope import load_model
+    from sinkscope.flow.run import run_flow
+
+    ad = load_model("tiny-dinov2+sinks", image_size=(48, 40))
+    img = paint_markers(np.full((48, 40, 3), 100, np.uint8), [(1, 2), (4, 3)])
+    from sinkscope.data import ImageItem
+
+    res = run_flow(
+        ad, images=[ImageItem("m", "m", loader=lambda: img)], vit_threshold=100, out=tmp_path / "v"
+    )
+    t = res["tables"]
+    assert set(t) == {"rollout", "relevance", "vit_attention_by_group"}  # a ViT: the VLM analyses are skipped
+    assert sorted(t["rollout"].query("start_kind == 'sink'").start.unique()) == [1 + 1 * 5 + 2, 1 + 4 * 5 + 3]
+    rel = t["relevance"]
+    assert set(rel.kind) == {"cls", "sink", "nonsink"} and rel["head"].nunique() == 4
+    g = t["vit_attention_by_group"]
+    assert g[(g.layer == 0) & (g.group == "sinks")].n_tokens.item() == 0  # sinks emerge at layer 2
+    assert g[(g.layer == 3) & (g.group == "sinks")].n_tokens.item() == 2
+    assert (tmp_path / "v" / "flow.html").exists()

@@ -6,7 +6,8 @@ feature layer (ViT norms) and every LLM layer (received attention, massive activ
 each visual token fed to the LLM becomes one row of a tidy table:
 
 ``image, vit_token, kind, row, col, vit_norm, is_vit_sink, llm_position, llm_sink_layers,
-attention_received`` (+ one ``attn_L<i>`` column per LLM layer).
+llm_sink_dims, attention_received`` (+ one ``attn_L<i>`` column per LLM layer). ``llm_sink_dims``
+lists the channels a token peaks on in the LLM layers where the RMS rule calls it a sink.
 
 Then tokens are binned by ViT norm (width 5 by default) and the mean attention each bin receives
 is reported per LLM layer, and the mean attention per token is reported for non-sinks,
@@ -122,6 +123,9 @@ def propagation(
     ldet = detect(ltab, llm_rule)
     ltab["is_llm_sink"] = ldet.is_sink.to_numpy()
     sink_layers = ltab.groupby("token")["is_llm_sink"].sum()
+    # the hidden dims a visual token lights up where it is an LLM sink (its largest channel there)
+    flagged = ltab[ltab.is_llm_sink]
+    lit = flagged.groupby("token")["top_dim_0"].agg(lambda d: sorted(set(int(x) for x in d)))
     # attention received per LLM block, head-averaged, from the chosen queries
     att = np.stack([lc.attn_received[b][0, :seq].numpy() for b in range(L)])  # [blocks, seq]
     rows = []
@@ -138,6 +142,7 @@ def propagation(
             "is_vit_sink": bool(v.is_vit_sink),
             "llm_position": int(r.llm_position),
             "llm_sink_layers": int(sink_layers.get(int(r.llm_position), 0)),
+            "llm_sink_dims": ",".join(str(d) for d in lit.get(int(r.llm_position), [])),
             "attention_received": float(att[:, r.llm_position].mean()),
         }
         for b in range(L):

@@ -3,7 +3,11 @@
 Analyses (``--analysis``):
 
 - ``rollout`` (any ViT, or a VLM's tower): attention rollout from CLS and from every ViT sink,
-  over the patch grid -> ``rollout.csv`` (``image, start, start_kind, token, row, col, value``)
+  over the patch grid -> ``rollout.csv`` (``image, start, start_kind, token, row, col, value``);
+  relevance maps of CLS, the sinks and a non-sink at the last block -> ``relevance.csv``
+  (``image, layer, token, kind, head, row, col, value``); attention received per token group in
+  every block -> ``vit_attention_by_group.csv`` (``image, layer, group, n_tokens,
+  mean_attention, uniform``)
 - ``propagation`` (VLM): ``visual_tokens.parquet`` (one row per visual token fed to the LLM),
   ``attention_by_bin.csv`` (Fig. 3A), ``attention_by_group.csv``
 - ``knockout`` (VLM): ``knockout.csv`` (``source, target, window_start, window_end, p_answer,
@@ -100,9 +104,7 @@ def run_flow(
     timings: dict[str, float] = {}
     if "rollout" in analyses:
         t = time.perf_counter()
-        tables["rollout"] = _rollout_table(
-            getattr(ad, "vision", ad), arrays, [it.name for it in items], vit_rule
-        )
+        tables.update(_rollout_table(getattr(ad, "vision", ad), arrays, [it.name for it in items], vit_rule))
         timings["rollout_s"] = time.perf_counter() - t
     prop = None
     if is_vlm and {"propagation", "knockout", "decode", "attribution"} & set(analyses):
@@ -208,44 +210,53 @@ def run_flow(
     return {"tables": tables, "summary": summary}
 
 
-def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> pd.DataFrame:
-    """Rollout from CLS (if any) and from every ViT sink at the last layer, on the patch grid."""
+def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> dict[str, pd.DataFrame]:
+    """Inside the ViT: rollout from CLS and from every sink (at the last layer) on the patch grid,
+    relevance maps (attention column per head at the last block) of CLS, the sinks and one
+    non-sink patch, and the attention received by token group in every block."""
     from ..capture import Capture
-    from .rollout import rollout
+    from .rollout import attention_by_group, relevance_map, rollout
 
     batch = vis.prepare(arrays, names)
     lay = batch.layouts[0]
-    rows = []
-    attn: dict[int, list[torch.Tensor]] = {}
+    attn: dict[int, torch.Tensor] = {}
 
     def make(b):
         def hook(module, args, output):
-            attn.setdefault(b, []).append(output[1].detach().float().cpu())
+            attn[b] = output[1].detach().float().cpu()  # [batch, heads, q, k]
 
         return hook
 
     handles = []
-    with Capture(vis, layers=[vis.n_layers], attention="all", stop_early=False) as cap:
-        for b in range(vis.n_layers):
+    L = vis.n_layers
+    with Capture(vis, layers="all", attention="all", stop_early=False) as cap:
+        for b in range(L):
             handles.append(vis.attention(b).register_forward_hook(make(b)))
         try:
             bc = cap.run(batch)
         finally:
             for h in handles:
                 h.remove()
-    norms = bc.norms[:, 0].numpy()
+    roll, rel, grp = [], [], []
     for i, name in enumerate(names):
-        per_layer = [attn[b][0][i] for b in range(vis.n_layers)]  # [heads, q, k]
-        R = np.asarray(rollout(per_layer))
-        pn = norms[i, lay.n_prefix :]
-        thr = vit_rule.threshold if vit_rule.mode == "absolute" else vit_rule.relative * float(np.median(pn))
-        starts = ([(0, "cls")] if lay.n_cls else []) + [
-            (lay.n_prefix + int(j), "sink") for j in np.nonzero(pn >= thr)[0]
-        ]
+        R = np.asarray(rollout([attn[b][i] for b in range(L)]))
+        sinks_at = {}
+        for b in range(L + 1):
+            pn = bc.norms[i, b, lay.n_prefix : lay.n_tokens].numpy()
+            thr = (
+                vit_rule.threshold
+                if vit_rule.mode == "absolute"
+                else vit_rule.relative * float(np.median(pn))
+            )
+            sinks_at[b] = [lay.n_prefix + int(j) for j in np.nonzero(pn >= thr)[0]]
+        last_sinks = sinks_at[L]
+        patches = list(range(lay.n_prefix, lay.n_tokens))
+        non = [t for t in patches if t not in last_sinks]
+        starts = ([(0, "cls")] if lay.n_cls else []) + [(t, "sink") for t in last_sinks]
         for start, kind in starts:
-            for t in range(lay.n_prefix, lay.n_tokens):
+            for t in patches:
                 r, c = lay.row_col(t)
-                rows.append(
+                roll.append(
                     {
                         "image": name,
                         "start": start,
@@ -256,7 +267,49 @@ def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> pd.DataFrame:
                         "value": float(R[start, t]),
                     }
                 )
-    return pd.DataFrame(rows)
+        probe_tokens = starts + ([(non[len(non) // 2], "nonsink")] if non else [])
+        maps_attn = attn[L - 1][i]
+        for tok, kind in probe_tokens:
+            m = np.asarray(relevance_map(maps_attn, lay, tok, direction="column"))  # [heads, rows, cols]
+            for h in range(m.shape[0]):
+                for r in range(m.shape[1]):
+                    for c in range(m.shape[2]):
+                        rel.append(
+                            {
+                                "image": name,
+                                "layer": L - 1,
+                                "token": tok,
+                                "kind": kind,
+                                "head": h,
+                                "row": r,
+                                "col": c,
+                                "value": float(m[h, r, c]),
+                            }
+                        )
+        for b in range(L):
+            sinks = sinks_at[b]
+            groups = {
+                "cls": list(range(lay.n_cls)),
+                "registers": list(range(lay.n_cls, lay.n_prefix)),
+                "sinks": sinks,
+                "non-sinks": [t for t in patches if t not in sinks],
+            }
+            for g, v in attention_by_group(attn[b][i], groups).items():
+                grp.append(
+                    {
+                        "image": name,
+                        "layer": b,
+                        "group": g,
+                        "n_tokens": len(groups[g]),
+                        "mean_attention": v,
+                        "uniform": 1.0 / lay.n_tokens,
+                    }
+                )
+    return {
+        "rollout": pd.DataFrame(roll),
+        "relevance": pd.DataFrame(rel),
+        "vit_attention_by_group": pd.DataFrame(grp),
+    }
 
 
 def write_flow_outputs(out: Path, tables: dict[str, pd.DataFrame], summary: dict) -> None:
