@@ -28,6 +28,23 @@ def image_dir(tmp_path, marked_images):
     return d
 
 
+def _kill_on_second_batch(monkeypatch):
+    """Make the scan die (as if killed) in the middle of its second batch; returns the real run."""
+    from sinkscope import capture as capmod
+
+    real_run = capmod.Capture.run
+    calls = {"n": 0}
+
+    def dying_run(self, inputs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(self, inputs)
+
+    monkeypatch.setattr(capmod.Capture, "run", dying_run)
+    return real_run
+
+
 def _scan_tiny(out, images, **kw):
     return scan("tiny-dinov2+sinks", images=images, out=out, image_size=(H, W), progress=False, **kw)
 
@@ -89,16 +106,7 @@ def test_resume_neither_recomputes_nor_duplicates(tmp_path, image_dir, monkeypat
     from sinkscope import capture as capmod
 
     out = tmp_path / "out"
-    real_run = capmod.Capture.run
-    calls = {"n": 0}
-
-    def dying_run(self, inputs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed in the middle of the second batch
-        return real_run(self, inputs)
-
-    monkeypatch.setattr(capmod.Capture, "run", dying_run)
+    real_run = _kill_on_second_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _scan_tiny(out, [str(image_dir)], batch_size=2)
     monkeypatch.setattr(capmod.Capture, "run", real_run)
@@ -174,16 +182,7 @@ def test_saved_activations_equal_hf_hidden_states_and_survive_resume(tmp_path, i
     from sinkscope.store import ActivationStore
 
     out = tmp_path / "out"
-    real_run = capmod.Capture.run
-    calls = {"n": 0}
-
-    def dying_run(self, inputs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_run(self, inputs)
-
-    monkeypatch.setattr(capmod.Capture, "run", dying_run)
+    real_run = _kill_on_second_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _scan_tiny(out, [str(image_dir)], batch_size=3, save_layers="2,4")
     monkeypatch.setattr(capmod.Capture, "run", real_run)
