@@ -355,7 +355,9 @@ def _cmd_probe(a: argparse.Namespace) -> int:
     from .sinks import NormRule
 
     rule = (
-        NormRule(threshold=a.threshold) if a.threshold is not None else NormRule(relative=a.relative or 5.0)
+        NormRule(threshold=a.threshold)
+        if a.threshold is not None
+        else NormRule(relative=a.relative if a.relative is not None else 5.0)
     )
     res = probe(
         model=a.model,

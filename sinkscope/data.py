@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,23 +247,55 @@ class LabeledImages:
     def fingerprint(self) -> str:
         """Stable hash of the dataset's sources and labels (feature caches key on it)."""
         h = hashlib.sha1(self.name.encode())
-        for it in self.items:
-            h.update(it.source.encode() + b"\0")
+        for it, st in zip(self.items, self.fingerprint_files()):
+            h.update(it.source.encode() + b"\0" + str(st).encode())
         h.update(self.labels.to_csv(index=False).encode())
         return h.hexdigest()[:16]
 
     def subsample(self, n: int | None, seed: int = 0) -> LabeledImages:
-        """A stratified-by-first-label random subset of ``n`` items (seeded), in original order."""
+        """A random subset of ``n`` items (seeded), stratified by the first label column (each class
+        keeps its share, at least one item), in original order."""
         if n is None or n >= len(self):
             return self
         rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(self), size=n, replace=False))
+        lab = (
+            self.labels.iloc[:, 0].astype(str).to_numpy()
+            if self.labels.shape[1]
+            else np.zeros(len(self), str)
+        )
+        classes, counts = np.unique(lab, return_counts=True)
+        quota = np.maximum(1, np.floor(counts / counts.sum() * n).astype(int))
+        while quota.sum() > n:  # more classes than room: trim the largest quotas
+            quota[np.argmax(quota)] -= 1
+        rest = n - quota.sum()
+        order = np.argsort(-(counts / counts.sum() * n - np.floor(counts / counts.sum() * n)), kind="stable")
+        for k in order[:rest]:
+            quota[k] += 1
+        idx = np.sort(
+            np.concatenate(
+                [
+                    rng.choice(np.nonzero(lab == c)[0], size=min(q, cnt), replace=False)
+                    for c, q, cnt in zip(classes, quota, counts)
+                    if q > 0
+                ]
+            )
+        )
         return LabeledImages(
             f"{self.name}[{n}@{seed}]",
             [self.items[i] for i in idx],
             self.labels.iloc[idx].reset_index(drop=True),
             self.min_side,
         )
+
+    def fingerprint_files(self) -> list:
+        out = []
+        for it in self.items:
+            try:
+                st = os.stat(it.source)
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return out
 
 
 BUILTIN_DATASETS = {

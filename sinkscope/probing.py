@@ -124,17 +124,19 @@ def _check_rule(rule: NormRule) -> None:
 
 
 def features_key(adapter: Adapter, data: LabeledImages, layers, groups, rule, seed, image_size) -> str:
+    """Cache key: the model (name, structure, planted sinks, dtype, input size), the data (sources,
+    file sizes and times, labels), layers, groups, rule and seed."""
+    vis = getattr(adapter, "vision", adapter)
+    planted = getattr(adapter, "planted", None)
+    model_id = [
+        adapter.name,
+        adapter.describe(),
+        planted.to_dict() if planted else None,
+        str(adapter.dtype),
+        getattr(vis, "image_size", None),
+    ]
     spec = json.dumps(
-        [
-            adapter.name,
-            data.fingerprint(),
-            layers,
-            sorted(groups),
-            rule_to_dict(rule),
-            seed,
-            image_size,
-            "v1",
-        ],
+        [model_id, data.fingerprint(), layers, sorted(groups), rule_to_dict(rule), seed, image_size, "v2"],
         sort_keys=True,
         default=str,
     )
@@ -167,7 +169,7 @@ def extract_group_features(
     if bad:
         raise SinkscopeError(f"unknown token group(s) {bad}; choose from {', '.join(GROUPS)}")
     layer_list = parse_layers(layers, adapter.n_layers)
-    key = features_key(adapter, data, layer_list, groups, rule, seed, getattr(adapter, "image_size", None))
+    key = features_key(adapter, data, layer_list, groups, rule, seed, None)
     folder = None
     if cache:
         folder = Path(cache) if not isinstance(cache, bool) else cache_dir("features", key)
@@ -259,7 +261,7 @@ def _group_vectors(bc, layouts, rows, layers, groups, rule: NormRule, seed: int,
         patches = np.arange(p0, n)
         rc = np.array([lay.row_col(t) for t in patches], dtype=float) if lay.grid else np.zeros((0, 2))
         # one random patch per image, the same at every layer (Darcet et al.)
-        rng_img = np.random.default_rng([seed, row])
+        rng_img = np.random.default_rng([seed, row, 1])
         rand_tok = int(rng_img.choice(patches)) if len(patches) else -1
         for li, layer in enumerate(bc.layers):
             if layer not in layers:
@@ -291,7 +293,7 @@ def _group_vectors(bc, layouts, rows, layers, groups, rule: NormRule, seed: int,
                 elif g == "nonsink":
                     v = mean_of(others)
                 elif g == "nonsink_random":
-                    rng = np.random.default_rng([seed, row, layer])
+                    rng = np.random.default_rng([seed, row, 2, layer])
                     v = mean_of([int(rng.choice(others))] if len(others) else [])
                 else:  # matched: per sink, the nearest non-sink patch (ties: closest norm)
                     picks = []
@@ -365,12 +367,18 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
 
 def outer_splits(
-    y: np.ndarray, image_ids: np.ndarray, folds: int, seed: int
+    y: np.ndarray, image_ids: np.ndarray, folds: int, seed: int, label: str = "label"
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold splits grouped by image; raises if a test image also appears in training."""
-    n_min = int(pd.Series(y).value_counts().min())
+    counts = pd.Series(y).value_counts()
+    if len(counts) < 2:
+        raise SinkscopeError(f"label {label!r} has a single class ({counts.index[0]!r}): nothing to probe")
+    n_min = int(counts.min())
     if n_min < folds:
-        raise SinkscopeError(f"the rarest class has {n_min} images, fewer than {folds} folds: lower --folds")
+        raise SinkscopeError(
+            f"label {label!r}: the rarest class ({counts.idxmin()!r}) has {n_min} images, fewer than {folds} folds: "
+            "lower --folds"
+        )
     splits = list(
         StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(y, y, image_ids)
     )
@@ -382,7 +390,7 @@ def outer_splits(
 
 def _fit_one(X, y, img, splits, task, seed, Cs, alphas):
     """Cross-validated score of one feature matrix: (per-fold scores, balanced acc, shuffle, chosen C)."""
-    ok = ~np.isnan(X).any(1)
+    ok = np.isfinite(X).all(1) & (np.isfinite(y) if task == "regression" else np.ones(len(y), bool))
     accs, bals, shuf, chosen = [], [], [], []
     rng = np.random.default_rng(seed)
     for tr, te in splits:
@@ -436,7 +444,9 @@ def run_probes(
     ``labels``: label columns (classification) and/or ``row``/``col`` (regression of the position
     of single-token groups, Darcet's protocol). Returns one row per (layer, group, label):
     ``layer, group, label, task, accuracy, accuracy_std, balanced_accuracy, chance,
-    shuffle_accuracy, n_images, n_tokens, n_missing, C`` (for regression ``accuracy`` is R2).
+    shuffle_accuracy, n_images, n_tokens, n_missing, C`` (for regression ``accuracy`` is R2);
+    ``chance`` is the majority-class share, ``chance_balanced`` ``1/K`` (for balanced accuracy).
+    Images without a value for a label are left out of its probe and counted in ``n_missing``.
     Deterministic for a given ``seed``. ``n_jobs``: parallel workers over (layer, group)
     (default: all cores).
     """
@@ -448,17 +458,29 @@ def run_probes(
     n = len(feats.names)
     img = np.arange(n)
     tasks = []
+    if folds < 2:
+        raise SinkscopeError(f"--folds must be at least 2, got {folds}")
+    if folds > n:
+        raise SinkscopeError(f"--folds {folds} is more than the {n} images")
     for label in labels:
+        missing = None
         if label in ("row", "col"):
             task = "regression"
             y_base = None
-            splits = [(tr, te) for tr, te in GroupKFold(n_splits=folds).split(img, img, img)]
+            try:
+                gkf = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+            except TypeError:  # scikit-learn < 1.6: no shuffling
+                gkf = GroupKFold(n_splits=folds)
+            splits = [(tr, te) for tr, te in gkf.split(img, img, img)]
         else:
             if label not in feats.labels:
                 raise SinkscopeError(f"unknown label {label!r}; the data has {list(feats.labels.columns)}")
             task = "classification"
-            y_base = feats.labels[label].to_numpy()
-            splits = outer_splits(y_base, img, folds, seed)
+            col = feats.labels[label]
+            missing = (col.isna() | col.astype(str).str.strip().isin(["", "nan", "None", "NaN"])).to_numpy()
+            y_base = col.astype(str).to_numpy()
+            sub = np.nonzero(~missing)[0]  # images with this label; the others count as missing
+            splits = [(sub[tr], sub[te]) for tr, te in outer_splits(y_base[sub], sub, folds, seed, label)]
         for g in groups:
             if task == "regression" and g not in SINGLE_TOKEN_GROUPS + ("sink", "matched"):
                 continue
@@ -473,7 +495,15 @@ def run_probes(
                 )
                 if task == "regression":
                     X = np.where(np.isnan(y)[:, None], np.nan, X)
+                elif missing.any():
+                    X = np.where(missing[:, None], np.nan, X)
                 tasks.append((layer, g, label, task, X, y, splits))
+        if not any(t[2] == label for t in tasks):
+            allowed = ", ".join(SINGLE_TOKEN_GROUPS + ("sink", "matched")) if task == "regression" else "any"
+            raise SinkscopeError(
+                f"label {label!r}: none of the groups {groups} can be probed for it (position labels need one of: "
+                f"{allowed})"
+            )
     results = Parallel(n_jobs=n_jobs or os.cpu_count() or 1)(
         delayed(_fit_one)(X, y, img, splits, task, seed, tuple(Cs), tuple(alphas))
         for (_, _, _, task, X, y, splits) in tasks
@@ -481,11 +511,12 @@ def run_probes(
     rows = []
     for (layer, g, label, task, X, y, _), (accs, bals, shuf, chosen, n_ok) in zip(tasks, results):
         if task == "classification":
-            ok = ~np.isnan(X).any(1)
+            ok = np.isfinite(X).all(1)
             freq = pd.Series(y[ok]).value_counts(normalize=True)
             chance = float(freq.max()) if len(freq) else np.nan
+            chance_bal = 1.0 / len(freq) if len(freq) else np.nan
         else:
-            chance = 0.0
+            chance = chance_bal = 0.0
         rows.append(
             {
                 "layer": layer,
@@ -496,6 +527,7 @@ def run_probes(
                 "accuracy_std": float(np.std(accs)) if accs else np.nan,
                 "balanced_accuracy": float(np.mean(bals)) if bals else np.nan,
                 "chance": chance,
+                "chance_balanced": chance_bal,
                 "shuffle_accuracy": float(np.mean(shuf)) if shuf else np.nan,
                 "n_images": n_ok,
                 "n_tokens": int(feats.n_tokens[(layer, g)].sum()),
@@ -555,6 +587,13 @@ def probe(
     if ad.family == "causal-lm":
         raise SinkscopeError(f"model {ad.name!r} is a language model; probes need a vision model or a VLM")
     data = dataset if isinstance(dataset, LabeledImages) else load_dataset(dataset)
+    unknown = [x for x in (labels or []) if x not in data.labels.columns and x not in ("row", "col")]
+    if unknown:
+        raise SinkscopeError(
+            f"unknown label {unknown[0]!r}; {data.name!r} has {list(data.labels.columns)} (or row/col)"
+        )
+    if max_images is not None and max_images < 2:
+        raise SinkscopeError(f"--max-images must be at least 2, got {max_images}")
     data = data.subsample(max_images, seed)
     feats = extract_group_features(ad, data, layers, groups, rule, seed, batch_size, cache, progress)
     t1 = time.perf_counter()
@@ -573,9 +612,12 @@ def probe(
         "layers": feats.layers,
         "folds": folds,
         "seed": seed,
-        "protocol": "stratified k-fold grouped by image; StandardScaler fitted on the training fold; "
-        f"L2 logistic regression, C in {list(DEFAULT_CS)} chosen by 3-fold grouped inner validation; "
-        "label-shuffle control with the chosen C; chance = majority-class share; regression: ridge, R2",
+        "protocol": "one pooled vector per (image, layer, group) - e.g. sink = mean of the image's sink "
+        "patches - so each image is one sample; stratified k-fold grouped by image; StandardScaler fitted on "
+        f"the outer training fold; L2 logistic regression, C in {list(DEFAULT_CS)} chosen by stratified inner "
+        "validation (up to 3 folds, fewer if a class is rarer); label-shuffle control with the chosen C; "
+        "chance = majority-class share (chance_balanced = 1/K); regression (row/col): ridge, alpha by inner "
+        "grouped validation, R2",
         "features": {k: feats.meta.get(k) for k in ("path", "cached", "extract_s", "failed")},
         "images_without_sink": {
             str(layer): int((feats.n_tokens[(layer, "sink")] == 0).sum())

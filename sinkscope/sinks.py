@@ -61,6 +61,8 @@ class NormRule:
     def __post_init__(self):
         if self.threshold is not None and self.relative is not None:
             raise SinkscopeError("norm rule: give an absolute threshold or a relative one, not both")
+        if self.relative is not None and self.relative <= 0:
+            raise SinkscopeError(f"norm rule: relative threshold must be > 0, got {self.relative:g}")
 
     @property
     def mode(self) -> str:

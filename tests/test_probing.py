@@ -262,3 +262,38 @@ def test_hugging_face_imagefolder_dataset(tmp_path):
     ds = load_dataset(f"imagefolder:{tmp_path}")
     assert len(ds) == 4 and sorted(ds.labels.label) == ["cat", "cat", "dog", "dog"]
     assert ds.items[0].load().shape == (30, 30, 3)
+
+
+def test_bad_labels_fail_clearly_and_missing_labels_are_counted():
+    f = _handmade(n=40)
+    with pytest.raises(SinkscopeError, match="single class"):
+        g = _handmade(n=40)
+        g.labels["label"] = "x"
+        run_probes(g, labels=["label"], folds=3, n_jobs=1)
+    with pytest.raises(SinkscopeError, match="position labels need one of"):
+        run_probes(f, labels=["row"], groups=["cls", "mean"], folds=3, n_jobs=1)
+    with pytest.raises(SinkscopeError, match="at least 2"):
+        run_probes(f, folds=1, n_jobs=1)
+    h = _handmade(n=40)
+    h.labels.loc[:4, "label"] = ""  # five images without a label
+    t = run_probes(h, labels=["label"], groups=["cls"], folds=3, n_jobs=1)
+    assert t.n_images.item() == 35 and t.n_missing.item() == 5 and t.chance_balanced.item() == 0.5
+
+
+def test_cache_key_follows_the_model_input_size_and_plant():
+    from sinkscope.probing import features_key
+
+    data = load_dataset("samples")
+    rule = NormRule(relative=5)
+    keys = {
+        features_key(load_model("tiny-llava", image_size=(32, 32)), data, [1], ["mean"], rule, 0, None),
+        features_key(load_model("tiny-llava", image_size=(64, 64)), data, [1], ["mean"], rule, 0, None),
+        features_key(load_model("tiny-dinov2"), data, [1], ["mean"], rule, 0, None),
+        features_key(load_model("tiny-dinov2+sinks"), data, [1], ["mean"], rule, 0, None),
+    }
+    assert len(keys) == 4
+
+
+def test_subsample_is_stratified():
+    d = load_dataset("digits").subsample(30, seed=0)
+    assert d.labels.label.value_counts().tolist() == [3] * 10
