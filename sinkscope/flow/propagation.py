@@ -128,26 +128,28 @@ def propagation(
     lit = flagged.groupby("token")["top_dim_0"].agg(lambda d: sorted(set(int(x) for x in d)))
     # attention received per LLM block, head-averaged, from the chosen queries
     att = np.stack([lc.attn_received[b][0, :seq].numpy() for b in range(L)])  # [blocks, seq]
-    rows = []
-    for r in mapping.itertuples():
-        v = vit_tab[(vit_tab.image == r.image_index) & (vit_tab.token == r.vit_token)].iloc[0]
-        rc = lay.row_col(r.vit_token)
-        row = {
-            "image": int(r.image_index),
-            "vit_token": int(r.vit_token),
-            "kind": v.kind,
-            "row": rc[0],
-            "col": rc[1],
-            "vit_norm": float(v.norm),
-            "is_vit_sink": bool(v.is_vit_sink),
-            "llm_position": int(r.llm_position),
-            "llm_sink_layers": int(sink_layers.get(int(r.llm_position), 0)),
-            "llm_sink_dims": ",".join(str(d) for d in lit.get(int(r.llm_position), [])),
-            "attention_received": float(att[:, r.llm_position].mean()),
-        }
-        for b in range(L):
-            row[f"attn_L{b}"] = float(att[b, r.llm_position])
-        rows.append(row)
+    # one row per visual token, vectorised (no per-token DataFrame lookups)
+    img_i = mapping["image_index"].to_numpy()
+    vit_t = mapping["vit_token"].to_numpy()
+    pos = mapping["llm_position"].to_numpy()
+    flat = img_i * n_vit + vit_t  # row of vit_tab (image-major, token-minor)
+    rc = [lay.row_col(int(t)) for t in vit_t]
+    cols: dict[str, Any] = {
+        "image": img_i.astype(int),
+        "vit_token": vit_t.astype(int),
+        "kind": vit_tab["kind"].to_numpy()[flat],
+        "row": [r for r, _ in rc],
+        "col": [c for _, c in rc],
+        "vit_norm": vit_tab["norm"].to_numpy()[flat].astype(float),
+        "is_vit_sink": vit_tab["is_vit_sink"].to_numpy()[flat].astype(bool),
+        "llm_position": pos.astype(int),
+        "llm_sink_layers": sink_layers.reindex(pos, fill_value=0).to_numpy().astype(int),
+        "llm_sink_dims": [",".join(str(d) for d in lit.get(int(p), [])) for p in pos],
+        "attention_received": att[:, pos].mean(0),
+    }
+    for b in range(L):
+        cols[f"attn_L{b}"] = att[b, pos]
+    rows = cols
     vt = pd.DataFrame(rows)
     vt["row"] = pd.array(vt["row"], dtype="Int32")
     vt["col"] = pd.array(vt["col"], dtype="Int32")

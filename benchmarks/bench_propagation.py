@@ -1,0 +1,160 @@
+"""Benchmark: the ViT->LLM propagation analysis against a bare forward and the usual route.
+
+mini-llava (real DINOv2-S + untrained projector + real SmolLM2-135M), one embedded photo and a
+short question (~270 tokens), interleaved repeats, medians:
+
+- ``bare_eager`` / ``bare_sdpa``: ``model(**inputs)`` with eager / SDPA attention (baseline: eager);
+- ``sinkscope_propagation``: :func:`sinkscope.flow.propagation.propagation` - both captures (ViT
+  feature-layer norms; every LLM layer's attention received from the question, reduced inside
+  the hooks; massive-activation stats) and the tidy tables;
+- ``hf_output_attentions``: the usual route - eager, ``output_attentions=True`` and
+  ``output_hidden_states=True``, then the same reductions afterwards.
+
+Peak memory of the two routes: each in a fresh process forked by a shell (so ``ru_maxrss`` is
+the child's own), reading ``VmHWM``.
+
+    .venv/bin/python benchmarks/bench_propagation.py [--repeats 7] [--out benchmarks/results/propagation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "<image> What is the main object in this picture, and what colour is it?"
+
+
+def _setup():
+    from sinkscope import load_model
+    from sinkscope.data import sample_images
+
+    ad = load_model("mini-llava")
+    img = sample_images(1)[0].load()
+    inp = ad.build_inputs([img], PROMPT)
+    kw = {k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    return ad, img, kw
+
+
+def usual_route(ad, kw):
+    """Eager forward with every attention map and hidden state returned, reduced afterwards."""
+    m = ad.model
+    out = m(**kw, output_attentions=True, output_hidden_states=True)
+    ids = kw["input_ids"][0]
+    is_img = ids == ad.image_token_id
+    q = ~is_img
+    q[: int(torch.nonzero(is_img).min())] = False
+    pos = torch.nonzero(is_img).flatten()
+    recv = torch.stack([a[0].float().mean(0)[q].mean(0)[pos] for a in out.attentions])
+    vit = m.model.vision_tower(pixel_values=kw["pixel_values"], output_hidden_states=True)
+    vit_norm = vit.hidden_states[ad.feature_layer].float().norm(dim=-1)
+    llm_norm = torch.stack([h[0].float().norm(dim=-1) for h in out.hidden_states])
+    return recv, vit_norm, llm_norm
+
+
+def _mem_worker(route: str) -> None:
+    import resource
+
+    from sinkscope.flow.propagation import propagation
+
+    ad, img, kw = _setup()
+    with torch.no_grad():
+        if route == "propagation":
+            propagation(ad, [img], PROMPT)
+        else:
+            ad.model.set_attn_implementation("eager")
+            usual_route(ad, kw)
+    hwm = next(
+        int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")
+    )
+    print(
+        json.dumps(
+            {
+                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "vmhwm_mb": hwm / 1024,
+            }
+        )
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default="benchmarks/results/propagation.json")
+    ap.add_argument("--_mem", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._mem:
+        return _mem_worker(a._mem)
+    from sinkscope.flow.propagation import propagation
+
+    ad, img, kw = _setup()
+    m = ad.model
+    seq = kw["input_ids"].shape[1]
+
+    def with_impl(impl, fn):
+        m.set_attn_implementation(impl)
+        try:
+            return fn()
+        finally:
+            m.set_attn_implementation("sdpa")
+
+    methods = {
+        "bare_eager": lambda: with_impl("eager", lambda: m(**kw)),
+        "bare_sdpa": lambda: m(**kw),
+        "sinkscope_propagation": lambda: propagation(ad, [img], PROMPT),
+        "hf_output_attentions": lambda: with_impl("eager", lambda: usual_route(ad, kw)),
+    }
+    with torch.no_grad():
+        # equivalence first: same attention received at image positions, every LLM layer
+        res = propagation(ad, [img], PROMPT)
+        recv, _, _ = with_impl("eager", lambda: usual_route(ad, kw))
+        ours = torch.tensor(res.visual_tokens[[f"attn_L{b}" for b in range(ad.llm.n_layers)]].to_numpy().T)
+        err = float((ours - recv).abs().max())
+        if err > 1e-5:
+            sys.exit(f"attention received differs from the usual route by {err:.2e}: not comparable")
+        for fn in methods.values():  # warm-up
+            fn()
+        times = {k: [] for k in methods}
+        names = list(methods)
+        for r in range(a.repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for k in order:
+                t = time.perf_counter()
+                methods[k]()
+                times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["bare_eager"]
+    print(f"mini-llava, {seq} tokens, 30 LLM layers, {a.repeats} interleaved repeats (median)")
+    for k, v in med.items():
+        print(f"  {k:24s} {v:7.3f} s  {v / base:5.2f}x")
+    ratio = med["sinkscope_propagation"] / base
+    print(f"target: propagation <= 1.15x bare eager -> {ratio:.2f}x {'met' if ratio <= 1.15 else 'MISSED'}")
+    mem = {}
+    for route in ("propagation", "usual"):
+        cmd = f"{sys.executable} {Path(__file__).resolve()} --_mem {route}; exit $?"
+        out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True).stdout
+        mem[route] = json.loads(out.strip().splitlines()[-1])
+        print(f"  peak memory {route:12s} {mem[route]['vmhwm_mb']:.0f} MB (VmHWM)")
+    result = {
+        "tokens": seq,
+        "median_s": med,
+        "ratio_to_bare_eager": {k: v / base for k, v in med.items()},
+        "raw_s": times,
+        "attention_max_abs_err": err,
+        "peak_memory": mem,
+        "target_met": ratio <= 1.15,
+        "torch_threads": torch.get_num_threads(),
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
