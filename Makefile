@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 OUT    ?= sinkscope-out
 STAMP  := $(VENV)/.sinkscope-installed
 
-.PHONY: install scan test lint bench clean
+.PHONY: install browser scan test lint bench clean
 
 install: $(STAMP)
 
@@ -20,11 +20,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Debian's Chromium: the browser test of the HTML report and plotly's PNG export (kaleido) use it
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 scan: install
 	$(VENV)/bin/sinkscope scan --out $(OUT)
 	@echo "open $(OUT)/report.html in a browser"
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: install
