@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .._utils import SinkscopeError, package_versions
 from ..data import ImageItem, image_items, sample_images
@@ -219,24 +218,10 @@ def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> dict[str, pd.DataF
 
     batch = vis.prepare(arrays, names)
     lay = batch.layouts[0]
-    attn: dict[int, torch.Tensor] = {}
-
-    def make(b):
-        def hook(module, args, output):
-            attn[b] = output[1].detach().float().cpu()  # [batch, heads, q, k]
-
-        return hook
-
-    handles = []
     L = vis.n_layers
-    with Capture(vis, layers="all", attention="all", stop_early=False) as cap:
-        for b in range(L):
-            handles.append(vis.attention(b).register_forward_hook(make(b)))
-        try:
-            bc = cap.run(batch)
-        finally:
-            for h in handles:
-                h.remove()
+    with Capture(vis, layers="all", keep_attention="all", stop_early=False) as cap:
+        bc = cap.run(batch)
+    attn = bc.attn_maps  # block -> [batch, heads, q, k]
     roll, rel, grp = [], [], []
     for i, name in enumerate(names):
         R = np.asarray(rollout([attn[b][i] for b in range(L)]))

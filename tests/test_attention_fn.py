@@ -1,0 +1,117 @@
+"""sinkscope_attention: the reducing attention function against Hugging Face's eager attention.
+
+The capture computes attention received inside the attention function (SDPA for the block output,
+the softmax only for the chosen query rows). These tests compare it with ``output_attentions`` of
+the same model in eager mode, for several decoder architectures (GQA, learned positions, padding)
+and a query subset, and check that the cheap row path - not a full eager pass - was taken.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import sinkscope.capture as capture_mod
+from sinkscope.capture import Capture, count_hooks
+from sinkscope.models.base import ModelInputs, TokenLayout
+from sinkscope.models.text import CausalLMAdapter
+
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+
+
+def _models():
+    torch.manual_seed(0)
+    return {
+        "llama-gqa": LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2)),
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=1)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        "opt": OPTForCausalLM(
+            OPTConfig(
+                vocab_size=64,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                ffn_dim=48,
+                word_embed_proj_dim=32,
+                max_position_embeddings=64,
+            )
+        ),
+    }
+
+
+def _inputs(seq: int = 12):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 60, (2, seq), generator=g)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, seq - 3 :] = 0  # right padding on the second item
+    layouts = [TokenLayout(n_text=seq), TokenLayout(n_text=seq - 3)]
+    return ModelInputs({"input_ids": ids}, layouts, ["a", "b"], attention_mask=mask)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_reduced_attention_equals_huggingface_eager(arch, subset, monkeypatch):
+    model = _models()[arch].eval()
+    ad = CausalLMAdapter(model, arch)
+    batch = _inputs()
+    mask = batch.attention_mask
+    qmask = mask.bool().clone()
+    if subset:  # the last three valid queries of each item: a row subset (< half of the queries)
+        qmask[:] = False
+        qmask[0, 9:12] = True
+        qmask[1, 6:9] = True
+        # the cheap path must be taken: no full eager pass for the reduction
+        monkeypatch.setattr(capture_mod, "_eager_of", lambda m: pytest.fail("full eager pass taken"))
+    with torch.no_grad():
+        hooks_before = count_hooks(model)
+        impl_before = model.config._attn_implementation
+        with Capture(ad, layers="all", attention="all") as cap:
+            got = cap.run_fn(lambda: ad.forward(batch), attention_mask=mask, query_mask=qmask)
+        assert count_hooks(model) == hooks_before and model.config._attn_implementation == impl_before
+        model.set_attn_implementation("eager")
+        ref = ad.forward(batch, output_attentions=True).attentions
+        model.set_attn_implementation(impl_before)
+    q = qmask[:, None, :, None].float()
+    for b in range(ad.n_layers):
+        expected = (ref[b].float() * q).sum(2) / q.sum(2)  # [batch, head, key]
+        torch.testing.assert_close(got.attn_received_heads[b], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_block_outputs_unchanged_by_the_reducing_function():
+    """The hidden states under the capture equal a plain forward's (SDPA vs eager: 1e-5)."""
+    model = _models()["llama-gqa"].eval()
+    ad = CausalLMAdapter(model, "llama")
+    batch = _inputs()
+    with torch.no_grad():
+        plain = ad.forward(batch, output_hidden_states=True).hidden_states
+        with Capture(ad, layers="all", attention="all", keep=[0, 1, 2]) as cap:
+            got = cap.run(batch)
+    valid = batch.attention_mask[..., None].float()
+    for layer in range(3):
+        torch.testing.assert_close(
+            got.hidden[layer] * valid, plain[layer].float() * valid, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_keep_attention_returns_full_maps_equal_to_huggingface():
+    model = _models()["gpt2"].eval()
+    ad = CausalLMAdapter(model, "gpt2")
+    batch = _inputs()
+    with torch.no_grad():
+        with Capture(ad, layers=None, keep_attention=[1]) as cap:
+            got = cap.run(batch)
+        model.set_attn_implementation("eager")
+        ref = ad.forward(batch, output_attentions=True).attentions
+        model.set_attn_implementation("sdpa")
+    assert sorted(got.attn_maps) == [1] and sorted(got.attn_received) == [1]
+    torch.testing.assert_close(got.attn_maps[1], ref[1].float(), atol=1e-6, rtol=1e-5)
