@@ -8,6 +8,9 @@ Examples::
                    --device cuda --dtype float16 --out runs/clip
     sinkscope scan --model smollm2-135m --text "The capital of France is" --method dims
     sinkscope scan --images photos/ --out runs/x --resume   # continue an interrupted scan
+    sinkscope probe --dataset lfw-faces --out runs/probe    # linear probes per layer and token group
+    sinkscope flow --out runs/flow                   # information pathways on mini-llava
+    sinkscope report runs/x runs/probe runs/flow --out report.html   # one offline HTML page
     sinkscope models                                 # embedded model names
 """
 
@@ -45,6 +48,13 @@ FLOW_EXAMPLES = """examples:
   sinkscope flow --model llava-hf/llava-1.5-7b-hf --images cat.jpg --prompt "What animal is this?" \\
                  --vit-threshold 100 --generate 8 --device cuda --dtype float16 --out runs/llava-flow
   sinkscope flow --model dinov2-small --analysis rollout    # ViT only
+"""
+
+
+REPORT_EXAMPLES = """examples:
+  sinkscope report sinkscope-out                             # the default scan's run folder
+  sinkscope report runs/scan runs/probe runs/flow --out report.html
+  sinkscope report runs/clip --title "CLIP ViT-L/14-336 sinks" --out clip.html
 """
 
 
@@ -292,10 +302,43 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     fl.add_argument("--out", default="sinkscope-flow", help="output folder (default: %(default)s)")
 
+    r = sub.add_parser(
+        "report",
+        help="one self-contained HTML report from saved runs",
+        description="Combine the figures of one or more saved runs (scan, probe, flow; recognised by their "
+        "files) into one HTML page with plotly.js embedded, plus a short summary of the findings. "
+        "Needs only the saved tables, never the model.",
+        epilog=REPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by scan / probe / flow")
+    r.add_argument("--out", default="sinkscope-report.html", help="HTML file to write (default: %(default)s)")
+    r.add_argument("--title", default=None, help="page title (default: built from the runs)")
+
     sub.add_parser(
-        "models", help="list the embedded models", description="List the embedded (offline) model names."
+        "models",
+        help="list the embedded models",
+        description="List the embedded (offline) model names.",
+        epilog="examples:\n  sinkscope models\n  sinkscope scan --model tiny-clip+sinks   # a listed name",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return p
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from .viz.report import build_sections, write_report
+
+    secs = []
+    for d in a.runs:
+        print(f"reading {d} ...", flush=True)
+        secs += build_sections([d])
+    for s in secs:
+        print(f"{s.kind:6s} {s.path}: {len(s.figures)} figures")
+        for f in s.findings:
+            print(f"  - {f}")
+    path = write_report(a.runs, a.out, title=a.title, sections=secs)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
+    return 0
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
@@ -440,9 +483,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"scan": _cmd_scan, "probe": _cmd_probe, "flow": _cmd_flow, "models": _cmd_models}[a.command](
-            a
-        )
+        cmds = {
+            "scan": _cmd_scan,
+            "probe": _cmd_probe,
+            "flow": _cmd_flow,
+            "report": _cmd_report,
+            "models": _cmd_models,
+        }
+        return cmds[a.command](a)
     except SinkscopeError as e:
         print(f"sinkscope: error: {e}", file=sys.stderr)
         return 1

@@ -74,7 +74,7 @@ def test_flow_cli_on_tiny_llava_writes_every_table(tmp_path, marked):
     assert set(zip(ko.source, ko.target)) >= {("image", "question"), ("vit_sinks", "last")}
     assert len(ko) == 5 * (4 - 2 + 1)
     ro = pd.read_csv(out / "rollout.csv")
-    assert set(ro.start_kind) == {"cls", "sink"}
+    assert set(ro.start_kind) == {"cls", "sink", "nonsink"}
     assert ro.groupby("start").value.sum().between(0, 1.0 + 1e-6).all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["vit_rule"]["threshold"] == {"kind": "absolute", "value": 100.0}

@@ -2,7 +2,7 @@
 
 Analyses (``--analysis``):
 
-- ``rollout`` (any ViT, or a VLM's tower): attention rollout from CLS and from every ViT sink,
+- ``rollout`` (any ViT, or a VLM's tower): attention rollout from CLS, from every ViT sink and from one non-sink patch (control),
   over the patch grid -> ``rollout.csv`` (``image, start, start_kind, token, row, col, value``);
   relevance maps of CLS, the sinks and a non-sink at the last block -> ``relevance.csv``
   (``image, layer, token, kind, head, row, col, value``); attention received per token group in
@@ -238,6 +238,8 @@ def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> dict[str, pd.DataF
         patches = list(range(lay.n_prefix, lay.n_tokens))
         non = [t for t in patches if t not in last_sinks]
         starts = ([(0, "cls")] if lay.n_cls else []) + [(t, "sink") for t in last_sinks]
+        # one non-sink patch (the middle one of the non-sinks) as the control start token
+        starts += [(non[len(non) // 2], "nonsink")] if non else []
         for start, kind in starts:
             for t in patches:
                 r, c = lay.row_col(t)
@@ -252,7 +254,7 @@ def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> dict[str, pd.DataF
                         "value": float(R[start, t]),
                     }
                 )
-        probe_tokens = starts + ([(non[len(non) // 2], "nonsink")] if non else [])
+        probe_tokens = starts
         maps_attn = attn[L - 1][i]
         for tok, kind in probe_tokens:
             m = np.asarray(relevance_map(maps_attn, lay, tok, direction="column"))  # [heads, rows, cols]

@@ -1,28 +1,99 @@
-"""Flow figures: rollout maps, attention by ViT-norm bin per LLM layer, knockout curves."""
+"""Flow figures, drawn from the saved tables of a ``sinkscope flow`` run (never the model).
+
+- :func:`rollout_figure` - rollout maps from CLS, the sinks and a non-sink control;
+- :func:`sink_maps_figure` - rollout (top row) and relevance maps (bottom row) of sink vs non-sink
+  tokens side by side;
+- :func:`vit_group_attention_figure` - attention received by token group in every ViT block;
+- :func:`norm_bin_figure` - paper Fig. 3A: LLM attention by ViT-norm bin, per LLM layer;
+- :func:`llm_group_attention_figure` - LLM attention to visual token groups, layer x group;
+- :func:`knockout_figure` - knockout curves.
+
+>>> tables, summary = load_flow("runs/flow")                     # doctest: +SKIP
+>>> sink_maps_figure(tables["rollout"], tables["relevance"], "cat.png", summary).show()  # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import style
 
+#: Display names of rollout / relevance start tokens.
+_START_LABEL = {"cls": "CLS", "sink": "sink", "nonsink": "non-sink"}
+#: The paper's three groups of visual tokens in the LLM, in plot order.
+LLM_GROUPS = ("non-sink", "vit-propagated sink", "llm-emerged sink")
 
-def rollout_figure(rollout: pd.DataFrame, image: str) -> go.Figure:
-    """Rollout maps over the patch grid of one image, one panel per start token (CLS, sinks)."""
+
+def _model_name(summary: dict | None) -> str:
+    m = (summary or {}).get("model", {})
+    return str(m.get("name", "?")) if isinstance(m, dict) else str(m)
+
+
+def _vit_rule(summary: dict | None) -> str:
+    s = summary or {}
+    rule = s.get("vit_rule") or (s.get("propagation") or {}).get("vit_rule") or {}
+    return str(rule.get("description", "")) if isinstance(rule, dict) else str(rule)
+
+
+def load_flow(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The tables (``*.csv``, ``visual_tokens.parquet``) and ``summary.json`` of a flow run.
+
+    >>> tables, summary = load_flow("runs/flow")                 # doctest: +SKIP
+    >>> sorted(tables)                                           # doctest: +SKIP
+    ['attention_by_bin', 'attention_by_group', 'knockout', 'rollout', ...]
+    """
+    d = Path(run_dir)
+    if not (d / "summary.json").exists():
+        raise FileNotFoundError(f"{d}: not a flow run (no summary.json)")
+    tables: dict[str, pd.DataFrame] = {}
+    for f in sorted(d.glob("*.csv")):
+        try:
+            tables[f.stem] = pd.read_csv(f)
+        except pd.errors.EmptyDataError:
+            tables[f.stem] = pd.DataFrame()
+    if (d / "visual_tokens.parquet").exists():
+        tables["visual_tokens"] = pd.read_parquet(d / "visual_tokens.parquet")
+    return tables, json.loads((d / "summary.json").read_text())
+
+
+def _grid(d: pd.DataFrame) -> pd.DataFrame:
+    return d.pivot_table(index="row", columns="col", values="value", aggfunc="mean")
+
+
+def _start_marker(d: pd.DataFrame, token: int) -> tuple[int, int] | None:
+    hit = d[d.token == token]
+    return (int(hit.row.iloc[0]), int(hit.col.iloc[0])) if len(hit) else None
+
+
+def _starts(r: pd.DataFrame, max_sinks: int) -> list[tuple[int, str]]:
+    starts = list(dict.fromkeys(zip(r.start.astype(int), r.start_kind)))
+    sinks = [s for s in starts if s[1] == "sink"][:max_sinks]
+    return [s for s in starts if s[1] == "cls"] + sinks + [s for s in starts if s[1] == "nonsink"]
+
+
+def rollout_figure(
+    rollout: pd.DataFrame, image: str, summary: dict | None = None, max_sinks: int = 4
+) -> go.Figure:
+    """Rollout maps over the patch grid of one image, one panel per start token (CLS, up to
+    ``max_sinks`` sinks, the non-sink control); an x marks a start token that is a patch."""
     r = rollout[rollout.image == image]
-    starts = list(dict.fromkeys(zip(r.start, r.start_kind)))[:6]
+    if not len(r):
+        raise ValueError(f"no rollout rows for image {image!r}")
+    starts = _starts(r, max_sinks)
     fig = make_subplots(
         rows=1,
-        cols=max(1, len(starts)),
-        subplot_titles=[f"from {k} (token {s})" for s, k in starts] or ["(no start token)"],
+        cols=len(starts),
+        subplot_titles=[f"from {_START_LABEL.get(k, k)} (token {s})" for s, k in starts],
     )
-    for j, (s, _k) in enumerate(starts, start=1):
+    for j, (s, k) in enumerate(starts, start=1):
         d = r[r.start == s]
-        grid = d.pivot(index="row", columns="col", values="value")
+        grid = _grid(d)
         fig.add_trace(
             go.Heatmap(
                 z=grid.to_numpy(),
@@ -31,15 +102,194 @@ def rollout_figure(rollout: pd.DataFrame, image: str) -> go.Figure:
                 colorscale=style.NORM_COLORSCALE,
                 showscale=j == len(starts),
                 colorbar={"title": "rollout weight"},
-                meta={"role": "rollout", "start": int(s)},
+                meta={"role": "rollout", "start": int(s), "start_kind": k},
+                hovertemplate="row %{y}, col %{x}<br>rollout %{z:.4f}<extra></extra>",
             ),
             row=1,
             col=j,
         )
+        rc = _start_marker(d, s)
+        if rc is not None:
+            fig.add_trace(_marker(rc, k), row=1, col=j)
         fig.update_yaxes(autorange="reversed", row=1, col=j)
     style.apply_style(
-        fig, title=f"Attention rollout - {image}", x_title="patch column (index)", y_title="patch row (index)"
+        fig,
+        title=f"Attention rollout - {image} - {_model_name(summary)} - sinks: {_vit_rule(summary)}",
+        x_title=style.LABEL_PATCH_COL,
+        y_title=style.LABEL_PATCH_ROW,
     )
+    return fig
+
+
+def _marker(rc: tuple[int, int], kind: str) -> go.Scatter:
+    return go.Scatter(
+        x=[rc[1]],
+        y=[rc[0]],
+        mode="markers",
+        marker={
+            "symbol": "x",
+            "size": 12,
+            "color": style.SINK_COLOR if kind == "sink" else "white",
+            "line": {"width": 1, "color": "black"},
+        },
+        showlegend=False,
+        hovertemplate=f"start token ({_START_LABEL.get(kind, kind)}) at row %{{y}}, col %{{x}}<extra></extra>",
+        meta={"role": "start_marker", "kind": kind, "row": rc[0], "col": rc[1]},
+    )
+
+
+def sink_maps_figure(
+    rollout: pd.DataFrame,
+    relevance: pd.DataFrame,
+    image: str,
+    summary: dict | None = None,
+    max_sinks: int = 2,
+) -> go.Figure:
+    """Sink vs non-sink tokens side by side: rollout from each token (top row) and its relevance
+    map - the attention its column receives at the last ViT block, head-averaged (bottom row).
+
+    Columns: CLS, up to ``max_sinks`` sinks, the non-sink control. An x marks the token itself.
+    """
+    r = rollout[rollout.image == image]
+    v = relevance[relevance.image == image]
+    if not len(r) and not len(v):
+        raise ValueError(f"no rollout or relevance rows for image {image!r}")
+    starts = _starts(r, max_sinks) if len(r) else []
+    if not starts:
+        starts = [(int(t), k) for t, k in dict.fromkeys(zip(v.token.astype(int), v.kind))]
+    layer = int(v.layer.iloc[0]) if len(v) else None
+    titles = [f"rollout from {_START_LABEL.get(k, k)} ({s})" for s, k in starts] + [
+        f"relevance of {_START_LABEL.get(k, k)} ({s})" for s, k in starts
+    ]
+    fig = make_subplots(rows=2, cols=len(starts), subplot_titles=titles, vertical_spacing=0.12)
+    for j, (s, k) in enumerate(starts, start=1):
+        for i, tab in enumerate(
+            ((r[r.start == s] if len(r) else r), (v[v.token == s] if len(v) else v)), 1
+        ):
+            if not len(tab):
+                continue
+            grid = _grid(tab)  # relevance: mean over heads
+            fig.add_trace(
+                go.Heatmap(
+                    z=grid.to_numpy(),
+                    x=grid.columns,
+                    y=grid.index,
+                    colorscale=style.NORM_COLORSCALE if i == 1 else "Magma",
+                    showscale=j == len(starts),
+                    colorbar={
+                        "title": "rollout weight" if i == 1 else "attention (fraction)",
+                        "y": 0.79 if i == 1 else 0.21,
+                        "len": 0.42,
+                    },
+                    meta={"role": "rollout" if i == 1 else "relevance", "start": s, "start_kind": k},
+                    hovertemplate="row %{y}, col %{x}<br>%{z:.4f}<extra></extra>",
+                ),
+                row=i,
+                col=j,
+            )
+            rc = _start_marker(r[r.start == s] if len(r) else v[v.token == s], s)
+            if rc is not None:
+                fig.add_trace(_marker(rc, k), row=i, col=j)
+            fig.update_yaxes(autorange="reversed", row=i, col=j)
+    fig.update_xaxes(title_text=style.LABEL_PATCH_COL, row=2)
+    fig.update_yaxes(title_text=style.LABEL_PATCH_ROW, col=1)
+    style.apply_style(
+        fig,
+        title=(
+            f"Sink vs non-sink pathways - {image} - {_model_name(summary)}<br><sup>top: rollout from the token; "
+            f"bottom: attention its key receives at block {layer}, mean over heads; sinks: {_vit_rule(summary)}</sup>"
+        ),
+    )
+    fig.update_layout(height=560, margin={"t": 110})
+    return fig
+
+
+def vit_group_attention_figure(by_group: pd.DataFrame, summary: dict | None = None) -> go.Figure:
+    """Attention received per token (mean over images) by token group in every ViT block, with the
+    uniform share 1/N as a dotted line."""
+    d = by_group.dropna(subset=["mean_attention"])
+    if not len(d):
+        raise ValueError("the group-attention table has no values")
+    fig = go.Figure()
+    colors = {
+        "cls": style.kind_color("cls"),
+        "registers": style.kind_color("register"),
+        "sinks": style.SINK_COLOR,
+        "non-sinks": style.kind_color("patch"),
+    }
+    for g, dd in d.groupby("group", sort=False):
+        m = dd.groupby("layer")["mean_attention"].mean()
+        fig.add_trace(
+            go.Scatter(
+                x=m.index,
+                y=m.to_numpy() * 100,
+                mode="lines+markers",
+                name=str(g),
+                line={"color": colors.get(str(g), style.OTHER_COLOR)},
+                meta={"role": "group", "group": str(g)},
+                hovertemplate=f"{g}<br>block %{{x}}<br>%{{y:.3f}}% per token<extra></extra>",
+            )
+        )
+    u = float(d["uniform"].mean()) * 100
+    fig.add_hline(
+        y=u,
+        line={"dash": "dot", "color": style.THRESHOLD_COLOR},
+        annotation_text=f"uniform 1/N = {u:.2f}%",
+        annotation_position="top right",
+    )
+    style.apply_style(
+        fig,
+        title=f"ViT attention received by token group - {_model_name(summary)} - sinks: {_vit_rule(summary)}",
+        x_title="ViT block (index)",
+        y_title="attention received per token (%)",
+    )
+    return fig
+
+
+def llm_group_attention_figure(visual_tokens: pd.DataFrame, summary: dict | None = None) -> go.Figure:
+    """LLM attention to the paper's groups of visual tokens, as a heat map: LLM layer (rows) x group
+    (columns), value = mean attention per token (%) from the text queries, head-averaged."""
+    vt = visual_tokens
+    cols = sorted((c for c in vt.columns if c.startswith("attn_L")), key=lambda c: int(c[6:]))
+    if not cols:
+        raise ValueError("visual_tokens has no per-layer attention columns (attn_L<i>)")
+    groups = {
+        "non-sink": (~vt.is_vit_sink) & (vt.llm_sink_layers == 0),
+        "vit-propagated sink": vt.is_vit_sink,
+        "llm-emerged sink": (~vt.is_vit_sink) & (vt.llm_sink_layers > 0),
+    }
+    z = np.full((len(cols), len(LLM_GROUPS)), np.nan)
+    counts = []
+    for j, g in enumerate(LLM_GROUPS):
+        sel = groups[g].to_numpy()
+        counts.append(int(sel.sum()))
+        if sel.any():
+            z[:, j] = vt.loc[sel, cols].to_numpy().mean(0) * 100
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[f"{g} (n={n})" for g, n in zip(LLM_GROUPS, counts)],
+            y=[int(c[6:]) for c in cols],
+            colorscale="Magma",
+            colorbar={"title": "attention per token (%)"},
+            meta={"role": "llm_groups", "counts": counts},
+            hovertemplate="LLM layer %{y}<br>%{x}<br>%{z:.3f}%<extra></extra>",
+        )
+    )
+    prop = (summary or {}).get("propagation") or {}
+    llm_rule = (prop.get("llm_rule") or {}).get("description", "")
+    style.apply_style(
+        fig,
+        title=(
+            f"LLM attention to visual token groups - {_model_name(summary)}<br><sup>ViT sinks: {_vit_rule(summary)}; "
+            f"queries: {prop.get('queries', '')}<br>LLM sinks: {llm_rule}</sup>"
+        ),
+        x_title="visual token group",
+        y_title="LLM layer (block index)",
+    )
+    fig.update_layout(margin={"t": 110})
+    if len(cols) <= 16:
+        fig.update_yaxes(dtick=1)
     return fig
 
 
@@ -60,7 +310,7 @@ def norm_bin_figure(by_bin: pd.DataFrame, summary: dict) -> go.Figure:
     w = (summary.get("propagation") or {}).get("bin_width", "")
     style.apply_style(
         fig,
-        title=f"LLM attention by ViT norm (bins of {w}) - {summary.get('model', {}).get('name')}",
+        title=f"LLM attention by ViT norm (bins of {w}) - {_model_name(summary)} - ViT sinks: {_vit_rule(summary)}",
         x_title="ViT L2 norm at the feature layer (bin start)",
         y_title="LLM layer (block index)",
     )
@@ -83,45 +333,98 @@ def knockout_figure(ko: pd.DataFrame, summary: dict) -> go.Figure:
     fig.add_hline(y=0, line={"dash": "dot", "color": style.THRESHOLD_COLOR})
     style.apply_style(
         fig,
-        title=f"Attention knockout - {summary.get('model', {}).get('name')}",
+        title=f"Attention knockout - {_model_name(summary)} - ViT sinks: {_vit_rule(summary)}",
         x_title="first LLM layer of the blocked window",
         y_title="change in answer probability (%)",
     )
     return fig
 
 
-def write_flow_report(path: str | Path, tables: dict[str, pd.DataFrame], summary: dict) -> Path:
-    import plotly.io as pio
+def flow_figures(
+    tables: dict[str, pd.DataFrame], summary: dict, max_images: int = 4
+) -> list[tuple[str, go.Figure]]:
+    """Every figure a flow run's tables support, as ``(section heading, figure)`` pairs in report
+    order (figures a table cannot support are left out, never drawn empty)."""
+    out: list[tuple[str, go.Figure]] = []
+    ro, rel = tables.get("rollout"), tables.get("relevance")
+    images = list(dict.fromkeys(ro.image)) if ro is not None and len(ro) else []
+    for image in images[:max_images]:
+        if rel is not None and len(rel):
+            out.append(
+                (f"Sink vs non-sink pathways in the ViT - {image}", sink_maps_figure(ro, rel, image, summary))
+            )
+        else:
+            out.append((f"Attention rollout - {image}", rollout_figure(ro, image, summary)))
+    g = tables.get("vit_attention_by_group")
+    if g is not None and len(g) and g["mean_attention"].notna().any():
+        out.append(("Attention received by token group in the ViT", vit_group_attention_figure(g, summary)))
+    if tables.get("attention_by_bin") is not None and len(tables["attention_by_bin"]):
+        out.append(
+            (
+                "LLM attention by ViT norm (paper Fig. 3A)",
+                norm_bin_figure(tables["attention_by_bin"], summary),
+            )
+        )
+    vt = tables.get("visual_tokens")
+    if vt is not None and len(vt) and any(c.startswith("attn_L") for c in vt.columns):
+        out.append(("LLM attention to visual token groups", llm_group_attention_figure(vt, summary)))
+    if tables.get("knockout") is not None and len(tables["knockout"]):
+        out.append(("Attention knockout", knockout_figure(tables["knockout"], summary)))
+    return out
 
-    figs = []
-    if "rollout" in tables and len(tables["rollout"]):
-        for image in list(dict.fromkeys(tables["rollout"].image))[:4]:
-            figs.append(rollout_figure(tables["rollout"], image))
-    if "attention_by_bin" in tables:
-        figs.append(norm_bin_figure(tables["attention_by_bin"], summary))
-    if "knockout" in tables:
-        figs.append(knockout_figure(tables["knockout"], summary))
-    parts = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+
+def flow_tables_html(tables: dict[str, pd.DataFrame]) -> str:
+    """The small result tables of a flow run as HTML (group means, decoded top words)."""
     extra = ""
-    if "attention_by_group" in tables:
+    if "attention_by_group" in tables and len(tables["attention_by_group"]):
         extra += "<h2>Mean attention per visual token</h2>" + tables["attention_by_group"].to_html(
             index=False
         )
-    if "decode" in tables:
+    if "decode" in tables and len(tables["decode"]):
         top1 = tables["decode"][tables["decode"]["rank"] == 1]
         extra += "<h2>Isolated visual tokens decoded (top word)</h2>" + top1.to_html(index=False)
-    warn = f"<p style='color:#a00'><b>{summary['warning']}</b></p>" if summary.get("warning") else ""
+    return extra
+
+
+def write_flow_report(path: str | Path, tables: dict[str, pd.DataFrame], summary: dict) -> Path:
+    """``flow.html``: every figure of :func:`flow_figures` plus the small tables, self-contained."""
+    import html as _html
+
+    import plotly.io as pio
+
+    figs = flow_figures(tables, summary)
+    parts = [
+        f"<h2>{_html.escape(h)}</h2>" + pio.to_html(f, full_html=False, include_plotlyjs=(i == 0))
+        for i, (h, f) in enumerate(figs)
+    ]
+    extra = flow_tables_html(tables)
+    warn = (
+        f"<p style='color:#a00'><b>{_html.escape(summary['warning'])}</b></p>"
+        if summary.get("warning")
+        else ""
+    )
     html = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sinkscope flow</title>"
         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-        f"</head><body><h1>Information pathways - {summary.get('model', {}).get('name')}</h1>{warn}"
-        f"<p>prompt: {summary.get('prompt')!s} &middot; images: {', '.join(map(str, summary.get('images', [])))}"
-        f" &middot; ViT sink rule: {summary.get('vit_rule', {}).get('description', '')}</p>"
+        f"</head><body><h1>Information pathways - {_html.escape(_model_name(summary))}</h1>{warn}"
+        f"<p>prompt: {_html.escape(str(summary.get('prompt')))} &middot; images: "
+        f"{_html.escape(', '.join(map(str, summary.get('images', []))))}"
+        f" &middot; ViT sink rule: {_html.escape(_vit_rule(summary))}</p>"
         f"{''.join(parts)}{extra}</body></html>"
     )
     Path(path).write_text(html, encoding="utf-8")
     return Path(path)
 
 
-__all__ = ["knockout_figure", "norm_bin_figure", "rollout_figure", "write_flow_report"]
+__all__ = [
+    "flow_figures",
+    "knockout_figure",
+    "llm_group_attention_figure",
+    "load_flow",
+    "norm_bin_figure",
+    "rollout_figure",
+    "sink_maps_figure",
+    "vit_group_attention_figure",
+    "write_flow_report",
+]
