@@ -1,0 +1,260 @@
+"""Figure functions on saved results of real runs with planted sinks (known answers), and the
+combined ``sinkscope report``.
+
+Fixtures run, once per module, a scan of ``tiny-dinov2+sinks`` (markers at known patches, saved
+activations), a probe and a flow run of ``tiny-llava+sinks`` into temporary folders; every figure
+is then drawn from those folders only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sinkscope.cli import main
+from sinkscope.models.tiny import paint_markers
+from sinkscope.viz.embedding import token_embeddings, umap_figure
+from sinkscope.viz.flow_report import (
+    knockout_figure,
+    llm_group_attention_figure,
+    load_flow,
+    norm_bin_figure,
+    rollout_figure,
+    sink_maps_figure,
+    vit_group_attention_figure,
+)
+from sinkscope.viz.probe_report import probe_figure
+from sinkscope.viz.report import build_sections, report_figure_count, run_kind, write_report
+
+# marker (= planted sink) position of each scanned image on the 4x4 grid of a 32x32 input
+MARKS = {f"im{i}.png": (i % 4, (i * 3) % 4) for i in range(6)}
+FLOW_MARK = (2, 1)
+
+
+def _role(fig, role):
+    return [t for t in fig.data if isinstance(t.meta, dict) and t.meta.get("role") == role]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for name, rc in MARKS.items():
+        a = rng.integers(60, 160, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(paint_markers(a, [rc])).save(imgs / name)
+    scan = root / "scan"
+    assert (
+        main(
+            ["scan", "--model", "tiny-dinov2+sinks", "--images", str(imgs), "--method", "all"]
+            + ["--save-layers", "4", "--out", str(scan), "--no-report", "-q"]
+        )
+        == 0
+    )
+    flow_img = root / "flow.png"
+    Image.fromarray(paint_markers(np.full((32, 32, 3), 110, np.uint8), [FLOW_MARK])).save(flow_img)
+    flow = root / "flow"
+    assert (
+        main(
+            ["flow", "--model", "tiny-llava+sinks", "--images", str(flow_img), "--prompt", "what is this ?"]
+            + [
+                "--vit-threshold",
+                "100",
+                "--window",
+                "2",
+                "--analysis",
+                "rollout",
+                "--analysis",
+                "propagation",
+            ]
+            + ["--analysis", "knockout", "--out", str(flow)]
+        )
+        == 0
+    )
+    data = root / "data"
+    for cls, color in (("a", (200, 30, 0)), ("b", (0, 30, 200))):
+        (data / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), tuple(min(255, v + 7 * i) for v in color)).save(
+                data / cls / f"{i}.png"
+            )
+    probe = root / "probe"
+    assert (
+        main(
+            [
+                "probe",
+                "--model",
+                "tiny-dinov2+sinks",
+                "--dataset",
+                str(data),
+                "--folds",
+                "3",
+                "--layers",
+                "0,2,4",
+            ]
+            + ["--groups", "cls,mean", "--out", str(probe), "-q", "--no-cache"]
+        )
+        == 0
+    )
+    return {"scan": scan, "flow": flow, "probe": probe}
+
+
+# -- flow figures ----------------------------------------------------------------------------
+def test_sink_maps_put_markers_on_the_planted_sink_and_name_rule_and_model(runs):
+    tables, summary = load_flow(runs["flow"])
+    fig = sink_maps_figure(tables["rollout"], tables["relevance"], "flow.png", summary)
+    roll, rel = _role(fig, "rollout"), _role(fig, "relevance")
+    kinds = [t.meta["start_kind"] for t in roll]
+    assert kinds == ["cls", "sink", "nonsink"] and len(rel) == 3  # one column per start token
+    assert all(np.asarray(t.z).shape == (4, 4) for t in roll + rel)
+    marks = {t.meta["kind"]: (t.meta["row"], t.meta["col"]) for t in _role(fig, "start_marker")}
+    assert marks["sink"] == FLOW_MARK
+    assert marks["nonsink"] != FLOW_MARK
+    # the sink's rollout row peaks on the sink itself; relevance = head mean of the saved table
+    z = np.asarray(roll[1].z)
+    assert np.unravel_index(z.argmax(), z.shape) == FLOW_MARK
+    sink_tok = int(roll[1].meta["start"])
+    r = tables["relevance"]
+    direct = r[r.token == sink_tok].groupby(["row", "col"])["value"].mean().unstack().to_numpy()
+    np.testing.assert_allclose(np.asarray(rel[1].z), direct, rtol=1e-12)
+    title = fig.layout.title.text
+    assert "tiny-llava+sinks" in title and ">= 100" in title
+    assert (
+        fig.layout.xaxis4.title.text == "patch column (index)"
+        and fig.layout.yaxis.title.text == "patch row (index)"
+    )
+
+
+def test_rollout_figure_one_panel_per_start_with_sink_marker(runs):
+    tables, summary = load_flow(runs["flow"])
+    fig = rollout_figure(tables["rollout"], "flow.png", summary)
+    assert len(_role(fig, "rollout")) == tables["rollout"].start.nunique() == 3
+    (sink_mark,) = [t for t in _role(fig, "start_marker") if t.meta["kind"] == "sink"]
+    assert (sink_mark.y[0], sink_mark.x[0]) == FLOW_MARK
+    with pytest.raises(ValueError, match="no rollout rows"):
+        rollout_figure(tables["rollout"], "missing.png", summary)
+
+
+def test_vit_group_attention_lines_and_uniform_line(runs):
+    tables, summary = load_flow(runs["flow"])
+    g = tables["vit_attention_by_group"]
+    fig = vit_group_attention_figure(g, summary)
+    groups = [t.meta["group"] for t in _role(fig, "group")]
+    assert set(groups) == set(g.dropna(subset=["mean_attention"]).group)  # empty groups (registers) left out
+    sinks = next(t for t in fig.data if t.meta["group"] == "sinks")
+    direct = (
+        g[g.group == "sinks"].dropna().groupby("layer")["mean_attention"].mean() * 100
+    )  # sinks from block 2
+    np.testing.assert_allclose(np.asarray(sinks.y), direct.to_numpy())
+    (line,) = fig.layout.shapes
+    assert line.y0 == pytest.approx(100 / 17)  # uniform 1/N with CLS + 16 patches
+    assert fig.layout.yaxis.title.text == "attention received per token (%)"
+
+
+def test_norm_bins_put_the_planted_sink_in_the_top_bin(runs):
+    tables, summary = load_flow(runs["flow"])
+    vt, bb = tables["visual_tokens"], tables["attention_by_bin"]
+    fig = norm_bin_figure(bb, summary)
+    (hm,) = fig.data
+    top = float(bb.bin_lo.max())
+    sink_norm = float(vt[vt.is_vit_sink].vit_norm.iloc[0])
+    assert top <= sink_norm < top + 5 and list(hm.x)[-1] == f"{top:g}"
+    assert bb[bb.bin_lo == top].n_tokens.eq(1).all()
+    piv = bb.pivot(index="layer", columns="bin_lo", values="mean_attention").to_numpy() * 100
+    np.testing.assert_allclose(np.asarray(hm.z), piv)
+    assert "ViT sinks" in fig.layout.title.text and fig.layout.yaxis.title.text == "LLM layer (block index)"
+
+
+def test_llm_group_heatmap_equals_direct_means(runs):
+    tables, summary = load_flow(runs["flow"])
+    vt = tables["visual_tokens"]
+    fig = llm_group_attention_figure(vt, summary)
+    (hm,) = fig.data
+    z = np.asarray(hm.z, dtype=float)
+    cols = [c for c in vt.columns if c.startswith("attn_L")]
+    assert z.shape == (len(cols), 3) and list(hm.y) == list(range(len(cols)))
+    assert hm.meta["counts"][1] == int(vt.is_vit_sink.sum()) == 1
+    np.testing.assert_allclose(z[:, 1], vt.loc[vt.is_vit_sink, cols].to_numpy().mean(0) * 100)
+    non = (~vt.is_vit_sink) & (vt.llm_sink_layers == 0)
+    np.testing.assert_allclose(z[:, 0], vt.loc[non, cols].to_numpy().mean(0) * 100)
+    assert hm.x[1].startswith("vit-propagated sink (n=1)")
+
+
+def test_knockout_curves_one_per_source_target(runs):
+    tables, summary = load_flow(runs["flow"])
+    ko = tables["knockout"]
+    fig = knockout_figure(ko, summary)
+    pairs = ko[["source", "target"]].drop_duplicates()
+    assert len(_role(fig, "knockout")) == len(pairs)
+    t0 = _role(fig, "knockout")[0]
+    d = ko[(ko.source == t0.meta["source"]) & (ko.target == t0.meta["target"])]
+    np.testing.assert_allclose(np.asarray(t0.y), d.relative_change.to_numpy() * 100)
+    assert fig.layout.shapes[0].y0 == 0 and "%" in fig.layout.yaxis.title.text
+
+
+# -- probe and UMAP --------------------------------------------------------------------------
+def test_probe_figure_bands_lines_chance(runs):
+    t = pd.read_csv(runs["probe"] / "probe.csv")
+    summary = json.loads((runs["probe"] / "summary.json").read_text())
+    fig = probe_figure(t, "label", summary)
+    n_groups = t.group.nunique()
+    assert len(_role(fig, "band")) == len(_role(fig, "accuracy")) == len(_role(fig, "shuffle")) == n_groups
+    assert fig.layout.shapes[0].y0 == pytest.approx(float(t.chance.max())) == pytest.approx(0.5)
+    assert fig.layout.yaxis.title.text == "accuracy (held-out folds)"
+    assert "tiny-dinov2+sinks" in fig.layout.title.text
+
+
+def test_umap_colours_planted_sinks_and_hovers_grid_position(runs):
+    X, meta = token_embeddings(runs["scan"], layer=4)
+    assert len(X) == len(meta) == 6 * 17
+    sinks = meta[meta.role == "sink"]
+    assert sorted(zip(sinks.image, zip(sinks.row.astype(int), sinks.col.astype(int)))) == sorted(
+        MARKS.items()
+    )
+    fig = umap_figure(X, meta, seed=0)
+    groups = {t.meta["group"]: t for t in _role(fig, "umap")}
+    assert set(groups) == {"sink", "non-sink", "CLS"} and len(groups["sink"].x) == 6
+    cd = np.asarray(groups["sink"].customdata)
+    assert {(str(c[0]), str(c[2])) for c in cd} == {(n, f"row {r}, col {c}") for n, (r, c) in MARKS.items()}
+    # fixed seed: the same picture twice
+    again = umap_figure(X, meta, seed=0)
+    np.testing.assert_allclose(np.asarray(again.data[0].x), np.asarray(fig.data[0].x), rtol=1e-5)
+    assert "seed 0" in fig.layout.title.text and "UMAP 1" in fig.layout.xaxis.title.text
+    with pytest.raises(ValueError, match="at least 5 tokens, got 3"):
+        umap_figure(X[:3], meta.iloc[:3])
+    with pytest.raises(ValueError, match="no column 'label'"):
+        umap_figure(X, meta, color="label", coords=np.zeros((len(X), 2)))
+
+
+# -- the combined report ---------------------------------------------------------------------
+def test_report_combines_runs_with_findings_and_is_self_contained(runs, tmp_path):
+    dirs = [runs["scan"], runs["probe"], runs["flow"]]
+    assert [run_kind(d) for d in dirs] == ["scan", "probe", "flow"]
+    secs = build_sections(dirs)
+    scan_text = " ".join(secs[0].findings)
+    for r, c in list(MARKS.values())[:2]:
+        assert f"(row {r}, col {c})" in scan_text  # the planted positions are named
+    assert "1 of them are ViT sinks" in " ".join(secs[2].findings)
+    out = write_report(dirs, tmp_path / "r.html", sections=secs)
+    page = out.read_text()
+    n = sum(len(s.figures) for s in secs)
+    assert n == report_figure_count(dirs) and len(re.findall(r"<div id=\"fig-\d+\"", page)) == n
+    assert page.count("plotly.js v") <= 2  # plotly.js embedded once
+    assert not re.search(r"<script[^>]+src=", page)  # nothing fetched from the network
+
+
+def test_report_cli_and_bad_folders(runs, tmp_path, capsys):
+    out = tmp_path / "rep.html"
+    assert main(["report", str(runs["flow"]), "--out", str(out), "--title", "T"]) == 0
+    assert out.exists() and "<title>T</title>" in out.read_text()
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    assert "no such run folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 1
+    assert "not a sinkscope run" in capsys.readouterr().err
