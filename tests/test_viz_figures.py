@@ -258,3 +258,25 @@ def test_report_cli_and_bad_folders(runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 1
     assert "not a sinkscope run" in capsys.readouterr().err
+
+
+def test_combined_report_renders_in_headless_chromium(runs, tmp_path):
+    """The combined report in a real browser: every figure drawn (UMAP in WebGL included), no
+    JavaScript error, no network request; a full-page screenshot is kept as a test artifact."""
+    import os
+    from pathlib import Path
+
+    from .browser import render_report, require_browser
+
+    require_browser()
+    dirs = [runs["scan"], runs["probe"], runs["flow"]]
+    secs = build_sections(dirs)
+    out = write_report(dirs, tmp_path / "combined.html", sections=secs)
+    art = Path(
+        os.environ.get("SINKSCOPE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "test-artifacts"
+    )
+    art.mkdir(parents=True, exist_ok=True)
+    chk = render_report(out, screenshot_path=art / "combined-report.png", timeout_s=90)
+    assert chk.ok, chk.problems()
+    assert chk.n_figures == chk.n_rendered == sum(len(s.figures) for s in secs)
+    assert any("UMAP" in t for t in chk.titles) and any("Sink vs non-sink" in t for t in chk.titles)

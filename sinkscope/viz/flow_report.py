@@ -163,9 +163,7 @@ def sink_maps_figure(
     ]
     fig = make_subplots(rows=2, cols=len(starts), subplot_titles=titles, vertical_spacing=0.12)
     for j, (s, k) in enumerate(starts, start=1):
-        for i, tab in enumerate(
-            ((r[r.start == s] if len(r) else r), (v[v.token == s] if len(v) else v)), 1
-        ):
+        for i, tab in enumerate(((r[r.start == s] if len(r) else r), (v[v.token == s] if len(v) else v)), 1):
             if not len(tab):
                 continue
             grid = _grid(tab)  # relevance: mean over heads
@@ -243,6 +241,8 @@ def vit_group_attention_figure(by_group: pd.DataFrame, summary: dict | None = No
         x_title="ViT block (index)",
         y_title="attention received per token (%)",
     )
+    if d.layer.nunique() <= 40:
+        fig.update_xaxes(dtick=1)
     return fig
 
 
@@ -314,6 +314,8 @@ def norm_bin_figure(by_bin: pd.DataFrame, summary: dict) -> go.Figure:
         x_title="ViT L2 norm at the feature layer (bin start)",
         y_title="LLM layer (block index)",
     )
+    if len(piv.index) <= 40:
+        fig.update_yaxes(dtick=1)
     return fig
 
 
@@ -337,6 +339,8 @@ def knockout_figure(ko: pd.DataFrame, summary: dict) -> go.Figure:
         x_title="first LLM layer of the blocked window",
         y_title="change in answer probability (%)",
     )
+    if ko.window_start.nunique() <= 40:
+        fig.update_xaxes(dtick=1)
     return fig
 
 

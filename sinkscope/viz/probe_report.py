@@ -41,14 +41,16 @@ def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -
     for g, d in t.groupby("group", sort=False):
         c = GROUP_COLORS.get(g, "#333333")
         x = d.layer.tolist()
-        hi = (d.accuracy + d.accuracy_std).tolist()
-        lo = (d.accuracy - d.accuracy_std).tolist()
+        # +-1 std over folds, clipped to the score's range (accuracy in [0, 1], R2 <= 1)
+        hi = (d.accuracy + d.accuracy_std).clip(upper=1.0).tolist()
+        lo = (d.accuracy - d.accuracy_std).clip(lower=None if regression else 0.0).tolist()
         fig.add_trace(
             go.Scatter(
                 x=x + x[::-1],
                 y=hi + lo[::-1],
                 fill="toself",
                 fillcolor=_rgba(c, 0.18),
+                mode="lines",
                 line={"width": 0},
                 hoverinfo="skip",
                 showlegend=False,
@@ -80,7 +82,9 @@ def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -
             )
         )
     if len(t) and not regression:
-        chance = float(t.chance.max())
+        # chance (majority share) of the images the groups used: the group with the most images
+        # (groups such as "sink" may use fewer images, hence another majority share)
+        chance = float(t.loc[t.n_images == t.n_images.max(), "chance"].max())
         fig.add_hline(
             y=chance,
             line={"dash": "dash", "color": style.THRESHOLD_COLOR},
@@ -95,6 +99,9 @@ def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -
         x_title=style.LABEL_LAYER,
         y_title="R2 (held-out folds)" if regression else "accuracy (held-out folds)",
     )
+    layers = sorted(t.layer.unique())
+    if 0 < len(layers) <= 25:
+        fig.update_xaxes(tickvals=layers)
     return fig
 
 
@@ -114,7 +121,9 @@ def write_probe_report(path: str | Path, table: pd.DataFrame, summary: dict) -> 
         f"{summary.get('dataset', {}).get('name')} ({summary.get('dataset', {}).get('n_images')} images) &middot; "
         f"<b>folds</b> {summary.get('folds')} &middot; <b>seed</b> {summary.get('seed')}</p>"
         f"<p><b>protocol</b> {summary.get('protocol', '')}</p>"
-        f"<p><b>images without a sink, per layer</b>: {miss}</p>"
+        "<p><b>images without a sink, per layer</b>: "
+        + (", ".join(f"layer {k}: {v}" for k, v in miss.items()) if miss else "none")
+        + "</p>"
     )
     html = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sinkscope probe</title>"

@@ -29,6 +29,7 @@ body{font-family:%(font)s;max-width:1200px;margin:auto;padding:1em 1.5em;color:#
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 h3{margin-top:1.5em} .run{color:#666;font-size:.9em} .findings{background:#f6f8fa;border-left:4px solid #0072B2;
 padding:.6em 1em} .findings li{margin:.25em 0} .warn{color:#a00;font-weight:bold} nav a{margin-right:1em}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:8px}
 table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ccc;padding:2px 6px}
 """
 
@@ -304,6 +305,9 @@ def flow_section(run_dir: str | Path) -> RunSection:
     return sec
 
 
+#: Headings of per-image figures, laid out side by side in a grid.
+_PER_IMAGE = "Norms over"
+
 _SECTIONS = {"scan": scan_section, "probe": probe_section, "flow": flow_section}
 
 
@@ -342,8 +346,15 @@ def write_report(
             + "".join(f"<li>{html.escape(f)}</li>" for f in sec.findings)
             + "</ul></div>"
         )
+        in_grid = False
         for heading, fig in sec.figures:
-            body.append(f"<h3>{html.escape(heading)}</h3>")
+            per_image = heading.startswith(_PER_IMAGE)
+            if per_image and not in_grid:
+                body.append("<div class='grid'>")
+            elif not per_image and in_grid:
+                body.append("</div>")
+            in_grid = per_image
+            body.append(f"<div><h3>{html.escape(heading)}</h3>")
             body.append(
                 pio.to_html(
                     fig,
@@ -354,9 +365,12 @@ def write_report(
                     default_width="100%",
                     config={"displaylogo": False, "responsive": True},
                 )
+                + "</div>"
             )
             first = False
             n_fig += 1
+        if in_grid:
+            body.append("</div>")
         body.append(sec.tables_html + "</section>")
     title = title or "sinkscope report - " + ", ".join(s.title for s in sections)
     page = (

@@ -149,6 +149,21 @@ def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
     return [math.log10(v) for v in vals], [f"{v:,.0f}" if v >= 1 else f"{v:.3g}" for v in vals]
 
 
+def _log_axis(values) -> dict:
+    """Explicit 1-2-5 ticks (data units, written out in full) for a log axis over ``values``, so a
+    range under one decade still gets labelled ticks."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return {}
+    lo, hi = math.log10(v.min()), math.log10(v.max())
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.1, hi + 0.1
+    tv, _ = _log_ticks(lo, hi)
+    vals = [10**t for t in tv]
+    return {"tickvals": vals, "ticktext": [f"{x:,.0f}" if x >= 10 else f"{x:.3g}" for x in vals]}
+
+
 def _log_range(norms: np.ndarray) -> tuple[float, float]:
     logs = np.log10(norms[np.isfinite(norms) & (norms > 0)])
     if logs.size == 0:
@@ -320,7 +335,7 @@ def norm_distribution_figure(tokens: pd.DataFrame, summary: Mapping) -> go.Figur
         height=480,
         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
     )
-    fig.update_yaxes(type="log", dtick="D2")
+    fig.update_yaxes(type="log", **_log_axis(list(df["norm"]) + list(thr.values())))
     fig.update_xaxes(dtick=1)
     return fig
 
@@ -535,8 +550,15 @@ def patch_heatmap_figure(
         },
         plot_bgcolor="white",
     )
-    fig.update_xaxes(range=[-0.5, n_cols - 0.5], showgrid=False, zeroline=False, constrain="domain")
+    fig.update_xaxes(
+        range=[-0.5, n_cols - 0.5],
+        showgrid=False,
+        zeroline=False,
+        constrain="domain",
+        dtick=1 if n_cols <= 16 else None,
+    )
     fig.update_yaxes(
+        dtick=1 if n_rows <= 16 else None,
         range=[n_rows - 0.5, -0.5],
         autorange=False,
         showgrid=False,
@@ -705,10 +727,10 @@ def attention_norm_figure(tokens: pd.DataFrame, summary: Mapping) -> go.Figure:
     )
     log_y = bool((df["attention_received"] > 0).all())
     fig.update_layout(height=520, sliders=[_layer_slider(layers, active, visible)])
-    fig.update_xaxes(type="log", dtick="D2")
+    fig.update_xaxes(type="log", **_log_axis(df["norm"]))
     fig.update_yaxes(
         type="log" if log_y else "linear",
-        dtick="D2" if log_y else None,
+        **(_log_axis(df["attention_received"]) if log_y else {}),
         title_text=style.LABEL_ATTENTION + (" (log scale)" if log_y else ""),
     )
     return fig
