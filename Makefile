@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 OUT    ?= sinkscope-out
 STAMP  := $(VENV)/.sinkscope-installed
 
-.PHONY: install browser scan test lint bench clean
+.PHONY: install browser scan test lint bench figures clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_scan.py
 	$(PY) benchmarks/bench_probe.py
+
+# every figure of figures/figures.toml (ci tier) into figures/out/; fresh results are reused
+figures: install
+	$(PY) -m sinkscope.figures
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info

@@ -1,0 +1,7 @@
+"""``python -m sinkscope.figures``: see :mod:`sinkscope.figures.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,496 @@
+"""Regenerate figures: run each needed analysis once (skipping fresh ones), then draw every figure
+from the saved results into HTML and PNG, recording everything in ``OUT/manifest.json``.
+
+Layout of ``OUT`` (default: ``figures/out`` next to the list)::
+
+    runs/<run-id>/          one analysis's results (the sinkscope CLI's --out folder) + run.json
+    <figure>.html, .png     one figure each; HTML loads the shared plotly.min.js
+    plotly.min.js           plotly.js, written once (offline)
+    manifest.json           per figure: run id, fingerprint, render key, files, status, timings
+
+Freshness: a run is skipped when ``runs/<id>/run.json`` holds the fingerprint the list and the
+installed code give now (:func:`sinkscope.figures.spec.run_fingerprint`); a figure is skipped when
+the manifest holds the same render key (figure spec + run fingerprint + figure-code hash) and its
+files exist and are newer than the run's ``run.json``. Runs write into ``runs/.tmp-<id>-<pid>``
+and are renamed into place only when they succeed, so a failed or killed run leaves the previous
+results (or nothing), never half of a run.
+
+>>> report = regenerate("figures/figures.toml", tier="ci")    # doctest: +SKIP
+>>> [f.status for f in report.figures]                        # doctest: +SKIP
+['rendered', 'fresh', ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._utils import SinkscopeError, package_versions
+from .render import PngExporter, draw, ensure_plotly_js, write_html
+from .spec import (
+    RENDER_SOURCES,
+    FigureList,
+    FigureSpec,
+    RunSpec,
+    _hash,
+    load_figure_list,
+    parse_cli,
+    run_fingerprint,
+    source_digest,
+)
+
+log = logging.getLogger("sinkscope")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one analysis run: ``ran``, ``cached`` (fresh results reused) or ``failed``."""
+
+    id: str
+    status: str
+    fingerprint: str
+    seconds: float = 0.0
+    reason: str = ""
+    error: str | None = None
+
+
+@dataclass
+class FigureOutcome:
+    """What happened to one figure: ``rendered``, ``fresh`` (files up to date) or ``failed``."""
+
+    name: str
+    status: str
+    run_id: str
+    files: list[str] = field(default_factory=list)
+    run_s: float = 0.0
+    render_s: float = 0.0
+    png_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RegenReport:
+    """The result of :func:`regenerate`: one outcome per selected figure and per run it needed."""
+
+    out: Path
+    figures: list[FigureOutcome]
+    runs: dict[str, RunOutcome]
+    seconds: float
+
+    @property
+    def failed(self) -> list[FigureOutcome]:
+        """The figures that could not be made (their run failed, or drawing them did)."""
+        return [f for f in self.figures if f.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        """True when every selected figure exists and is up to date."""
+        return not self.failed
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _line(echo: Callable[[str], None] | None, tag: str, name: str, msg: str) -> None:
+    if echo is not None:
+        echo(f"{tag:<8} {name:<34} {msg}")
+
+
+# -------------------------------------------------------------------------------------------- runs
+
+
+def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a finished run (empty when there is none or it is unreadable)."""
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_is_fresh(run_dir: Path, fingerprint: str) -> bool:
+    """Whether ``run_dir`` holds complete results with this fingerprint."""
+    meta = read_run_meta(run_dir)
+    return meta.get("fingerprint") == fingerprint and (run_dir / "summary.json").exists()
+
+
+def execute_run(
+    run: RunSpec,
+    dest: Path,
+    fingerprint: str,
+    parts: dict,
+    progress: bool = True,
+    fresh_features: bool = False,
+) -> float:
+    """Run one analysis through the ``sinkscope`` CLI code into ``dest`` (atomically); return seconds.
+
+    The subcommand's own function (``sinkscope.cli._cmd_scan`` / ``_cmd_probe`` / ``_cmd_flow``)
+    runs with ``--out`` set to a temporary sibling folder; its printed summary is kept as
+    ``cli-output.txt``; on success ``run.json`` is written and the folder renamed to ``dest``
+    (replacing older results). On any error the temporary folder is removed and the error raised.
+    ``fresh_features``: a probe recomputes its cached features (``--no-cache``).
+    """
+    from .. import cli
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    argv = [*run.argv, "--out", str(tmp)]
+    if not progress and run.analysis in ("scan", "probe"):
+        argv.append("--quiet")
+    if fresh_features and run.analysis == "probe" and "--no-cache" not in argv:
+        argv.append("--no-cache")
+    ns = parse_cli(argv)
+    cmd = {"scan": cli._cmd_scan, "probe": cli._cmd_probe, "flow": cli._cmd_flow}[run.analysis]
+    t0 = time.perf_counter()
+    started = _now()
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = cmd(ns)
+        if rc:
+            raise SinkscopeError(f"sinkscope {run.analysis} exited with status {rc}")
+        if not (tmp / "summary.json").exists():
+            raise SinkscopeError(f"sinkscope {run.analysis} wrote no summary.json")
+        shutil.rmtree(tmp / "parts", ignore_errors=True)  # a scan's tokens.parquet holds every row
+        (tmp / "cli-output.txt").write_text(buf.getvalue())
+        seconds = time.perf_counter() - t0
+        meta = {
+            "run_id": run.id,
+            "analysis": run.analysis,
+            "model": run.model,
+            "data": list(run.data),
+            "params": run.params,
+            "tier": run.tier,
+            "command": "sinkscope " + shlex.join(run.argv),
+            "fingerprint": fingerprint,
+            "fingerprint_parts": parts,
+            "started": started,
+            "finished": _now(),
+            "seconds": round(seconds, 3),
+        }
+        (tmp / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return seconds
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _changed(old: dict, new: dict) -> str:
+    if not old:
+        return "no results yet"
+    if old.get("fingerprint_parts") is None:
+        return "results without a fingerprint"
+    diff = [k for k in new if old["fingerprint_parts"].get(k) != new[k]]
+    return "changed: " + ", ".join(diff) if diff else "results incomplete"
+
+
+# ---------------------------------------------------------------------------------------- manifest
+
+
+def load_manifest(out: Path) -> dict[str, Any]:
+    """``OUT/manifest.json`` (an empty skeleton when absent or unreadable)."""
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+        if isinstance(m, dict):
+            m.setdefault("figures", {})
+            m.setdefault("runs", {})
+            return m
+    except (OSError, json.JSONDecodeError):
+        pass
+    return {"figures": {}, "runs": {}}
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, default=str))
+    os.replace(tmp, out / MANIFEST)
+
+
+# ------------------------------------------------------------------------------------- figures
+
+
+def render_key(fig: FigureSpec, fingerprint: str, code: str, self_contained: bool) -> str:
+    """Hash of what decides a figure's files: its spec, its run's fingerprint, the figure code."""
+    return _hash({"figure": fig.as_dict(), "run": fingerprint, "code": code, "embed_js": self_contained})[:16]
+
+
+def _figure_is_fresh(out: Path, old: dict | None, key: str, files: list[str], run_dir: Path) -> bool:
+    if not old or old.get("render_key") != key or old.get("status") == "failed":
+        return False
+    paths = [out / f for f in files]
+    if not all(p.exists() for p in paths):
+        return False
+    run_mtime = (run_dir / "run.json").stat().st_mtime if (run_dir / "run.json").exists() else float("inf")
+    return min(p.stat().st_mtime for p in paths) >= run_mtime
+
+
+def _provenance(fig: FigureSpec, run: RunSpec, meta: dict) -> str:
+    return (
+        f"run {run.id}: sinkscope {run.analysis} on {run.describe().split(' on ', 1)[1]} ({meta.get('command', '')}), "
+        f"finished {meta.get('finished', '?')}; fingerprint {meta.get('fingerprint', '?')}. "
+        f"Regenerate with: python -m sinkscope.figures --only {fig.name}"
+    )
+
+
+def regenerate(
+    list_path: str | Path | None = None,
+    out: str | Path | None = None,
+    tier: str = "ci",
+    only: list[str] | None = None,
+    force: bool = False,
+    png: bool = True,
+    self_contained: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+    figure_list: FigureList | None = None,
+) -> RegenReport:
+    """Regenerate the figures of ``tier`` (or those named in ``only``) of the list at ``list_path``.
+
+    ``out``: output folder (default ``<list folder>/out``). ``force``: rerun every needed analysis
+    and redraw every selected figure. ``png``: also export PNGs (kaleido + Chromium).
+    ``self_contained``: embed plotly.js in every HTML file instead of sharing ``plotly.min.js``.
+    ``progress``: show the analyses' own progress bars. ``echo``: receives one line per step
+    (``None``: silent). A failing run fails only its figures and a failing figure only itself;
+    see :attr:`RegenReport.failed`.
+
+    >>> rep = regenerate("figures/figures.toml", only=["dinov2-norms"], png=False)   # doctest: +SKIP
+    >>> rep.ok, rep.figures[0].files                                                  # doctest: +SKIP
+    (True, ['dinov2-norms.html'])
+    """
+    t_start = time.perf_counter()
+    spec = figure_list or load_figure_list(list_path)
+    out = Path(out) if out is not None else spec.path.parent / "out"
+    runs_dir = out / "runs"
+    selected = spec.select(tier=tier, only=only)
+    groups: dict[str, list[FigureSpec]] = {}
+    for f in selected:
+        groups.setdefault(f.run_id, []).append(f)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for stale in runs_dir.glob(".tmp-*"):  # left by a killed regeneration
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in runs_dir.glob(".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    manifest = load_manifest(out)
+    names = {f.name for f in spec.figures}
+    manifest["figures"] = {k: v for k, v in manifest["figures"].items() if k in names}
+    manifest["runs"] = {k: v for k, v in manifest["runs"].items() if k in spec.runs}
+    manifest.update(
+        format=1,
+        list=str(spec.path),
+        sinkscope=package_versions(("sinkscope",))["sinkscope"],
+        legend={
+            "run status": "ran | cached (fresh results reused) | failed",
+            "figure status": "rendered | fresh (files up to date) | failed",
+            "fingerprint": "of the figure's run: options, model, data files, analysis sources, versions",
+            "render_key": "figure spec + run fingerprint + figure code",
+        },
+    )
+    code = source_digest(RENDER_SOURCES)
+    n_runs = len(groups)
+    if echo is not None:
+        echo(
+            f"figures: {len(selected)} figure(s) from {n_runs} run(s) "
+            f"({'only ' + ', '.join(only) if only else 'tier ' + tier}) -> {out}"
+        )
+    figures: list[FigureOutcome] = []
+    runs: dict[str, RunOutcome] = {}
+    if not self_contained and selected:
+        ensure_plotly_js(out)
+    try:
+        with PngExporter() as exporter:
+            for run_id, figs in groups.items():
+                run = spec.runs[run_id]
+                run_dir = runs_dir / run_id
+                ro = _ensure_run(run, run_dir, force, progress, echo)
+                runs[run_id] = ro
+                meta = read_run_meta(run_dir)
+                manifest["runs"][run_id] = {
+                    "analysis": run.analysis,
+                    "model": run.model,
+                    "data": list(run.data),
+                    "params": run.params,
+                    "tier": run.tier,
+                    "dir": str(Path("runs") / run_id),
+                    "fingerprint": ro.fingerprint,
+                    "status": ro.status,
+                    "reason": ro.reason,
+                    "seconds": round(ro.seconds, 3),
+                    "finished": meta.get("finished"),
+                    "error": ro.error,
+                    "updated": _now(),
+                }
+                for fig in figs:
+                    fo = _ensure_figure(
+                        fig,
+                        run,
+                        ro,
+                        run_dir,
+                        meta,
+                        out,
+                        manifest,
+                        code,
+                        force,
+                        png,
+                        self_contained,
+                        exporter,
+                        echo,
+                    )
+                    figures.append(fo)
+                _write_manifest(out, manifest)
+    finally:
+        manifest["updated"] = _now()
+        _write_manifest(out, manifest)
+    rep = RegenReport(out, figures, runs, time.perf_counter() - t_start)
+    if echo is not None:
+        cnt = {s: sum(f.status == s for f in figures) for s in ("rendered", "fresh", "failed")}
+        rc = {s: sum(r.status == s for r in runs.values()) for s in ("ran", "cached", "failed")}
+        echo(
+            f"done in {rep.seconds:.1f} s: {len(figures)} figure(s) - {cnt['rendered']} rendered, "
+            f"{cnt['fresh']} up to date, {cnt['failed']} failed; {len(runs)} run(s) - {rc['ran']} ran, "
+            f"{rc['cached']} cached, {rc['failed']} failed; manifest {out / MANIFEST}"
+        )
+        for f in rep.failed:
+            echo(f"FAILED   {f.name}: {f.error}")
+    return rep
+
+
+def _ensure_run(run: RunSpec, run_dir: Path, force: bool, progress: bool, echo) -> RunOutcome:
+    fp, parts = run_fingerprint(run)
+    if not force and run_is_fresh(run_dir, fp):
+        _line(echo, "cached", run.id, f"{run.describe()} (fingerprint {fp}, results reused)")
+        return RunOutcome(run.id, "cached", fp, reason="fresh")
+    old = read_run_meta(run_dir)
+    reason = "forced" if force else _changed(old, parts)
+    _line(echo, "run", run.id, f"{run.describe()} ({reason}) ...")
+    fresh_features = force or any(
+        (old.get("fingerprint_parts") or {}).get(k) not in (None, parts[k]) for k in ("sources", "versions")
+    )
+    try:
+        seconds = execute_run(run, run_dir, fp, parts, progress=progress, fresh_features=fresh_features)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        msg = str(e) if isinstance(e, SinkscopeError) else f"{type(e).__name__}: {e}"
+        log.debug("run %s failed:\n%s", run.id, traceback.format_exc())
+        _line(echo, "FAILED", run.id, msg)
+        return RunOutcome(run.id, "failed", fp, reason=reason, error=msg)
+    _line(echo, "ran", run.id, f"{seconds:.1f} s")
+    return RunOutcome(run.id, "ran", fp, seconds, reason)
+
+
+def _ensure_figure(
+    fig: FigureSpec,
+    run: RunSpec,
+    ro: RunOutcome,
+    run_dir: Path,
+    meta: dict,
+    out: Path,
+    manifest: dict,
+    code: str,
+    force: bool,
+    png: bool,
+    self_contained: bool,
+    exporter: PngExporter,
+    echo,
+) -> FigureOutcome:
+    html_name, png_name = f"{fig.name}.html", f"{fig.name}.png"
+    old = manifest["figures"].get(fig.name)
+    key = render_key(fig, ro.fingerprint, code, self_contained)
+    record = {
+        "kind": fig.kind,
+        "tier": fig.tier,
+        "run": run.id,
+        "fingerprint": ro.fingerprint,
+        "render_key": key,
+    }
+    run_s = ro.seconds if ro.status == "ran" else 0.0
+    if ro.status == "failed":
+        fo = FigureOutcome(fig.name, "failed", run.id, run_s=run_s, error=f"run {run.id} failed: {ro.error}")
+        manifest["figures"][fig.name] = {
+            **(old or {}),
+            **record,
+            "status": "failed",
+            "error": fo.error,
+            "updated": _now(),
+        }
+        _line(echo, "FAILED", fig.name, fo.error or "")
+        return fo
+    wanted = [html_name, png_name] if png else [html_name]
+    if not force and _figure_is_fresh(out, old, key, wanted, run_dir):
+        files = list(old.get("files", wanted))  # type: ignore[union-attr]
+        manifest["figures"][fig.name] = {**old, **record, "status": "fresh", "files": files, "error": None}
+        _line(echo, "fresh", fig.name, "up to date")
+        return FigureOutcome(fig.name, "fresh", run.id, files=files)
+    t0 = time.perf_counter()
+    try:
+        figure = draw(fig, run_dir)
+        write_html(figure, out / html_name, fig, _provenance(fig, run, meta), self_contained)
+        t1 = time.perf_counter()
+        files = [html_name]
+        if png:
+            exporter.write(figure, out / png_name, fig.width, fig.height, fig.scale, fig.caption)
+            files.append(png_name)
+        elif (out / png_name).exists():
+            (out / png_name).unlink()  # drawn from older results or an older spec
+        t2 = time.perf_counter()
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        msg = str(e) if isinstance(e, SinkscopeError) else f"{type(e).__name__}: {e}"
+        log.debug("figure %s failed:\n%s", fig.name, traceback.format_exc())
+        manifest["figures"][fig.name] = {
+            **record,
+            "status": "failed",
+            "error": msg,
+            "files": [],
+            "updated": _now(),
+        }
+        _line(echo, "FAILED", fig.name, msg)
+        return FigureOutcome(fig.name, "failed", run.id, run_s=run_s, error=msg)
+    fo = FigureOutcome(fig.name, "rendered", run.id, files, run_s, t1 - t0, (t2 - t1) if png else 0.0)
+    manifest["figures"][fig.name] = {
+        **record,
+        "status": "rendered",
+        "files": files,
+        "timings": {"run_s": round(run_s, 3), "render_s": round(fo.render_s, 3), "png_s": round(fo.png_s, 3)},
+        "error": None,
+        "updated": _now(),
+    }
+    _line(
+        echo,
+        "rendered",
+        fig.name,
+        f"{fig.kind}: html {fo.render_s:.1f} s" + (f", png {fo.png_s:.1f} s" if png else ""),
+    )
+    return fo
+
+
+def report_dict(rep: RegenReport) -> dict[str, Any]:
+    """A JSON-able view of a :class:`RegenReport`."""
+    return {
+        "out": str(rep.out),
+        "seconds": rep.seconds,
+        "figures": [asdict(f) for f in rep.figures],
+        "runs": {k: asdict(v) for k, v in rep.runs.items()},
+    }

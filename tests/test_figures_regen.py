@@ -1,0 +1,402 @@
+"""`python -m sinkscope.figures`: a small figure list on tiny models - files, freshness, reruns, tiers, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sinkscope.figures import KINDS, SpecError, load_figure_list, regen, regenerate
+from sinkscope.figures.cli import main
+from sinkscope.models.tiny import paint_markers
+
+H, W = 48, 40  # a 6 x 5 patch grid for the tiny ViTs (patch 8)
+
+LIST = """
+[runs.scan-tiny]
+analysis = "scan"
+model = "tiny-dinov2+sinks"
+data = "imgs"
+params = { method = "all", image_size = "48x40" }
+
+[[figures]]
+name = "tiny-norms"
+run = "scan-tiny"
+kind = "norm_distribution"
+caption = "Norms of the tiny model with planted sinks."
+
+[[figures]]
+name = "tiny-counts"
+run = "scan-tiny"
+kind = "sink_count"
+
+[[figures]]
+name = "tiny-heatmap"
+run = "scan-tiny"
+kind = "patch_heatmap"
+options = { image = "b.png" }
+
+[[figures]]
+name = "tiny-attention"
+run = "scan-tiny"
+kind = "attention_norm"
+
+[[figures]]
+name = "tiny-text"
+analysis = "scan"
+model = "tiny-llama+sinks"
+params = { text = ["the cat is on the tree"], threshold = 50 }
+kind = "text_norm"
+
+[runs.probe-tiny]
+analysis = "probe"
+model = "tiny-dinov2+sinks"
+data = "classes"
+params = { folds = FOLDS, layers = [0, 2], groups = "cls,mean", image_size = "48x40", jobs = 1 }
+
+[[figures]]
+name = "tiny-probe"
+run = "probe-tiny"
+kind = "probe"
+
+[runs.flow-tiny]
+analysis = "flow"
+model = "tiny-llava+sinks"
+data = "imgs/a.png"
+params = { analysis = ["rollout", "propagation", "knockout"], prompt = "what is this ?", vit_threshold = 100, window = 2 }
+
+[[figures]]
+name = "tiny-rollout"
+run = "flow-tiny"
+kind = "rollout"
+
+[[figures]]
+name = "tiny-sink-maps"
+run = "flow-tiny"
+kind = "sink_maps"
+
+[[figures]]
+name = "tiny-vit-groups"
+run = "flow-tiny"
+kind = "vit_group_attention"
+
+[[figures]]
+name = "tiny-llm-groups"
+run = "flow-tiny"
+kind = "llm_group_attention"
+
+[[figures]]
+name = "tiny-norm-bins"
+run = "flow-tiny"
+kind = "norm_bin"
+
+[[figures]]
+name = "tiny-knockout"
+run = "flow-tiny"
+kind = "knockout"
+
+[runs.paper-clip]
+analysis = "scan"
+model = "openai/clip-vit-large-patch14-336"
+data = "samples"
+tier = "paper"
+params = { threshold = 100, device = "cuda", dtype = "float16" }
+
+[[figures]]
+name = "paper-norms"
+run = "paper-clip"
+kind = "norm_distribution"
+"""
+CI_FIGURES = [
+    "tiny-norms",
+    "tiny-counts",
+    "tiny-heatmap",
+    "tiny-attention",
+    "tiny-text",
+    "tiny-probe",
+    "tiny-rollout",
+    "tiny-sink-maps",
+    "tiny-vit-groups",
+    "tiny-llm-groups",
+    "tiny-norm-bins",
+    "tiny-knockout",
+]
+
+
+def _chromium_or_skip() -> None:
+    if not os.environ.get("CI") and not Path("/usr/bin/chromium").exists():
+        pytest.skip("PNG export needs Chromium (/usr/bin/chromium; `make browser` installs it)")
+
+
+@pytest.fixture()
+def figdir(tmp_path, monkeypatch):
+    """A figure list in tmp_path/figures with marked images and a two-class folder next to it."""
+    monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path / "cache"))  # probe feature cache
+    root = tmp_path / "figures"
+    (root / "imgs").mkdir(parents=True)
+    base = np.random.default_rng(0).integers(60, 200, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(paint_markers(base, [(4, 0), (1, 3)])).save(root / "imgs" / "b.png")
+    # 32 x 32: the tiny LLaVA's own input size, so its marker stays on patch (2, 1)
+    Image.fromarray(paint_markers(np.full((32, 32, 3), 110, np.uint8), [(2, 1)])).save(
+        root / "imgs" / "a.png"
+    )
+    for cls, color in (("x", (200, 30, 0)), ("y", (0, 30, 200))):
+        (root / "classes" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (W, H), tuple(min(255, v + 7 * i) for v in color)).save(
+                root / "classes" / cls / f"{i}.png"
+            )
+    (root / "figures.toml").write_text(LIST.replace("FOLDS", "3"))
+    return root
+
+
+@pytest.fixture()
+def spy(monkeypatch):
+    """Record the id of every analysis run actually executed."""
+    calls: list[str] = []
+    real = regen.execute_run
+
+    def wrapped(run, *a, **k):
+        calls.append(run.id)
+        return real(run, *a, **k)
+
+    monkeypatch.setattr(regen, "execute_run", wrapped)
+    return calls
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _regen(root: Path, **kw):
+    lines: list[str] = []
+    rep = regenerate(root / "figures.toml", echo=lines.append, progress=False, **kw)
+    return rep, lines
+
+
+def test_every_kind_in_the_registry_is_covered_by_the_project_list():
+    spec = load_figure_list(Path(__file__).resolve().parents[1] / "figures" / "figures.toml")
+    ci_kinds = {f.kind for f in spec.figures if f.tier == "ci"}
+    missing = set(KINDS) - ci_kinds
+    assert not missing, f"add a ci-tier figure to figures/figures.toml for the kind(s) {sorted(missing)}"
+    paper = {spec.runs[f.run_id].model for f in spec.figures if f.tier == "paper"}
+    assert paper == {"openai/clip-vit-large-patch14-336", "llava-hf/llava-1.5-7b-hf"}
+    assert {spec.runs[f.run_id].analysis for f in spec.figures if f.tier == "paper"} == {
+        "scan",
+        "probe",
+        "flow",
+    }
+
+
+def test_regeneration_writes_html_then_does_no_work_then_reruns_only_the_changed_analysis(figdir, spy):
+    out = figdir / "out"
+    rep, lines = _regen(figdir, png=False)
+    assert rep.ok, [f.error for f in rep.failed]
+    assert sorted(spy) == sorted(["scan-tiny", "probe-tiny", "flow-tiny", rep.figures[4].run_id])
+    assert [f.name for f in rep.figures] == CI_FIGURES and all(f.status == "rendered" for f in rep.figures)
+    for name in CI_FIGURES:
+        page = (out / f"{name}.html").read_text()
+        assert "plotly-graph-div" in page and f'id="fig-{name}"' in page and "Plotly.newPlot" in page
+        assert 'src="plotly.min.js"' in page  # the shared offline copy
+        assert not (out / f"{name}.png").exists()
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000
+    assert "Norms of the tiny model with planted sinks." in (out / "tiny-norms.html").read_text()
+    # the paper tier is neither run nor drawn by default
+    assert not (out / "paper-norms.html").exists() and not (out / "runs" / "paper-clip").exists()
+    # results live in runs/<id>, with their fingerprint
+    for rid in ("scan-tiny", "probe-tiny", "flow-tiny"):
+        meta = json.loads((out / "runs" / rid / "run.json").read_text())
+        assert (
+            meta["fingerprint"] == rep.runs[rid].fingerprint
+            and (out / "runs" / rid / "summary.json").exists()
+        )
+    assert (out / "runs" / "scan-tiny" / "tokens.parquet").exists()
+    assert (out / "runs" / "flow-tiny" / "knockout.csv").exists()
+    assert not list((out / "runs").glob(".tmp-*"))
+    man = json.loads((out / "manifest.json").read_text())
+    rec = man["figures"]["tiny-norms"]
+    assert rec["run"] == "scan-tiny" and rec["files"] == ["tiny-norms.html"] and rec["status"] == "rendered"
+    assert rec["fingerprint"] == rep.runs["scan-tiny"].fingerprint and rec["timings"]["render_s"] >= 0
+    assert "paper-norms" not in man["figures"]
+
+    # unchanged inputs: no analysis runs, nothing is redrawn, no file is touched
+    before = _mtimes(out)
+    spy.clear()
+    rep2, lines2 = _regen(figdir, png=False)
+    assert spy == [] and rep2.ok
+    assert {f.status for f in rep2.figures} == {"fresh"} and {r.status for r in rep2.runs.values()} == {
+        "cached"
+    }
+    after = _mtimes(out)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"
+    }
+    assert sum(x.startswith("fresh") for x in lines2) == len(CI_FIGURES)
+
+    # one parameter changes: only that analysis reruns and only its figure is redrawn
+    (figdir / "figures.toml").write_text(LIST.replace("FOLDS", "2"))
+    rep3, lines3 = _regen(figdir, png=False)
+    assert spy == ["probe-tiny"] and rep3.ok
+    status = {f.name: f.status for f in rep3.figures}
+    assert status.pop("tiny-probe") == "rendered" and set(status.values()) == {"fresh"}
+    assert rep3.runs["probe-tiny"].reason == "changed: options"
+    assert json.loads((out / "runs" / "probe-tiny" / "summary.json").read_text())["folds"] == 2
+    assert _mtimes(out)["tiny-norms.html"] == before["tiny-norms.html"]
+
+    # a data file changes: the runs reading it rerun (scan and flow read imgs/a.png), the probe does not
+    spy.clear()
+    img = figdir / "imgs" / "a.png"
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    rep4, _ = _regen(figdir, png=False)
+    assert (
+        sorted(spy) == ["flow-tiny", "scan-tiny"] and rep4.runs["scan-tiny"].reason == "changed: data_files"
+    )
+
+    # --force reruns everything selected; --only picks figures (and their runs) by name
+    spy.clear()
+    rep5, _ = _regen(figdir, png=False, only=["tiny-kn*"], force=True)
+    assert spy == ["flow-tiny"] and [f.name for f in rep5.figures] == ["tiny-knockout"]
+
+
+def test_png_export_and_freshness(figdir, spy):
+    _chromium_or_skip()
+    out = figdir / "out"
+    only = ["tiny-norms", "tiny-heatmap", "tiny-rollout"]
+    rep, _ = _regen(figdir, only=only)
+    assert rep.ok, [f.error for f in rep.failed]
+    for name in only:
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        w, h = Image.open(out / f"{name}.png").size
+        f = load_figure_list(figdir / "figures.toml").figure(name)
+        assert w == f.width * f.scale and h >= f.height * f.scale  # a caption strip may add height
+        assert (out / f"{name}.html").exists()
+    # the caption is drawn under the figure: the PNG is taller than the plot
+    assert Image.open(out / "tiny-norms.png").size[1] > 600 * 2
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["figures"]["tiny-norms"]["files"] == ["tiny-norms.html", "tiny-norms.png"]
+    assert man["figures"]["tiny-norms"]["timings"]["png_s"] > 0
+    before = _mtimes(out)
+    spy.clear()
+    rep2, _ = _regen(figdir, only=only)
+    assert spy == [] and {f.status for f in rep2.figures} == {"fresh"}
+    assert all(_mtimes(out)[f"{n}.png"] == before[f"{n}.png"] for n in only)
+    # a deleted PNG is drawn again, without rerunning the analysis
+    (out / "tiny-rollout.png").unlink()
+    rep3, _ = _regen(figdir, only=only)
+    assert spy == [] and {f.name: f.status for f in rep3.figures}["tiny-rollout"] == "rendered"
+
+
+def test_paper_tier_is_listed_but_not_run_by_default(figdir, spy, capsys):
+    assert main(["--list", "-f", str(figdir / "figures.toml")]) == 0
+    text = capsys.readouterr().out
+    row = next(x for x in text.splitlines() if "paper-norms" in x)
+    assert " paper " in row and "--tier paper" in row and not row.startswith("*")
+    assert next(x for x in text.splitlines() if "tiny-norms" in x).startswith("*")
+    assert (
+        "sinkscope scan --model openai/clip-vit-large-patch14-336 --images embedded --threshold 100" in text
+    )
+    assert spy == []  # listing runs nothing
+    spec = load_figure_list(figdir / "figures.toml")
+    assert "paper-norms" not in [f.name for f in spec.select()]
+    assert [f.name for f in spec.select(tier="paper")] == ["paper-norms"]
+    assert [f.name for f in spec.select(only=["paper-norms"])] == ["paper-norms"]
+    assert len(spec.select(tier="all")) == len(CI_FIGURES) + 1
+
+
+def test_a_failing_run_or_figure_does_not_stop_the_others(figdir, spy, capsys):
+    text = (figdir / "figures.toml").read_text()
+    text = text.replace('options = { image = "b.png" }', 'options = { image = "nope.png" }')
+    text += (
+        '\n[[figures]]\nname = "broken"\nanalysis = "scan"\nmodel = "no-such-model"\nkind = "sink_count"\n'
+    )
+    (figdir / "figures.toml").write_text(text)
+    rc = main(["-f", str(figdir / "figures.toml"), "--no-png", "-q", "--only", "tiny-*", "--only", "broken"])
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert "FAILED   tiny-heatmap: ValueError: no image 'nope.png'" in printed
+    assert "FAILED   broken: run scan-no-such-model-" in printed
+    out = figdir / "out"
+    man = json.loads((out / "manifest.json").read_text())
+    assert (
+        man["figures"]["broken"]["status"] == "failed"
+        and man["figures"]["tiny-heatmap"]["status"] == "failed"
+    )
+    assert all((out / f"{n}.html").exists() for n in CI_FIGURES if n != "tiny-heatmap")
+    assert not (out / "tiny-heatmap.html").exists()
+    # the failed run left nothing behind: no results folder, no temporary folder
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert not any(r.startswith(("scan-no-such-model", ".tmp-")) for r in runs)
+
+
+def test_a_failed_rerun_keeps_the_previous_results(figdir, monkeypatch):
+    rep, _ = _regen(figdir, png=False, only=["tiny-counts"])
+    assert rep.ok
+    run_dir = figdir / "out" / "runs" / "scan-tiny"
+    before = (run_dir / "run.json").read_text()
+
+    def boom(ns):
+        (Path(ns.out) / "parts").mkdir(parents=True)  # half-written results
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr("sinkscope.cli._cmd_scan", boom)
+    rep2, _ = _regen(figdir, png=False, only=["tiny-counts"], force=True)
+    assert rep2.figures[0].status == "failed" and "killed mid-run" in rep2.figures[0].error
+    assert (run_dir / "run.json").read_text() == before and (run_dir / "tokens.parquet").exists()
+    assert not list(run_dir.parent.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('kind = "sink_count"', 'kind = "sink_cout"'), "unknown kind 'sink_cout'"),
+        (
+            ('kind = "sink_count"', 'kind = "probe"'),
+            "kind 'probe' draws probe results but run 'scan-tiny' is a scan",
+        ),
+        (('method = "all"', 'methd = "all"'), "unknown scan option 'methd'"),
+        (('method = "all"', 'method = "bogus"'), "argument --method: invalid choice: 'bogus'"),
+        (
+            ('options = { image = "b.png" }', 'options = { img = "b.png" }'),
+            "bad options for kind 'patch_heatmap'",
+        ),
+        (
+            ('run = "flow-tiny"\nkind = "rollout"', 'run = "flow-tny"\nkind = "rollout"'),
+            "unknown run 'flow-tny'",
+        ),
+        (('tier = "paper"', 'tier = "gpu"'), "tier must be one of"),
+        (('params = { method = "all"', 'params = { out = "x", method = "all"'), "params may not set 'out'"),
+    ],
+)
+def test_list_errors_name_the_entry_and_the_problem(figdir, edit, message):
+    p = figdir / "figures.toml"
+    p.write_text(p.read_text().replace(*edit, 1))
+    with pytest.raises(SpecError) as e:
+        load_figure_list(p)
+    assert message in str(e.value)
+
+
+def test_cli_unknown_only_name_fails_before_running_anything(figdir, spy, capsys):
+    assert main(["-f", str(figdir / "figures.toml"), "--only", "nothing-like-this"]) == 2
+    assert "no figure matches 'nothing-like-this'" in capsys.readouterr().err and spy == []
+
+
+def test_the_module_entry_point_lists_the_project_figures():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "sinkscope.figures", "--list"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "dinov2-norms" in r.stdout and "paper-llava-norm-bins" in r.stdout
+    assert "figure list figures/figures.toml -> figures/out" in r.stdout
