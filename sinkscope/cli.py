@@ -11,6 +11,7 @@ Examples::
     sinkscope probe --dataset lfw-faces --out runs/probe    # linear probes per layer and token group
     sinkscope flow --out runs/flow                   # information pathways on mini-llava
     sinkscope report runs/x runs/probe runs/flow --out report.html   # one offline HTML page
+    sinkscope figures                                # regenerate figures/out from figures/figures.toml
     sinkscope models                                 # embedded model names
 """
 
@@ -316,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title", default=None, help="page title (default: built from the runs)")
 
     sub.add_parser(
+        "figures",
+        help="regenerate every figure of figures/figures.toml (python -m sinkscope.figures)",
+        description="Regenerate the project's figures from the declarative list; the options are those of "
+        "`python -m sinkscope.figures --help`.",
+        epilog="examples:\n  sinkscope figures\n  sinkscope figures --list\n  sinkscope figures --only dinov2-norms --force\n"
+        "  sinkscope figures --tier paper      # CLIP ViT-L/14-336 and LLaVA-1.5-7B from the hub, GPU",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    sub.add_parser(
         "models",
         help="list the embedded models",
         description="List the embedded (offline) model names.",
@@ -472,6 +483,11 @@ def _cmd_models(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["figures"]:  # its own parser: every option of python -m sinkscope.figures
+        from .figures.cli import main as figures_main
+
+        return figures_main(argv[1:])
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(

@@ -280,3 +280,12 @@ def test_combined_report_renders_in_headless_chromium(runs, tmp_path):
     assert chk.ok, chk.problems()
     assert chk.n_figures == chk.n_rendered == sum(len(s.figures) for s in secs)
     assert any("UMAP" in t for t in chk.titles) and any("Sink vs non-sink" in t for t in chk.titles)
+
+
+def test_cli_forwards_figures_to_the_regeneration_command(capsys):
+    assert main(["figures", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "paper-flow-llava" in out and "paper" in out
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--help"])
+    assert e.value.code == 0 and "examples:" in capsys.readouterr().out

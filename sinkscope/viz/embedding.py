@@ -175,8 +175,8 @@ def umap_figure(
         )
     style.apply_style(
         fig,
-        title=f"UMAP of token embeddings{' - ' + title_info if title_info else ''} (seed {seed})"
-        + (f"<br><sup>{subtitle}</sup>" if subtitle else ""),
+        title=f"UMAP of token embeddings{' - ' + title_info if title_info else ''}"
+        + f"<br><sup>seed {seed}{'; ' + subtitle if subtitle else ''}</sup>",
         x_title="UMAP 1 (arbitrary units)",
         y_title="UMAP 2 (arbitrary units)",
     )
