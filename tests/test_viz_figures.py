@@ -123,6 +123,8 @@ def test_sink_maps_put_markers_on_the_planted_sink_and_name_rule_and_model(runs)
     r = tables["relevance"]
     direct = r[r.token == sink_tok].groupby(["row", "col"])["value"].mean().unstack().to_numpy()
     np.testing.assert_allclose(np.asarray(rel[1].z), direct, rtol=1e-12)
+    # one colour scale per row: panels compare by colour
+    assert {t.coloraxis for t in roll} == {"coloraxis"} and {t.coloraxis for t in rel} == {"coloraxis2"}
     title = fig.layout.title.text
     assert "tiny-llava+sinks" in title and ">= 100" in title
     assert (
@@ -208,6 +210,11 @@ def test_probe_figure_bands_lines_chance(runs):
     assert fig.layout.shapes[0].y0 == pytest.approx(float(t.chance.max())) == pytest.approx(0.5)
     assert fig.layout.yaxis.title.text == "accuracy (held-out folds)"
     assert "tiny-dinov2+sinks" in fig.layout.title.text
+    # a group no image had tokens for is not drawn, and the title says so
+    t2 = pd.concat([t, t[t.group == "cls"].assign(group="sink", accuracy=np.nan, accuracy_std=np.nan)])
+    fig2 = probe_figure(t2, "label", summary)
+    assert "sink" not in {tr.meta["group"] for tr in _role(fig2, "accuracy")}
+    assert "not drawn: sink" in fig2.layout.title.text
 
 
 def test_umap_colours_planted_sinks_and_hovers_grid_position(runs):

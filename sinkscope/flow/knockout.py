@@ -131,6 +131,7 @@ def decode_isolated(
             probs = run_model().logits[0, p].float().softmax(-1)
         top = probs.topk(top_k)
         for r, (tid, pr) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
-            word = tokenizer.convert_ids_to_tokens(tid) if tokenizer is not None else str(tid)
+            word = tokenizer.convert_ids_to_tokens(tid) if tokenizer is not None else None
+            word = word if word is not None else f"<id {tid}>"  # ids the tokenizer has no word for
             rows.append({"position": int(p), "rank": r + 1, "token_id": tid, "token": word, "prob": pr})
     return pd.DataFrame(rows)

@@ -124,8 +124,14 @@ def propagation(
     ltab["is_llm_sink"] = ldet.is_sink.to_numpy()
     sink_layers = ltab.groupby("token")["is_llm_sink"].sum()
     # the hidden dims a visual token lights up where it is an LLM sink (its largest channel there)
-    flagged = ltab[ltab.is_llm_sink]
-    lit = flagged.groupby("token")["top_dim_0"].agg(lambda d: sorted(set(int(x) for x in d)))
+    flagged = (
+        ltab.loc[ltab.is_llm_sink, ["token", "top_dim_0"]]
+        .drop_duplicates()
+        .sort_values(["token", "top_dim_0"])
+    )
+    lit: dict[int, list[int]] = {}
+    for tok, dim in zip(flagged["token"].to_numpy(), flagged["top_dim_0"].to_numpy()):
+        lit.setdefault(int(tok), []).append(int(dim))
     # attention received per LLM block, head-averaged, from the chosen queries
     att = np.stack([lc.attn_received[b][0, :seq].numpy() for b in range(L)])  # [blocks, seq]
     # one row per visual token, vectorised (no per-token DataFrame lookups)

@@ -153,14 +153,25 @@ def run_flow(
                 ("question", "last"),
             ]
             frames = []
+            skipped = []
             for src, tgt in pairs:
                 target = last if tgt == "last" else groups[tgt]
+                if not groups[src] or (src == "nonsinks" and not sinks):
+                    # nothing to block (no ViT sink), or the same tokens as "image": not rerun
+                    skipped.append(f"{src} -> {tgt}")
+                    continue
                 k = knockout(run, ad.llm, groups[src], target, window=window, stride=stride)
                 k.insert(0, "target", tgt)
                 k.insert(0, "source", src)
                 k["n_source"] = len(groups[src])
                 frames.append(k)
             tables["knockout"] = pd.concat(frames, ignore_index=True)
+            if skipped:
+                summary["knockout_skipped"] = {
+                    "pairs": skipped,
+                    "reason": "no ViT sink among the visual tokens: the sink group is empty and the "
+                    "non-sink group equals the image group",
+                }
             timings["knockout_s"] = time.perf_counter() - t
         if "decode" in analyses:
             from .knockout import decode_isolated

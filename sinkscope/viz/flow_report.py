@@ -99,9 +99,7 @@ def rollout_figure(
                 z=grid.to_numpy(),
                 x=grid.columns,
                 y=grid.index,
-                colorscale=style.NORM_COLORSCALE,
-                showscale=j == len(starts),
-                colorbar={"title": "rollout weight"},
+                coloraxis="coloraxis",
                 meta={"role": "rollout", "start": int(s), "start_kind": k},
                 hovertemplate="row %{y}, col %{x}<br>rollout %{z:.4f}<extra></extra>",
             ),
@@ -112,6 +110,10 @@ def rollout_figure(
         if rc is not None:
             fig.add_trace(_marker(rc, k), row=1, col=j)
         fig.update_yaxes(autorange="reversed", row=1, col=j)
+    # one colour scale shared by every panel, so panels compare by colour
+    fig.update_layout(
+        coloraxis={"colorscale": style.NORM_COLORSCALE, "colorbar": {"title": "rollout weight"}}
+    )
     style.apply_style(
         fig,
         title=f"Attention rollout - {image} - {_model_name(summary)} - sinks: {_vit_rule(summary)}",
@@ -172,13 +174,7 @@ def sink_maps_figure(
                     z=grid.to_numpy(),
                     x=grid.columns,
                     y=grid.index,
-                    colorscale=style.NORM_COLORSCALE if i == 1 else "Magma",
-                    showscale=j == len(starts),
-                    colorbar={
-                        "title": "rollout weight" if i == 1 else "attention (fraction)",
-                        "y": 0.79 if i == 1 else 0.21,
-                        "len": 0.42,
-                    },
+                    coloraxis="coloraxis" if i == 1 else "coloraxis2",
                     meta={"role": "rollout" if i == 1 else "relevance", "start": s, "start_kind": k},
                     hovertemplate="row %{y}, col %{x}<br>%{z:.4f}<extra></extra>",
                 ),
@@ -198,7 +194,19 @@ def sink_maps_figure(
             f"bottom: attention its key receives at block {layer}, mean over heads; sinks: {_vit_rule(summary)}</sup>"
         ),
     )
-    fig.update_layout(height=560, margin={"t": 110})
+    # one colour scale per row, shared by its panels, so tokens compare by colour
+    fig.update_layout(
+        height=560,
+        margin={"t": 110},
+        coloraxis={
+            "colorscale": style.NORM_COLORSCALE,
+            "colorbar": {"title": "rollout weight", "y": 0.79, "len": 0.42},
+        },
+        coloraxis2={
+            "colorscale": "Magma",
+            "colorbar": {"title": "attention (fraction)", "y": 0.21, "len": 0.42},
+        },
+    )
     return fig
 
 

@@ -38,7 +38,10 @@ def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -
     t = table[table.label == label].sort_values(["group", "layer"])
     fig = go.Figure()
     regression = (t.task == "regression").any()
+    empty = [g for g, d in t.groupby("group", sort=False) if not d.accuracy.notna().any()]
     for g, d in t.groupby("group", sort=False):
+        if g in empty:  # no image had such tokens (e.g. no sinks): said in the caption, not drawn
+            continue
         c = GROUP_COLORS.get(g, "#333333")
         x = d.layer.tolist()
         # +-1 std over folds, clipped to the score's range (accuracy in [0, 1], R2 <= 1)
@@ -95,7 +98,9 @@ def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -
     rule = (summary or {}).get("rule", {}).get("description", "")
     style.apply_style(
         fig,
-        title=f"Linear probe '{label}' - {model}<br><sup>sink groups by {rule}</sup>",
+        title=f"Linear probe '{label}' - {model}<br><sup>sink groups by {rule}"
+        + (f"<br>not drawn: {', '.join(empty)} (no image had such tokens)" if empty else "")
+        + "</sup>",
         x_title=style.LABEL_LAYER,
         y_title="R2 (held-out folds)" if regression else "accuracy (held-out folds)",
     )
