@@ -91,7 +91,7 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         if qm is not None:
-            module._sinkscope_out = ((w.float() * qm[:, None, :, None]).sum(2), qm.sum(1))
+            module._sinkscope_out = ((w.float() * qm[:, None, :, None]).sum(2), qm.sum(1), Q)
         return out, (w if keep else None)
     out, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -107,7 +107,7 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
         s = s + attention_mask[:, :, rows].float()
     p = torch.softmax(s, dim=-1)  # [batch, head, rows, key]
     w = qm[:, rows].to(p.dtype)
-    module._sinkscope_out = ((p * w[:, None, :, None]).sum(2), w.sum(1))
+    module._sinkscope_out = ((p * w[:, None, :, None]).sum(2), w.sum(1), Q)
     return out, None
 
 
@@ -259,7 +259,7 @@ class Capture:
         self.keep_dtype = keep_dtype
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._restore: list[tuple[nn.Module, object]] = []
-        self._sel_modules: list[nn.Module] = []
+        self._sel_modules: list[tuple[nn.Module, object, object]] = []
         self._model_attn_impl: str | None = None
         self._mask: torch.Tensor | None = None
         self._qmask: torch.Tensor | None = None
@@ -299,9 +299,12 @@ class Capture:
         for b in self.attn_blocks:
             mod = ad.attention(b)
             self._handles.append(mod.register_forward_hook(self._make_attn_hook(b)))
+            # a nested capture on the same block gets the block while it runs, then gives it back
+            self._sel_modules.append(
+                (mod, mod.__dict__.get("_sinkscope_sel"), mod.__dict__.get("_sinkscope_keep"))
+            )
             mod._sinkscope_sel = lambda B, Q, _dev=ad.device: self._query_weights(B, Q, _dev)
             mod._sinkscope_keep = b in self.keep_attn
-            self._sel_modules.append(mod)
         for b in self.mlp_blocks:
             self._handles.append(ad.mlp_out(b).register_forward_pre_hook(self._make_mlp_hook(b)))
         if self.attn_blocks:
@@ -336,10 +339,13 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for mod in self._sel_modules:
-            mod.__dict__.pop("_sinkscope_sel", None)
+        for mod, sel, keep in reversed(self._sel_modules):
             mod.__dict__.pop("_sinkscope_out", None)
-            mod.__dict__.pop("_sinkscope_keep", None)
+            for name, prev in (("_sinkscope_sel", sel), ("_sinkscope_keep", keep)):
+                if prev is None:
+                    mod.__dict__.pop(name, None)
+                else:
+                    setattr(mod, name, prev)
         self._sel_modules.clear()
         for mod, cfg in self._restore:
             mod.config = cfg
@@ -377,6 +383,10 @@ class Capture:
             qm = self._mask
         if qm is None:  # every query counts (e.g. one new token per generation step)
             return torch.ones(B, Q, device=device)
+        if qm.shape[0] != B:  # generate() expands the batch (beams, several sequences per prompt)
+            if B % qm.shape[0]:
+                raise SinkscopeError(f"batch of {B} in the forward, but masks for {qm.shape[0]} items")
+            qm = qm.repeat_interleave(B // qm.shape[0], dim=0)
         return qm.to(device, torch.float32)
 
     def _make_attn_hook(self, block: int):
@@ -385,7 +395,7 @@ class Capture:
                 self._buf.setdefault("attn_maps", {})[block] = output[1].detach().to("cpu", torch.float32)
             reduced = module.__dict__.pop("_sinkscope_out", None)
             if reduced is not None:  # reduced inside sinkscope_attention
-                recv, count = reduced
+                recv, count, n_q = reduced
             else:
                 w = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
                 if w is None:
@@ -394,10 +404,17 @@ class Capture:
                     )
                 w = w.detach().float()  # [batch, head, query, key]
                 qm = self._query_weights(w.shape[0], w.shape[2], w.device)
-                recv, count = (w * qm[:, None, :, None]).sum(2), qm.sum(1)
+                recv, count, n_q = (w * qm[:, None, :, None]).sum(2), qm.sum(1), w.shape[2]
+            # Which positions the keys are: a forward without cache sees keys 0..K-1 (K == queries);
+            # a generate() step sees the cache plus its queries, and a sliding-window cache only the
+            # last K of the positions seen so far - so the keys start at (positions seen - K).
+            seen = self._buf.setdefault("attn_seen", {})
+            K = recv.shape[-1]
+            seen[block] = n_q if K == n_q else seen.get(block, 0) + n_q
+            offset = max(0, seen[block] - K)
             # accumulate (sum over chosen queries, query count): a generate() call adds one entry per step
             self._buf.setdefault("attn_parts", {}).setdefault(block, []).append(
-                (recv.detach().float().cpu(), count.float().cpu())
+                (recv.detach().float().cpu(), count.float().cpu(), offset)
             )
 
         return hook
@@ -485,8 +502,8 @@ class Capture:
 
         heads = {}
         for b, parts in self._buf.get("attn_parts", {}).items():
-            k_max = max(p[0].shape[-1] for p in parts)
-            total = sum(torch.nn.functional.pad(p[0], (0, k_max - p[0].shape[-1])) for p in parts)
+            k_max = max(off + p.shape[-1] for p, _, off in parts)
+            total = sum(torch.nn.functional.pad(p, (off, k_max - off - p.shape[-1])) for p, _, off in parts)
             count = sum(p[1] for p in parts)  # [batch]
             heads[b] = total / count.clamp_min(1)[:, None, None]
         cap = BatchCapture(

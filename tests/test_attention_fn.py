@@ -115,3 +115,54 @@ def test_keep_attention_returns_full_maps_equal_to_huggingface():
         model.set_attn_implementation("sdpa")
     assert sorted(got.attn_maps) == [1] and sorted(got.attn_received) == [1]
     torch.testing.assert_close(got.attn_maps[1], ref[1].float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_generate_steps_credit_the_right_keys_with_and_without_a_sliding_window(window):
+    """During generate() each step's queries see the cache; with a sliding window only the last W
+    keys. Attention received, averaged over the generated steps, must equal the rows of those
+    positions in one eager forward over the final sequence."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=window)).eval()
+    ad = CausalLMAdapter(model, "mistral")
+    ids = torch.randint(3, 60, (1, 8), generator=torch.Generator().manual_seed(2))
+    qmask = torch.zeros_like(ids, dtype=torch.bool)  # prefill queries excluded; each new token counts
+    with torch.no_grad(), Capture(ad, layers=None, attention="all") as cap:
+        box = {}
+        got = cap.run_fn(
+            lambda: box.setdefault(
+                "seq", model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+            ),
+            query_mask=qmask,
+        )
+    seq = box["seq"][:, :-1]  # the last generated token is never fed back
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(seq, output_attentions=True).attentions
+        model.set_attn_implementation("sdpa")
+    for b in range(ad.n_layers):
+        expected = ref[b][0, :, 8:, :].float().mean(1)  # [head, key], rows of the generated steps
+        torch.testing.assert_close(got.attn_received_heads[b][0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_beam_search_expands_the_query_masks():
+    model = _models()["llama-gqa"].eval()
+    ad = CausalLMAdapter(model, "llama")
+    batch = _inputs()
+    mask = batch.attention_mask
+    with torch.no_grad(), Capture(ad, layers=None, attention="all") as cap:
+        got = cap.run_fn(
+            lambda: model.generate(
+                batch.tensors["input_ids"],
+                attention_mask=mask,
+                max_new_tokens=2,
+                num_beams=2,
+                do_sample=False,
+            ),
+            attention_mask=mask,
+            query_mask=mask.bool(),
+        )
+    assert got.attn_received[0].shape[0] == 4  # 2 items x 2 beams
+    torch.testing.assert_close(got.attn_received[0].sum(-1), torch.ones(4), atol=1e-5, rtol=0)

@@ -348,6 +348,20 @@ def test_a_failed_rerun_keeps_the_previous_results(figdir, monkeypatch):
     assert rep2.figures[0].status == "failed" and "killed mid-run" in rep2.figures[0].error
     assert (run_dir / "run.json").read_text() == before and (run_dir / "tokens.parquet").exists()
     assert not list(run_dir.parent.glob(".tmp-*"))
+    # the figure is not left standing for results it was not drawn from
+    assert not (figdir / "out" / "tiny-counts.html").exists()
+
+
+def test_a_figure_that_fails_to_redraw_leaves_no_stale_file(figdir):
+    rep, _ = _regen(figdir, png=False, only=["tiny-heatmap"])
+    assert rep.ok and (figdir / "out" / "tiny-heatmap.html").exists()
+    toml = figdir / "figures.toml"
+    toml.write_text(
+        toml.read_text().replace('options = { image = "b.png" }', 'options = { image = "nope.png" }')
+    )
+    rep2, _ = _regen(figdir, png=False, only=["tiny-heatmap"])
+    assert rep2.figures[0].status == "failed"
+    assert not (figdir / "out" / "tiny-heatmap.html").exists()
 
 
 @pytest.mark.parametrize(

@@ -296,3 +296,27 @@ def test_cli_forwards_figures_to_the_regeneration_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", "--help"])
     assert e.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_report_reads_flow_runs_of_any_analysis_and_names_the_queries(runs, tmp_path):
+    img = tmp_path / "f.png"
+    Image.fromarray(paint_markers(np.full((32, 32, 3), 110, np.uint8), [FLOW_MARK])).save(img)
+    ko = tmp_path / "ko"
+    base = ["flow", "--model", "tiny-llava+sinks", "--images", str(img), "--vit-threshold", "100"]
+    assert main(base + ["--analysis", "knockout", "--window", "2", "--out", str(ko)]) == 0
+    assert run_kind(ko) == "flow"
+    (sec,) = build_sections([ko])
+    assert [h for h, _ in sec.figures] == ["Attention knockout"]
+    gen = tmp_path / "gen"
+    assert main(base + ["--analysis", "propagation", "--generate", "2", "--out", str(gen)]) == 0
+    (sec,) = build_sections([gen])
+    assert any("of the attention of 2 generated tokens" in f for f in sec.findings)
+
+
+def test_probe_findings_give_chance_per_group(runs):
+    from sinkscope.viz.report import probe_findings
+
+    t = pd.read_csv(runs["probe"] / "probe.csv")
+    t2 = pd.concat([t, t[t.group == "cls"].assign(group="sink", chance=0.6)])
+    text = " ".join(probe_findings(t2, {}))
+    assert "cls 1.00" in text and "(chance 0.50" in text and "(chance 0.60" in text

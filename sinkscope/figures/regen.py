@@ -427,9 +427,11 @@ def _ensure_figure(
     run_s = ro.seconds if ro.status == "ran" else 0.0
     if ro.status == "failed":
         fo = FigureOutcome(fig.name, "failed", run.id, run_s=run_s, error=f"run {run.id} failed: {ro.error}")
+        _drop_outputs(out, fig.name)  # never leave a figure of older results behind a failure
         manifest["figures"][fig.name] = {
             **(old or {}),
             **record,
+            "files": [],
             "status": "failed",
             "error": fo.error,
             "updated": _now(),
@@ -459,6 +461,7 @@ def _ensure_figure(
     except Exception as e:
         msg = str(e) if isinstance(e, SinkscopeError) else f"{type(e).__name__}: {e}"
         log.debug("figure %s failed:\n%s", fig.name, traceback.format_exc())
+        _drop_outputs(out, fig.name)
         manifest["figures"][fig.name] = {
             **record,
             "status": "failed",
@@ -494,3 +497,11 @@ def report_dict(rep: RegenReport) -> dict[str, Any]:
         "figures": [asdict(f) for f in rep.figures],
         "runs": {k: asdict(v) for k, v in rep.runs.items()},
     }
+
+
+def _drop_outputs(out: Path, name: str) -> None:
+    """Remove a figure's HTML and PNG (after a failure, they would show older results)."""
+    for suffix in (".html", ".png"):
+        f = out / f"{name}{suffix}"
+        if f.exists():
+            f.unlink()

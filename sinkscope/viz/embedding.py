@@ -6,7 +6,7 @@ The embeddings come from a scan run saved with ``--save-layers`` (the activation
 >>> X, meta = token_embeddings("runs/scan", layer=12)                   # doctest: +SKIP
 >>> umap_figure(X, meta, color="role", title_info="dinov2-small, layer 12").show()   # doctest: +SKIP
 
-UMAP is seeded (``seed``, default 0): the same tokens give the same picture. Non-sink patches
+UMAP is seeded (``seed``, default 0): the same tokens give the same picture. Non-sink patch and text tokens
 are subsampled (``max_tokens``) while every sink, CLS and register token is kept.
 """
 
@@ -52,7 +52,7 @@ def token_embeddings(
     """Hidden states of every stored token at ``layer`` and one metadata row per token.
 
     ``meta`` columns: ``image, token, kind, row, col, norm, is_sink, role`` (+ ``label`` when
-    ``labels`` maps image names to labels). Non-sink patches beyond ``max_tokens`` are dropped at
+    ``labels`` maps image names to labels). Non-sink patch and text tokens beyond ``max_tokens`` are dropped at
     random (seeded); sinks, CLS and registers are always kept.
     """
     run = Path(run_dir)
@@ -91,7 +91,7 @@ def token_embeddings(
     meta["role"] = token_roles(meta["kind"], meta["is_sink"])
     if labels is not None:
         meta["label"] = meta["image"].map(labels).fillna("?")
-    keep = meta.role != "non-sink"
+    keep = meta.role.isin(["sink", "CLS", "register"])  # patches and text tokens are subsampled
     non = np.flatnonzero(~keep.to_numpy())
     budget = max(0, max_tokens - int(keep.sum()))
     if len(non) > budget:

@@ -56,8 +56,15 @@ def run_kind(run_dir: str | Path) -> str:
         return "scan"
     if (d / "probe.csv").exists():
         return "probe"
-    if (d / "visual_tokens.parquet").exists() or (d / "rollout.csv").exists():
+    flow_files = ("visual_tokens.parquet", "rollout.csv", "knockout.csv", "decode.csv", "attribution.csv")
+    if any((d / f).exists() for f in flow_files):
         return "flow"
+    if (d / "summary.json").exists():
+        try:
+            if "analyses" in json.loads((d / "summary.json").read_text()):
+                return "flow"
+        except (json.JSONDecodeError, TypeError):
+            pass
     raise SinkscopeError(
         f"{d}: not a sinkscope run (expected tokens.parquet, probe.csv, or visual_tokens.parquet/rollout.csv)"
     )
@@ -110,7 +117,8 @@ def scan_findings(tokens: pd.DataFrame, summary: dict) -> list[str]:
         )
     else:
         per = sinks.groupby("layer").size()
-        emerg = summary.get("emergence_layer", int(per.index.min()))
+        emerg = summary.get("emergence_layer")
+        emerg = int(per.index.min()) if emerg is None else emerg
         last = int(tokens["layer"].max())
         at_last = sinks[sinks.layer == last]
         with_sink = at_last["image"].nunique()
@@ -219,20 +227,23 @@ def probe_findings(table: pd.DataFrame, summary: dict) -> list[str]:
         f"{summary.get('folds', '?')}-fold held-out scores."
     ]
     for label, t in table.groupby("label", sort=False):
-        chance = float(t["chance"].max()) if "chance" in t and t["chance"].notna().any() else None
         parts = []
         for g, d in t.groupby("group", sort=False):
             if not d["accuracy"].notna().any():
                 parts.append(f"{g} no score (no image had such tokens)")
                 continue
             best = d.loc[d["accuracy"].idxmax()]
-            shuf = f", shuffled {best['shuffle_accuracy']:.2f}" if "shuffle_accuracy" in d else ""
-            parts.append(f"{g} {best['accuracy']:.2f} at layer {int(best['layer'])}{shuf}")
-        out.append(
-            f"'{label}': best score per group - "
-            + "; ".join(parts)
-            + (f" (chance {chance:.2f})." if chance is not None else ".")
-        )
+            extra = []
+            if "chance" in d and pd.notna(best.get("chance")):
+                extra.append(f"chance {best['chance']:.2f}")  # per group: groups may use fewer images
+            if "shuffle_accuracy" in d and pd.notna(best.get("shuffle_accuracy")):
+                extra.append(f"shuffled labels {best['shuffle_accuracy']:.2f}")
+            parts.append(
+                f"{g} {best['accuracy']:.2f} at layer {int(best['layer'])}"
+                + (f" ({', '.join(extra)})" if extra else "")
+            )
+        kind = "R2" if "task" in t and (t["task"] == "regression").any() else "accuracy"
+        out.append(f"'{label}': best {kind} per group - " + "; ".join(parts) + ".")
     return out
 
 
@@ -253,10 +264,9 @@ def probe_section(run_dir: str | Path) -> RunSection:
 def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
     """What the flow tables say: ViT sinks among visual tokens, their LLM attention vs non-sinks,
     the knockout window with the largest effect."""
-    out = [
-        f"{_name(summary)}; prompt: {summary.get('prompt', '?')!r}; ViT sinks: "
-        f"{(summary.get('vit_rule') or {}).get('description', '?')}."
-    ]
+    prompt = f"; prompt: {summary['prompt']!r}" if summary.get("prompt") else ""
+    out = [f"{_name(summary)}{prompt}; ViT sinks: {(summary.get('vit_rule') or {}).get('description', '?')}."]
+    queries = (summary.get("propagation") or {}).get("queries", "the text tokens")
     vt = tables.get("visual_tokens")
     if vt is not None and len(vt):
         n_s = int(vt.is_vit_sink.sum())
@@ -265,7 +275,7 @@ def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
             s = vt[vt.is_vit_sink].attention_received.mean()
             o = vt[~vt.is_vit_sink].attention_received.mean()
             out.append(
-                f"Averaged over LLM layers, a ViT sink receives {_pct(s)} of the text tokens' attention, "
+                f"Averaged over LLM layers, a ViT sink receives {_pct(s)} of the attention of {queries}, "
                 f"{s / o:.2f}x a non-sink visual token ({_pct(o)})."
             )
         em = int(((~vt.is_vit_sink) & (vt.llm_sink_layers > 0)).sum())
@@ -279,6 +289,7 @@ def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
             + f" (uniform {_pct(float(g.uniform.mean()))})."
         )
     ko = tables.get("knockout")
+    ko = ko.dropna(subset=["relative_change"]) if ko is not None and "relative_change" in ko else None
     if ko is not None and len(ko):
         worst = ko.loc[ko.relative_change.abs().idxmax()]
         out.append(
