@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--device", default=None)
     fl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     fl.add_argument("--out", default="sinkscope-flow", help="output folder (default: %(default)s)")
+    fl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser(
         "report",
@@ -462,6 +463,7 @@ def _cmd_flow(a: argparse.Namespace) -> int:
         attribution_steps=a.attribution_steps,
         device=a.device,
         dtype=a.dtype,
+        progress=not a.quiet,
     )
     s = res["summary"]
     if s.get("warning"):

@@ -266,3 +266,14 @@ def test_attention_section(tmp_path):
     assert 'id="fig-attention"' in page
     with pytest.raises(ValueError):
         attention_norm_figure(_tokens(), summary)
+
+
+def test_titles_name_model_rule_and_threshold(scan):
+    tokens, summary = scan
+    rule = summary["rule"]["description"]
+    for fig in (norm_distribution_figure(tokens, summary), sink_count_figure(tokens, summary)):
+        assert "toy-vit-s16" in fig.layout.title.text and rule.replace(">", "&gt;") in fig.layout.title.text
+    heat = patch_heatmap_figure(tokens, summary, "cat.jpg")
+    steps = heat.layout.sliders[0].steps
+    assert "threshold at this layer 100" in steps[2].args[1]["title.text"]  # layer 2's threshold
+    assert "threshold at this layer" not in steps[0].args[1]["title.text"]  # layer 0 has none

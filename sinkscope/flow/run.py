@@ -69,8 +69,12 @@ def run_flow(
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the chosen analyses on one prompt with its images; return (and write) the tables."""
+    """Run the chosen analyses on one prompt with its images; return (and write) the tables.
+
+    ``progress`` shows a bar with one step per analysis (and per knockout pair).
+    """
     t0 = time.perf_counter()
     bad = [a for a in analyses if a not in ANALYSES]
     if bad:
@@ -101,15 +105,20 @@ def run_flow(
     if is_vlm and ad.planted is None and getattr(ad, "projector_trained", True) is False:
         summary["warning"] = "the projector is untrained: the model's answers carry no meaning"
     timings: dict[str, float] = {}
+    n_steps = len(analyses) + (4 if "knockout" in analyses else 0)  # knockout: 5 source -> target pairs
+    bar = _steps(n_steps, progress and is_vlm or (progress and len(arrays) > 4))
     if "rollout" in analyses:
+        bar.set_postfix_str("rollout")
         t = time.perf_counter()
         tables.update(_rollout_table(getattr(ad, "vision", ad), arrays, [it.name for it in items], vit_rule))
         timings["rollout_s"] = time.perf_counter() - t
+        bar.update(1)
     prop = None
     if is_vlm and {"propagation", "knockout", "decode", "attribution"} & set(analyses):
         from .propagation import propagation
 
         t = time.perf_counter()
+        bar.set_postfix_str("propagation")
         prop = propagation(
             ad,
             arrays,
@@ -127,6 +136,7 @@ def run_flow(
             tables["attention_by_bin"] = prop.by_bin
             tables["attention_by_group"] = prop.by_group
             summary["propagation"] = prop.summary
+            bar.update(1)
     if is_vlm and ({"knockout", "decode", "attribution"} & set(analyses)):
         inp = ad.build_inputs(arrays, prompt)
         kw = {k: inp[k].to(ad.device) for k in ("input_ids", "attention_mask")}
@@ -159,8 +169,11 @@ def run_flow(
                 if not groups[src] or (src == "nonsinks" and not sinks):
                     # nothing to block (no ViT sink), or the same tokens as "image": not rerun
                     skipped.append(f"{src} -> {tgt}")
+                    bar.update(1)
                     continue
+                bar.set_postfix_str(f"knockout {src} -> {tgt}")
                 k = knockout(run, ad.llm, groups[src], target, window=window, stride=stride)
+                bar.update(1)
                 k.insert(0, "target", tgt)
                 k.insert(0, "source", src)
                 k["n_source"] = len(groups[src])
@@ -174,6 +187,7 @@ def run_flow(
                 }
             timings["knockout_s"] = time.perf_counter() - t
         if "decode" in analyses:
+            bar.set_postfix_str("decode")
             from .knockout import decode_isolated
 
             t = time.perf_counter()
@@ -191,7 +205,9 @@ def run_flow(
                 ["image", "vit_token", "is_vit_sink", "position", "rank", "token_id", "token", "prob"]
             ]
             timings["decode_s"] = time.perf_counter() - t
+            bar.update(1)
         if "attribution" in analyses:
+            bar.set_postfix_str("attribution")
             from .attribution import attribute_visual_tokens
 
             t = time.perf_counter()
@@ -213,11 +229,33 @@ def run_flow(
                 .to_dict()
             )
             timings["attribution_s"] = time.perf_counter() - t
+            bar.update(1)
+    bar.close()
     summary["timings"] = {k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()}
     summary["versions"] = package_versions(("sinkscope", "torch", "transformers", "captum"))
     if out is not None:
         write_flow_outputs(Path(out), tables, summary)
     return {"tables": tables, "summary": summary}
+
+
+class _NoSteps:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _steps(total: int, enabled: bool):
+    """A progress bar over the analysis steps (a no-op when disabled)."""
+    if not enabled:
+        return _NoSteps()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="flow", unit="step")
 
 
 def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> dict[str, pd.DataFrame]:

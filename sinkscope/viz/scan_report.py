@@ -134,6 +134,24 @@ def _model_title(summary: Mapping) -> str:
     return f"{name} ({family})" if family else str(name)
 
 
+def _rule_caption(summary: Mapping, layer: int | None = None) -> str:
+    """``rule: <description>`` plus the threshold (at ``layer`` when given) for figure subtitles."""
+    rule = summary.get("rule") or {}
+    desc = str(rule.get("description", "")) if isinstance(rule, Mapping) else str(rule)
+    if not desc:
+        return ""
+    if layer is not None:
+        thr = _thresholds(summary).get(int(layer))
+        if thr is not None:
+            desc += f"; threshold at this layer {thr:.4g}"
+    return "rule: " + html.escape(desc)
+
+
+def _with_rule(title: str, summary: Mapping) -> str:
+    cap = _rule_caption(summary)
+    return title + (f"<br><sup>{cap}</sup>" if cap else "")
+
+
 def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
     """Colour-bar ticks for a ``log10`` colour axis from ``lo`` to ``hi`` (both log10 values)."""
     vals = []
@@ -328,7 +346,10 @@ def norm_distribution_figure(tokens: pd.DataFrame, summary: Mapping) -> go.Figur
         )
 
     style.apply_style(
-        fig, f"L2 norm per layer — {_model_title(summary)}", style.LABEL_LAYER, style.LABEL_LOG_NORM
+        fig,
+        _with_rule(f"L2 norm per layer — {_model_title(summary)}", summary),
+        style.LABEL_LAYER,
+        style.LABEL_LOG_NORM,
     )
     fig.update_layout(
         boxmode="group",
@@ -399,7 +420,7 @@ def sink_count_figure(tokens: pd.DataFrame, summary: Mapping) -> go.Figure:
         fig.add_vline(x=e - 0.5, line={"color": style.EMERGENCE_COLOR, "dash": "dot", "width": 1.5})
     else:
         title += " (no emergence layer)"
-    style.apply_style(fig, title, style.LABEL_LAYER, style.LABEL_SINK_COUNT)
+    style.apply_style(fig, _with_rule(title, summary), style.LABEL_LAYER, style.LABEL_SINK_COUNT)
     fig.update_layout(height=380, showlegend=False, bargap=0.15)
     fig.update_xaxes(dtick=1)
     fig.update_yaxes(rangemode="tozero", tickformat=",d", dtick=1 if max(counts, default=0) <= 10 else None)
@@ -520,7 +541,11 @@ def patch_heatmap_figure(
         )
         if len(sinks) != n_sinks:
             title += f" ({len(sinks)} in the grid)"
-        caption = _non_patch_caption(by_layer.get(layer, df.iloc[:0]))
+        caption = "; ".join(
+            c
+            for c in (_non_patch_caption(by_layer.get(layer, df.iloc[:0])), _rule_caption(summary, layer))
+            if c
+        )
         titles.append(title + (f"<br><sup>{caption}</sup>" if caption else ""))
 
     visible = []
@@ -638,7 +663,9 @@ def text_norm_figure(tokens: pd.DataFrame, summary: Mapping, image_name: str | N
     )
     style.apply_style(
         fig,
-        f"L2 norm by token and layer — {html.escape(str(image_name))}",
+        _with_rule(
+            f"L2 norm by token and layer — {html.escape(str(image_name))} — {_model_title(summary)}", summary
+        ),
         style.LABEL_TOKEN,
         style.LABEL_LAYER,
     )
@@ -721,7 +748,7 @@ def attention_norm_figure(tokens: pd.DataFrame, summary: Mapping) -> go.Figure:
     visible = [[i == j for j in range(len(layers)) for _ in range(n)] for i in range(len(layers))]
     style.apply_style(
         fig,
-        f"Attention received vs L2 norm — {_model_title(summary)}",
+        _with_rule(f"Attention received vs L2 norm — {_model_title(summary)}", summary),
         style.LABEL_NORM,
         style.LABEL_ATTENTION,
     )
