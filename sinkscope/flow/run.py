@@ -13,7 +13,7 @@ Analyses (``--analysis``):
 - ``knockout`` (VLM): ``knockout.csv`` (``source, target, window_start, window_end, p_answer,
   p_base, delta, relative_change``)
 - ``decode`` (VLM): ``decode.csv`` (isolated visual tokens through the LM head:
-  ``image, vit_token, is_vit_sink, position, rank, token_id, token, prob``)
+  ``image, image_name, vit_token, is_vit_sink, position, rank, token_id, token, prob``)
 - ``attribution`` (VLM): ``attribution.csv`` (captum, per visual token)
 
 >>> run_flow("tiny-llava+sinks", prompt="What is this?", out="runs/flow")   # doctest: +SKIP
@@ -144,7 +144,6 @@ def run_flow(
         run = lambda: ad.model(**kw)  # noqa: E731
         ids = inp["input_ids"][0]
         seq = len(ids)
-        vt = prop.visual_tokens
         img_pos = vt.llm_position.tolist()
         sinks = vt[vt.is_vit_sink].llm_position.tolist()
         nonsinks = vt[~vt.is_vit_sink].llm_position.tolist()
@@ -199,10 +198,20 @@ def run_flow(
             )
             chosen = sorted(set(sinks) | {int(p) for p in pick_ns})
             d = decode_isolated(run, ad.llm, chosen, seq, ad.tokenizer, top_k=top_k)
-            meta = vt.set_index("llm_position")[["image", "vit_token", "is_vit_sink"]]
+            meta = vt.set_index("llm_position")[["image", "image_name", "vit_token", "is_vit_sink"]]
             d = d.join(meta, on="position")
             tables["decode"] = d[
-                ["image", "vit_token", "is_vit_sink", "position", "rank", "token_id", "token", "prob"]
+                [
+                    "image",
+                    "image_name",
+                    "vit_token",
+                    "is_vit_sink",
+                    "position",
+                    "rank",
+                    "token_id",
+                    "token",
+                    "prob",
+                ]
             ]
             timings["decode_s"] = time.perf_counter() - t
             bar.update(1)
