@@ -147,9 +147,14 @@ class _RunDir:
         cfg_path.write_text(json.dumps(config, indent=1))
 
     def done(self) -> dict[str, dict]:
+        return self.read_progress(self.progress)
+
+    @staticmethod
+    def read_progress(progress: Path) -> dict[str, dict]:
+        """Image name -> its last logged record (a torn last line from a kill is ignored)."""
         out: dict[str, dict] = {}
-        if self.progress.exists():
-            for line in self.progress.read_text().splitlines():
+        if progress.exists():
+            for line in progress.read_text().splitlines():
                 if line.strip():
                     try:
                         recs = json.loads(line)
@@ -184,6 +189,22 @@ class _RunDir:
             df = pd.read_parquet(self.parts / p)
             frames.append(df[df["image"].isin(names)])
         return pd.concat(frames, ignore_index=True)
+
+
+def seen_pictures(run_dir: str | Path) -> dict[str, Path]:
+    """Image name -> the saved picture the model saw (``seen/*.png``) of a scan run folder, read
+    from its ``progress.jsonl`` (later records win; a torn last line is ignored).
+
+    >>> seen_pictures("sinkscope-out")["astronaut"]            # doctest: +SKIP
+    PosixPath('sinkscope-out/seen/00000.png')
+    """
+    d = Path(run_dir)
+    out: dict[str, Path] = {}
+    for name, rec in _RunDir.read_progress(d / "progress.jsonl").items():
+        f = d / "seen" / str(rec.get("seen") or "")
+        if rec.get("seen") and f.is_file():
+            out[name] = f
+    return out
 
 
 def _save_seen(path: Path, pixels: np.ndarray) -> None:

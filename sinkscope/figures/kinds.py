@@ -93,23 +93,14 @@ class RunData:
 
     def picture(self, image: str) -> np.ndarray | None:
         """The (resized) picture a scan's model saw, from ``seen/`` via ``progress.jsonl``; None if not kept."""
-        log = self.dir / "progress.jsonl"
-        if not log.exists():
-            return None
-        seen = None
-        for line in log.read_text().splitlines():
-            try:
-                recs = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            for rec in recs if isinstance(recs, list) else [recs]:
-                if str(rec.get("image")) == str(image) and rec.get("seen"):
-                    seen = rec["seen"]
-        if seen is None or not (self.dir / "seen" / seen).exists():
+        from ..scan import seen_pictures
+
+        f = seen_pictures(self.dir).get(str(image))
+        if f is None:
             return None
         from PIL import Image
 
-        return np.asarray(Image.open(self.dir / "seen" / seen).convert("RGB"))
+        return np.asarray(Image.open(f).convert("RGB"))
 
 
 @dataclass(frozen=True)

@@ -75,20 +75,11 @@ def load_scan_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict, dict[str, np
     d = Path(run_dir)
     tokens = pd.read_parquet(d / "tokens.parquet")
     summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
-    pixels: dict[str, np.ndarray] = {}
-    prog = d / "progress.jsonl"
-    if prog.exists():
-        from PIL import Image
+    from PIL import Image
 
-        for line in prog.read_text().splitlines():
-            try:
-                recs = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            for rec in recs if isinstance(recs, list) else [recs]:
-                f = d / "seen" / str(rec.get("seen") or "")
-                if rec.get("seen") and f.is_file():
-                    pixels[rec["image"]] = np.asarray(Image.open(f).convert("RGB"))
+    from ..scan import seen_pictures
+
+    pixels = {name: np.asarray(Image.open(f).convert("RGB")) for name, f in seen_pictures(d).items()}
     return tokens, summary, pixels
 
 
