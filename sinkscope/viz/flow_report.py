@@ -181,7 +181,9 @@ def sink_maps_figure(
                 row=i,
                 col=j,
             )
-            rc = _start_marker(r[r.start == s] if len(r) else v[v.token == s], s)
+            # the token's own grid cell: rollout rows list every patch as ``token`` (relevance rows
+            # name the probed token, not the key, so they cannot place the mark)
+            rc = _start_marker(r[r.start == s], s) if len(r) else None
             if rc is not None:
                 fig.add_trace(_marker(rc, k), row=i, col=j)
             fig.update_yaxes(autorange="reversed", row=i, col=j)
