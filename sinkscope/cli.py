@@ -303,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     fl.add_argument("--out", default="sinkscope-flow", help="output folder (default: %(default)s)")
     fl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fl.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the tokenizer's chat template (text, not an image, starts the sequence)",
+    )
 
     r = sub.add_parser(
         "report",
@@ -464,6 +469,7 @@ def _cmd_flow(a: argparse.Namespace) -> int:
         device=a.device,
         dtype=a.dtype,
         progress=not a.quiet,
+        chat=a.chat,
     )
     s = res["summary"]
     if s.get("warning"):

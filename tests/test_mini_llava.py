@@ -267,3 +267,23 @@ def test_projector_seed_and_loading(ad, tmp_path):
     torch.save({"linear_1.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(SinkscopeError, match="did not load"):
         build_mini_llava(projector=bad)
+
+
+@pytest.mark.parametrize("prompt", ["<image>\nWhat is in the picture?", "Compare <image> and <image> please."])
+def test_build_inputs_with_chat_template_equals_mini_llava_inputs(ad, images, prompt):
+    """The generic chat path of LlavaAdapter.build_inputs gives the same ids as mini-llava's own
+    tokenisation of SmolLM2's chat template (one image or two, markers anywhere)."""
+    n = prompt.count("<image>")
+    ref = mini_llava_inputs(ad, images[:n], prompt)["input_ids"]
+    got = ad.build_inputs(images[:n], prompt, chat=True)["input_ids"]
+    assert torch.equal(got, ref)
+    plain = ad.build_inputs(images[:n], prompt)["input_ids"]
+    assert int(plain[0, 0]) != int(got[0, 0]) == ad.tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_chat_needs_a_template():
+    from sinkscope import SinkscopeError, load_model
+
+    tiny = load_model("tiny-llava")
+    with pytest.raises(SinkscopeError, match="no chat template"):
+        tiny.build_inputs([np.zeros((32, 32, 3), np.uint8)], "what ?", chat=True)

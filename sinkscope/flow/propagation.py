@@ -63,6 +63,7 @@ def propagation(
     llm_rule: DimsRule | None = None,
     generate: int = 0,
     bin_width: float = 5.0,
+    chat: bool = False,
 ) -> Propagation:
     """Attention the LLM pays to each visual token, against its ViT norm.
 
@@ -71,7 +72,8 @@ def propagation(
     (default Kang et al.: ``DimsRule(tau=20, min_layer=2)``; sink dims discovered on this input).
     ``generate``: 0 averages the attention of the prompt's text tokens after the first image
     (prefill); ``n > 0`` generates ``n`` tokens greedily and averages the attention of each newly
-    generated token instead (the paper's setting).
+    generated token instead (the paper's setting). ``chat``: wrap the prompt in the tokenizer's
+    chat template (see :meth:`LlavaAdapter.build_inputs`).
     """
     if not isinstance(ad, LlavaAdapter):
         raise SinkscopeError(f"model {ad.name!r} is not a LLaVA-style model (family {ad.family!r})")
@@ -79,7 +81,7 @@ def propagation(
     llm_rule = llm_rule or DimsRule(tau=20.0, min_layer=2)
     if vit_rule.mode == "auto":
         raise SinkscopeError("the ViT sink rule needs an absolute or relative threshold here")
-    inp = ad.build_inputs(images, prompt)
+    inp = ad.build_inputs(images, prompt, chat=chat)
     ids, pv, am = inp["input_ids"], inp["pixel_values"], inp["attention_mask"]
     lay: TokenLayout = inp["layout"]
     dev = ad.device
@@ -164,6 +166,7 @@ def propagation(
     summary = {
         "model": ad.describe(),
         "prompt": prompt,
+        "chat_template": chat,
         "n_images": len(images),
         "queries": f"{generate} generated tokens"
         if generate

@@ -70,10 +70,12 @@ def run_flow(
     dtype: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    chat: bool = False,
 ) -> dict[str, Any]:
     """Run the chosen analyses on one prompt with its images; return (and write) the tables.
 
-    ``progress`` shows a bar with one step per analysis (and per knockout pair).
+    ``progress`` shows a bar with one step per analysis (and per knockout pair). ``chat`` wraps
+    the prompt in the tokenizer's chat template (text first, as the model was trained).
     """
     t0 = time.perf_counter()
     bad = [a for a in analyses if a not in ANALYSES]
@@ -99,6 +101,7 @@ def run_flow(
         "model": ad.describe(),
         "images": [it.name for it in items],
         "prompt": prompt if is_vlm else None,
+        "chat_template": bool(chat) if is_vlm else None,
         "analyses": list(analyses),
         "vit_rule": rule_to_dict(vit_rule),
     }
@@ -127,6 +130,7 @@ def run_flow(
             llm_rule=DimsRule(tau=llm_tau, min_layer=2),
             generate=generate,
             bin_width=bin_width,
+            chat=chat,
         )
         timings["propagation_s"] = time.perf_counter() - t
         vt = prop.visual_tokens.copy()
@@ -138,7 +142,7 @@ def run_flow(
             summary["propagation"] = prop.summary
             bar.update(1)
     if is_vlm and ({"knockout", "decode", "attribution"} & set(analyses)):
-        inp = ad.build_inputs(arrays, prompt)
+        inp = ad.build_inputs(arrays, prompt, chat=chat)
         kw = {k: inp[k].to(ad.device) for k in ("input_ids", "attention_mask")}
         kw["pixel_values"] = inp["pixel_values"].to(ad.device, ad.dtype)
         run = lambda: ad.model(**kw)  # noqa: E731

@@ -120,14 +120,20 @@ class LlavaAdapter(Adapter):
             for k, p in enumerate(pos)
         ]
 
-    def build_inputs(self, images: list[Any], prompt: str, image_marker: str = "<image>") -> dict[str, Any]:
+    def build_inputs(
+        self, images: list[Any], prompt: str, image_marker: str = "<image>", chat: bool = False
+    ) -> dict[str, Any]:
         """LLaVA inputs for one prompt with any number of images, without a hub processor.
 
         ``prompt`` holds one ``image_marker`` per image (missing markers are put in front); each
         marker becomes as many image tokens as the select strategy feeds (LLaVA-1.5: 576). Returns
         ``input_ids``, ``attention_mask``, ``pixel_values`` ``[images, 3, H, W]`` and the ViT layout.
+        ``chat=True`` wraps the prompt in the tokenizer's chat template as one user turn (plus the
+        assistant's opening), so text - not an image token - starts the sequence, as in training;
+        without it, a tokenizer that adds no BOS (SmolLM2) starts the sequence with image tokens.
 
         >>> inp = ad.build_inputs([img], "<image> What is in the picture?")     # doctest: +SKIP
+        >>> inp = ad.build_inputs([img], "What is in the picture?", chat=True)  # doctest: +SKIP
         """
         if self.tokenizer is None:
             raise SinkscopeError(f"model {self.name!r} has no tokenizer to build a prompt with")
@@ -140,9 +146,23 @@ class LlavaAdapter(Adapter):
         lay = vis.layouts[0]
         n_feat = len(self.fed_vit_tokens(lay.n_tokens))
         tok = self.tokenizer
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise SinkscopeError(
+                    f"model {self.name!r}: its tokenizer has no chat template; write the template into the prompt"
+                )
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         ids: list[int] = []
         probe_ids = tok("a").input_ids
-        if tok.bos_token_id is not None and probe_ids and probe_ids[0] == tok.bos_token_id:
+        starts_with_bos = bool(tok.bos_token) and prompt.startswith(str(tok.bos_token))
+        if (
+            tok.bos_token_id is not None
+            and probe_ids
+            and probe_ids[0] == tok.bos_token_id
+            and not starts_with_bos
+        ):
             ids.append(tok.bos_token_id)
         segments = prompt.split(image_marker)
         for k, seg in enumerate(segments):
