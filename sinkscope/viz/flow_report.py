@@ -401,34 +401,20 @@ def flow_tables_html(tables: dict[str, pd.DataFrame]) -> str:
 
 
 def write_flow_report(path: str | Path, tables: dict[str, pd.DataFrame], summary: dict) -> Path:
-    """``flow.html``: every figure of :func:`flow_figures` plus the small tables, self-contained."""
-    import html as _html
+    """``flow.html``: the findings, every figure of :func:`flow_figures` and the small tables, as
+    one self-contained page in the style of ``sinkscope report``."""
+    from .report import RunSection, flow_findings, write_report
 
-    import plotly.io as pio
-
-    figs = flow_figures(tables, summary)
-    parts = [
-        f"<h2>{_html.escape(h)}</h2>" + pio.to_html(f, full_html=False, include_plotlyjs=(i == 0))
-        for i, (h, f) in enumerate(figs)
-    ]
-    extra = flow_tables_html(tables)
-    warn = (
-        f"<p style='color:#a00'><b>{_html.escape(summary['warning'])}</b></p>"
-        if summary.get("warning")
-        else ""
+    sec = RunSection(
+        "flow",
+        Path(path).parent,
+        f"Information pathways - {_model_name(summary)}",
+        findings=flow_findings(tables, summary),
+        figures=flow_figures(tables, summary),
+        tables_html=flow_tables_html(tables),
+        warning=str(summary.get("warning") or ""),
     )
-    html = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sinkscope flow</title>"
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-        f"</head><body><h1>Information pathways - {_html.escape(_model_name(summary))}</h1>{warn}"
-        f"<p>prompt: {_html.escape(str(summary.get('prompt')))} &middot; images: "
-        f"{_html.escape(', '.join(map(str, summary.get('images', []))))}"
-        f" &middot; ViT sink rule: {_html.escape(_vit_rule(summary))}</p>"
-        f"{''.join(parts)}{extra}</body></html>"
-    )
-    Path(path).write_text(html, encoding="utf-8")
-    return Path(path)
+    return write_report([], path, title=f"sinkscope flow - {_model_name(summary)}", sections=[sec])
 
 
 __all__ = [

@@ -111,29 +111,28 @@ def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -
 
 
 def write_probe_report(path: str | Path, table: pd.DataFrame, summary: dict) -> Path:
-    """One self-contained HTML page (plotly.js inline) with a figure per label."""
-    import plotly.io as pio
+    """``probe.html``: findings (best layer per group against chance and the shuffle control), the
+    protocol, and one figure per label, as one self-contained page in the style of
+    ``sinkscope report``."""
+    from .report import RunSection, probe_findings, write_report
 
-    path = Path(path)
-    parts, first = [], True
-    for label in table.label.unique():
-        fig = probe_figure(table, label, summary)
-        parts.append(pio.to_html(fig, full_html=False, include_plotlyjs=True if first else False))
-        first = False
-    miss = summary.get("images_without_sink", {})
-    info = (
-        f"<p><b>model</b> {summary.get('model', {}).get('name')} &middot; <b>dataset</b> "
-        f"{summary.get('dataset', {}).get('name')} ({summary.get('dataset', {}).get('n_images')} images) &middot; "
-        f"<b>folds</b> {summary.get('folds')} &middot; <b>seed</b> {summary.get('seed')}</p>"
-        f"<p><b>protocol</b> {summary.get('protocol', '')}</p>"
-        "<p><b>images without a sink, per layer</b>: "
-        + (", ".join(f"layer {k}: {v}" for k, v in miss.items()) if miss else "none")
-        + "</p>"
+    model = (summary.get("model") or {}).get("name", "?")
+    miss = summary.get("images_without_sink", {}) or {}
+    findings = probe_findings(table, summary)
+    if summary.get("protocol"):
+        findings.append(f"Protocol: {summary['protocol']}")
+    if miss:
+        findings.append(
+            "Images without a sink, per layer: " + ", ".join(f"layer {k}: {v}" for k, v in miss.items()) + "."
+        )
+    sec = RunSection(
+        "probe",
+        Path(path).parent,
+        f"Linear probes - {model}",
+        findings=findings,
+        figures=[
+            (f"Probe accuracy vs layer - '{label}'", probe_figure(table, label, summary))
+            for label in table.label.unique()
+        ],
     )
-    html = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sinkscope probe</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}</style></head><body>"
-        f"<h1>Linear probes</h1>{info}{''.join(parts)}</body></html>"
-    )
-    path.write_text(html, encoding="utf-8")
-    return path
+    return write_report([], path, title=f"sinkscope probe - {model}", sections=[sec])
