@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, help="absolute L2-norm threshold (paper: 100 for CLIP-L in LLaVA)"
     )
     x.add_argument("--relative", type=float, help="threshold as a multiple of the image's median patch norm")
+    g.add_argument(
+        "--auto-per-image",
+        action="store_true",
+        help="automatic rule: find the norm gap in each image separately instead of pooling each layer "
+        "over all images (an image's sinks then do not depend on the others)",
+    )
     g = s.add_argument_group("attention rule")
     g.add_argument(
         "--attn-factor",
@@ -390,6 +396,7 @@ def _cmd_scan(a: argparse.Namespace) -> int:
         massive_abs=a.massive_abs,
         massive_ratio=a.massive_ratio,
         dims_min_layer=a.dims_min_layer,
+        auto_scope="image" if a.auto_per_image else "layer",
     )
     s = res.summary
     print(

@@ -48,6 +48,7 @@ def build_rules(
     massive_abs: float = 100.0,
     massive_ratio: float = 1000.0,
     dims_min_layer: int = 0,
+    auto_scope: str = "layer",
 ) -> list[Rule]:
     """The rules a scan applies, main rule first (``all``: norm, attention, dims).
 
@@ -56,7 +57,7 @@ def build_rules(
     """
     if method not in METHODS:
         raise SinkscopeError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    norm = NormRule(threshold=threshold, relative=relative)
+    norm = NormRule(threshold=threshold, relative=relative, auto_scope=auto_scope)
     attn = AttentionRule(factor=None if attn_fraction is not None else attn_factor, fraction=attn_fraction)
     dims = DimsRule(tau=tau, massive_abs=massive_abs, massive_ratio=massive_ratio, min_layer=dims_min_layer)
     return {"norm": [norm], "attention": [attn], "dims": [dims], "all": [norm, attn, dims]}[method]

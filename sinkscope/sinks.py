@@ -48,6 +48,9 @@ class NormRule:
       as sinks only if the gap is at least ``auto_gap`` (ratio between the two sides), the upper
       group holds at most ``auto_max_frac`` of the tokens and its lowest norm is at least
       ``auto_min_ratio`` x the median. The threshold is the geometric middle of the gap.
+      ``auto_scope="layer"`` (default) pools each layer's tokens over all images;
+      ``auto_scope="image"`` finds the gap in each image separately, so an image's sinks do not
+      depend on the other images scanned with it.
     """
 
     threshold: float | None = None
@@ -56,6 +59,7 @@ class NormRule:
     auto_max_frac: float = 0.1
     auto_min_ratio: float = 4.0
     kinds: tuple[str, ...] = DEFAULT_KINDS
+    auto_scope: str = "layer"
     method: str = field(default="norm", init=False)
 
     def __post_init__(self):
@@ -63,6 +67,8 @@ class NormRule:
             raise SinkscopeError("norm rule: give an absolute threshold or a relative one, not both")
         if self.relative is not None and self.relative <= 0:
             raise SinkscopeError(f"norm rule: relative threshold must be > 0, got {self.relative:g}")
+        if self.auto_scope not in ("layer", "image"):
+            raise SinkscopeError(f"norm rule: auto_scope must be 'layer' or 'image', got {self.auto_scope!r}")
 
     @property
     def mode(self) -> str:
@@ -76,8 +82,11 @@ class NormRule:
             return f"norm: L2 norm >= {self.threshold:g} (absolute), {kinds}"
         if self.mode == "relative":
             return f"norm: L2 norm >= {self.relative:g} x image median (relative), {kinds}"
+        where = (
+            "each image's log-norms at each layer" if self.auto_scope == "image" else "each layer's log-norms"
+        )
         return (
-            f"norm: automatic - widest gap in each layer's log-norms, gap >= {self.auto_gap:g}x, "
+            f"norm: automatic - widest gap in {where}, gap >= {self.auto_gap:g}x, "
             f"upper group <= {self.auto_max_frac:.0%} of tokens and >= {self.auto_min_ratio:g}x median, {kinds}"
         )
 
@@ -267,6 +276,14 @@ def _detect_norm(tokens: pd.DataFrame, rule: NormRule) -> Detection:
             med = tokens.loc[idx][e].groupby("image")["norm"].median()
             thr.loc[idx] = tokens.loc[idx, "image"].map(med).astype(float).values * rule.relative
             t = float(med.median() * rule.relative) if len(med) else None
+        elif rule.auto_scope == "image":
+            found = []
+            for _img, sub in tokens.loc[idx].groupby("image").groups.items():
+                ti = auto_gap_threshold(stat.loc[sub][elig.loc[sub]].to_numpy(), rule, n_images=1)
+                thr.loc[sub] = np.inf if ti is None else ti
+                if ti is not None:
+                    found.append(ti)
+            t = float(np.median(found)) if found else None  # reported: median over images with a gap
         else:
             t = auto_gap_threshold(vals.to_numpy(), rule, n_images=tokens.loc[idx, "image"].nunique())
             thr.loc[idx] = np.inf if t is None else t

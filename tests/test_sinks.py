@@ -186,3 +186,56 @@ def test_register_neurons_rank_the_planted_neuron_first(marked_images):
     assert top.ratio[0] > 100  # silent elsewhere
     with pytest.raises(SinkscopeError, match="no sink positions"):
         register_neurons(ad, marked_images[-1:], rule=NormRule(threshold=100), progress=False)
+
+
+def test_automatic_rule_per_image_does_not_depend_on_the_other_images():
+    """Image a: 19 patches near 10 and one sink at 800. Image b: 20 bright patches near 500, no
+    sink. Pooled per layer, the 10 -> 500 gap leaves half the tokens above it (over the 10% cap)
+    and 500 -> 800 is under the 2x gap, so the pooled rule finds nothing; per image it finds a's
+    sink, exactly as when a is scanned alone."""
+    rng = np.random.default_rng(0)
+    a = list(10 + rng.normal(0, 0.5, 19)) + [800.0]
+    b = list(500 + rng.normal(0, 5, 20))
+    both = _table({"a": a, "b": b})
+    alone = _table({"a": a})
+    pooled = detect(both, NormRule())
+    per = detect(both, NormRule(auto_scope="image"))
+    assert not pooled.is_sink.any()
+    assert per.is_sink.tolist() == [False] * 19 + [True] + [False] * 20
+    assert detect(alone, NormRule()).is_sink.tolist() == per.is_sink.tolist()[:20]
+    assert "each image's log-norms" in NormRule(auto_scope="image").describe()
+    with pytest.raises(SinkscopeError, match="auto_scope"):
+        NormRule(auto_scope="batch")
+
+
+def test_cli_auto_per_image_is_recorded(tmp_path, marked_images):
+    from PIL import Image
+
+    from sinkscope.cli import main
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, img in enumerate(marked_images[:2]):
+        Image.fromarray(img).save(d / f"{i}.png")
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                "tiny-dinov2+sinks",
+                "--images",
+                str(d),
+                "--auto-per-image",
+                "--no-report",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    import json
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rule"]["params"]["auto_scope"] == "image" and s["n_sink_tokens"] > 0
