@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sinkscope import SinkscopeError
 from sinkscope.figures import KINDS, SpecError, load_figure_list, regen, regenerate
 from sinkscope.figures.cli import main
 from sinkscope.models.tiny import paint_markers
@@ -414,3 +415,19 @@ def test_the_module_entry_point_lists_the_project_figures():
     assert r.returncode == 0, r.stderr
     assert "dinov2-norms" in r.stdout and "paper-llava-norm-bins" in r.stdout
     assert "figure list figures/figures.toml -> figures/out" in r.stdout
+
+
+def test_a_second_regeneration_into_the_same_folder_fails_at_once(figdir, spy, capsys):
+    import fcntl
+
+    out = figdir / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # a regeneration in progress
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SinkscopeError, match="another figure regeneration is writing to"):
+            _regen(figdir, png=False, only=["tiny-counts"])
+        assert main(["-f", str(figdir / "figures.toml"), "--no-png", "-q", "--only", "tiny-counts"]) == 2
+        assert "another figure regeneration" in capsys.readouterr().err
+    assert spy == []  # nothing ran while the folder was taken
+    rep, _ = _regen(figdir, png=False, only=["tiny-counts"])  # released: runs normally
+    assert rep.ok

@@ -269,7 +269,9 @@ def test_projector_seed_and_loading(ad, tmp_path):
         build_mini_llava(projector=bad)
 
 
-@pytest.mark.parametrize("prompt", ["<image>\nWhat is in the picture?", "Compare <image> and <image> please."])
+@pytest.mark.parametrize(
+    "prompt", ["<image>\nWhat is in the picture?", "Compare <image> and <image> please."]
+)
 def test_build_inputs_with_chat_template_equals_mini_llava_inputs(ad, images, prompt):
     """The generic chat path of LlavaAdapter.build_inputs gives the same ids as mini-llava's own
     tokenisation of SmolLM2's chat template (one image or two, markers anywhere)."""

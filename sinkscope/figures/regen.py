@@ -271,6 +271,57 @@ def regenerate(
     ``self_contained``: embed plotly.js in every HTML file instead of sharing ``plotly.min.js``.
     ``progress``: show the analyses' own progress bars. ``echo``: receives one line per step
     (``None``: silent). A failing run fails only its figures and a failing figure only itself;
+    see :attr:`RegenReport.failed`. One regeneration at a time may write to ``out`` (a second one
+    fails at once with a clear error instead of removing the first one's work in progress).
+
+    >>> rep = regenerate("figures/figures.toml", only=["dinov2-norms"], png=False)   # doctest: +SKIP
+    >>> rep.ok, rep.figures[0].files                                                  # doctest: +SKIP
+    (True, ['dinov2-norms.html'])
+    """
+    import fcntl
+
+    spec = figure_list or load_figure_list(list_path)
+    out_dir = Path(out) if out is not None else spec.path.parent / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a") as lock:  # "a": opening leaves the file (and its mtime) as it is
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SinkscopeError(
+                f"another figure regeneration is writing to {out_dir}; wait for it to finish"
+            ) from None
+        return _regenerate(
+            out=out_dir,
+            tier=tier,
+            only=only,
+            force=force,
+            png=png,
+            self_contained=self_contained,
+            progress=progress,
+            echo=echo,
+            figure_list=spec,
+        )
+
+
+def _regenerate(
+    list_path: str | Path | None = None,
+    out: str | Path | None = None,
+    tier: str = "ci",
+    only: list[str] | None = None,
+    force: bool = False,
+    png: bool = True,
+    self_contained: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+    figure_list: FigureList | None = None,
+) -> RegenReport:
+    """Regenerate the figures of ``tier`` (or those named in ``only``) of the list at ``list_path``.
+
+    ``out``: output folder (default ``<list folder>/out``). ``force``: rerun every needed analysis
+    and redraw every selected figure. ``png``: also export PNGs (kaleido + Chromium).
+    ``self_contained``: embed plotly.js in every HTML file instead of sharing ``plotly.min.js``.
+    ``progress``: show the analyses' own progress bars. ``echo``: receives one line per step
+    (``None``: silent). A failing run fails only its figures and a failing figure only itself;
     see :attr:`RegenReport.failed`.
 
     >>> rep = regenerate("figures/figures.toml", only=["dinov2-norms"], png=False)   # doctest: +SKIP
