@@ -91,11 +91,23 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         if qm is not None:
-            module._sinkscope_out = ((w.float() * qm[:, None, :, None]).sum(2), qm.sum(1), Q)
+            if module.training and dropout > 0 and not extras:
+                # the eager weights are after dropout: reduce the softmax itself, as the row path does
+                module._sinkscope_out = (*_row_stats(query, key, attention_mask, scaling, qm), Q)
+            else:
+                module._sinkscope_out = ((w.float() * qm[:, None, :, None]).sum(2), qm.sum(1), Q)
         return out, (w if keep else None)
     out, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
     )
+    module._sinkscope_out = (*_row_stats(query, key, attention_mask, scaling, qm), Q)
+    return out, None
+
+
+def _row_stats(query, key, attention_mask, scaling, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum over the chosen queries of softmax(q k^T), query count)`` ``([B, H, K], [B])``,
+    computed in fp32 for the rows any item chose only (dropout never applies)."""
+    H, D = query.shape[1], query.shape[-1]
     rows = torch.nonzero((qm > 0).any(0)).flatten()
     k = key.float()
     if k.shape[1] != H:  # grouped-query attention
@@ -107,8 +119,7 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
         s = s + attention_mask[:, :, rows].float()
     p = torch.softmax(s, dim=-1)  # [batch, head, rows, key]
     w = qm[:, rows].to(p.dtype)
-    module._sinkscope_out = ((p * w[:, None, :, None]).sum(2), w.sum(1), Q)
-    return out, None
+    return (p * w[:, None, :, None]).sum(2), w.sum(1)
 
 
 def _register_attention() -> None:

@@ -166,3 +166,21 @@ def test_beam_search_expands_the_query_masks():
         )
     assert got.attn_received[0].shape[0] == 4  # 2 items x 2 beams
     torch.testing.assert_close(got.attn_received[0].sum(-1), torch.ones(4), atol=1e-5, rtol=0)
+
+
+def test_train_mode_dropout_does_not_change_the_statistic():
+    """In train() with attention dropout the statistic is the softmax itself (before dropout),
+    whichever path computes it: each query row still sums to 1 over the keys."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, attention_dropout=0.5)).train()
+    ad = CausalLMAdapter(model, "llama")
+    batch = _inputs()
+    mask = batch.attention_mask
+    few = torch.zeros_like(mask, dtype=torch.bool)
+    few[:, 2:4] = True
+    with torch.no_grad():
+        for qmask in (mask.bool(), few):  # eager path (all rows) and row path (2 rows)
+            with Capture(ad, layers=None, attention="all") as cap:
+                got = cap.run_fn(lambda: ad.forward(batch), attention_mask=mask, query_mask=qmask)
+            for b in range(ad.n_layers):
+                torch.testing.assert_close(got.attn_received[b].sum(-1), torch.ones(2), atol=1e-5, rtol=0)
