@@ -111,10 +111,15 @@ def scan_findings(tokens: pd.DataFrame, summary: dict) -> list[str]:
         emerg = summary.get("emergence_layer")
         emerg = int(per.index.min()) if emerg is None else emerg
         last = int(tokens["layer"].max())
+        model = summary.get("model") or {}
+        # an LLM's last hidden state is the final norm's output (HF convention)
+        normed = (
+            ", after the final norm" if isinstance(model, dict) and model.get("family") == "causal-lm" else ""
+        )
         at_last = sinks[sinks.layer == last]
         with_sink = at_last["image"].nunique()
         out.append(
-            f"Sinks appear from layer {emerg} on; at the last layer ({last}) {len(at_last)} sink token(s) in "
+            f"Sinks appear from layer {emerg} on; at the last layer ({last}{normed}) {len(at_last)} sink token(s) in "
             f"{with_sink} of {n_img} item(s) (at most {int(per.max())} per layer over all items)."
         )
         pos = at_last.dropna(subset=["row", "col"])
