@@ -289,3 +289,19 @@ def test_chat_needs_a_template():
     tiny = load_model("tiny-llava")
     with pytest.raises(SinkscopeError, match="no chat template"):
         tiny.build_inputs([np.zeros((32, 32, 3), np.uint8)], "what ?", chat=True)
+
+
+def test_propagation_warns_when_the_llm_rule_calls_most_visual_tokens_sinks(ad, images):
+    """Without the chat template SmolLM2's sequence starts with image tokens and, through the
+    untrained projector, nearly every visual token carries a massive activation: the summary says
+    the LLM-emerged group has stopped being a set of outliers. With the template it is a minority."""
+    from sinkscope.flow.propagation import propagation
+
+    bare = propagation(ad, images[:1], "What is the main object in the image?")
+    chat = propagation(ad, images[:1], "What is the main object in the image?", chat=True)
+    assert (
+        bare.summary["n_llm_sink_tokens"] > 0.25 * N_IMG
+        and "pass the LLM sink rule" in bare.summary["llm_rule_note"]
+    )
+    assert chat.summary["n_llm_sink_tokens"] < 0.25 * N_IMG and "llm_rule_note" not in chat.summary
+    assert chat.summary["chat_template"] is True

@@ -178,7 +178,17 @@ def propagation(
         "bin_width": bin_width,
         "n_visual_tokens": len(vt),
         "n_vit_sinks": int(vt.is_vit_sink.sum()),
+        "n_llm_sink_tokens": int((vt.llm_sink_layers > 0).sum()),
     }
+    frac = float((vt.llm_sink_layers > 0).mean()) if len(vt) else 0.0
+    if frac > 0.25:
+        # a sink rule that calls a quarter of the image "sinks" has stopped separating anything
+        width = ad.llm.hidden_size
+        summary["llm_rule_note"] = (
+            f"{frac:.0%} of the visual tokens pass the LLM sink rule (tau={llm_rule.tau:g}; the largest "
+            f"possible max|x|/RMS at width {width} is sqrt({width}) = {width**0.5:.0f}): the 'LLM-emerged sink' "
+            "group is not a small set of outliers here - check the projector, or raise tau"
+        )
     return Propagation(vt, by_bin, by_group, summary)
 
 

@@ -276,6 +276,9 @@ def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
             )
         em = int(((~vt.is_vit_sink) & (vt.llm_sink_layers > 0)).sum())
         out.append(f"{em} visual token(s) become sinks only inside the LLM (LLM-emerged).")
+        note = (summary.get("propagation") or {}).get("llm_rule_note")
+        if note:
+            out.append("Caution: " + note + ".")
     g = tables.get("vit_attention_by_group")
     if g is not None and len(g) and g.mean_attention.notna().any():
         last = g[g.layer == g.layer.max()].groupby("group")["mean_attention"].mean().dropna()
