@@ -290,47 +290,22 @@ def regenerate(
             raise SinkscopeError(
                 f"another figure regeneration is writing to {out_dir}; wait for it to finish"
             ) from None
-        return _regenerate(
-            out=out_dir,
-            tier=tier,
-            only=only,
-            force=force,
-            png=png,
-            self_contained=self_contained,
-            progress=progress,
-            echo=echo,
-            figure_list=spec,
-        )
+        return _regenerate(spec, out_dir, tier, only, force, png, self_contained, progress, echo)
 
 
 def _regenerate(
-    list_path: str | Path | None = None,
-    out: str | Path | None = None,
-    tier: str = "ci",
-    only: list[str] | None = None,
-    force: bool = False,
-    png: bool = True,
-    self_contained: bool = False,
-    progress: bool = True,
-    echo: Callable[[str], None] | None = print,
-    figure_list: FigureList | None = None,
+    spec: FigureList,
+    out: Path,
+    tier: str,
+    only: list[str] | None,
+    force: bool,
+    png: bool,
+    self_contained: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
 ) -> RegenReport:
-    """Regenerate the figures of ``tier`` (or those named in ``only``) of the list at ``list_path``.
-
-    ``out``: output folder (default ``<list folder>/out``). ``force``: rerun every needed analysis
-    and redraw every selected figure. ``png``: also export PNGs (kaleido + Chromium).
-    ``self_contained``: embed plotly.js in every HTML file instead of sharing ``plotly.min.js``.
-    ``progress``: show the analyses' own progress bars. ``echo``: receives one line per step
-    (``None``: silent). A failing run fails only its figures and a failing figure only itself;
-    see :attr:`RegenReport.failed`.
-
-    >>> rep = regenerate("figures/figures.toml", only=["dinov2-norms"], png=False)   # doctest: +SKIP
-    >>> rep.ok, rep.figures[0].files                                                  # doctest: +SKIP
-    (True, ['dinov2-norms.html'])
-    """
+    """The body of :func:`regenerate`, run while it holds the output folder's lock."""
     t_start = time.perf_counter()
-    spec = figure_list or load_figure_list(list_path)
-    out = Path(out) if out is not None else spec.path.parent / "out"
     runs_dir = out / "runs"
     selected = spec.select(tier=tier, only=only)
     groups: dict[str, list[FigureSpec]] = {}
