@@ -61,19 +61,39 @@ def _read_file(path: str) -> np.ndarray:
         raise SinkscopeError(f"cannot read image {path}: no such file")
     with Image.open(p) as im:
         im.load()
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1:
+            log.warning("image %s has %d frames; sinkscope uses the first", path, frames)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            # 16-bit / 32-bit grey: PIL's convert("RGB") clips at 255 (an almost white picture);
+            # to_rgb_uint8 scales by the real range instead
+            return np.asarray(im)
         return np.asarray(im.convert("RGB"))
 
 
 def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """Any grey/RGB/RGBA, bool/float/uint8 array -> HxWx3 uint8."""
+    """Any grey/RGB/RGBA, bool/float/integer array -> HxWx3 uint8, scaled by its real range.
+
+    Floats in ``[0, 1]`` are scaled by 255; integers above 255 (16-bit pictures) by their type's
+    range, as an 8-bit conversion would (``65535 -> 255``); values beyond that by their maximum.
+
+    >>> to_rgb_uint8(np.full((2, 2), 65535, np.uint16))[0, 0].tolist()
+    [255, 255, 255]
+    >>> to_rgb_uint8(np.full((2, 2), 0.5))[0, 0].tolist()
+    [128, 128, 128]
+    """
     a = np.asarray(arr)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
     elif a.dtype != np.uint8:
+        kind = a.dtype.kind
         a = a.astype(np.float64)
-        if a.max() <= 1.0:
+        top = float(np.nanmax(a)) if a.size else 0.0
+        if top <= 1.0:
             a = a * 255.0
-        a = np.clip(a, 0, 255).astype(np.uint8)
+        elif top > 255.0:
+            a = a * (255.0 / (65535.0 if kind in "iu" and top <= 65535 else top))
+        a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
     if a.ndim == 2:
         a = np.stack([a] * 3, axis=-1)
     if a.ndim != 3 or a.shape[-1] not in (3, 4):
@@ -152,6 +172,8 @@ def image_items(paths: Iterable[str | Path]) -> list[ImageItem]:
         p = Path(raw).expanduser()
         if str(raw).startswith("embedded:") or str(raw) == "embedded":
             n = str(raw).partition(":")[2]
+            if n and not (n.isdigit() and int(n) > 0):
+                raise SinkscopeError(f"--images {raw}: expected 'embedded' or 'embedded:N' with N a positive count")
             items.extend(sample_images(int(n) if n else None))
         elif p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
@@ -190,7 +212,9 @@ def read_manifest(path: str | Path) -> list[ImageItem]:
     if col is None:
         raise SinkscopeError(f"manifest {p} has no path column (one of {', '.join(_PATH_COLUMNS)})")
     out = []
-    for r in rows:
+    for i, r in enumerate(rows, 1):
+        if r.get(col) in (None, ""):
+            raise SinkscopeError(f"manifest {p} row {i}: no {col!r} (every row needs an image path)")
         f = Path(str(r[col])).expanduser()
         f = f if f.is_absolute() else p.parent / f
         out.append(ImageItem(str(r.get("name") or r[col]), str(f)))
@@ -206,9 +230,15 @@ def read_manifest_table(path: str | Path) -> list[dict]:
         for i, line in enumerate(p.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SinkscopeError(f"manifest {p} line {i}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise SinkscopeError(
+                        f"manifest {p} line {i}: expected a JSON object such as "
+                        f'{{"path": "img.png"}}, got {type(row).__name__} {line.strip()[:40]}'
+                    )
+                rows.append(row)
     else:
         with p.open(newline="") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
