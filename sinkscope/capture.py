@@ -160,8 +160,10 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
     >>> parse_layers("1:4,-1", 12)
     [1, 2, 3, 12]
     """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
         return list(range(n_layers + 1))
+    if isinstance(spec, str) and not spec.strip():
+        raise SinkscopeError("empty layer selection: use 'all', '0,3,5', '4:9' or '-3:'")
     if not isinstance(spec, str):
         return _resolve(list(spec), n_layers + 1, "layer")
     out: list[int] = []
@@ -174,7 +176,13 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
                 lo = int(a) if a.strip() else 0
                 hi = int(b) if b.strip() else n
                 lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
-                out.extend(range(max(lo, 0), min(hi, n)))
+                if not (0 <= lo < n and 0 <= hi <= n):
+                    # like a single layer out of range: an error, not silently cut to the model's depth
+                    raise SinkscopeError(
+                        f"layer range {part!r} reaches outside the model's layers 0..{n_layers} "
+                        f"(a range end is exclusive: '{max(lo, 0)}:' runs to the last layer)"
+                    )
+                out.extend(range(lo, hi))
             else:
                 out.append(int(part))
         except ValueError:

@@ -10,6 +10,7 @@ Examples::
     sinkscope scan --images photos/ --out runs/x --resume   # continue an interrupted scan
     sinkscope probe --dataset lfw-faces --out runs/probe    # linear probes per layer and token group
     sinkscope flow --out runs/flow                   # information pathways on mini-llava
+    sinkscope decode --out runs/decode               # sink vs non-sink tokens decoding to the object word
     sinkscope report runs/x runs/probe runs/flow --out report.html   # one offline HTML page
     sinkscope figures                                # regenerate figures/out from figures/figures.toml
     sinkscope models                                 # embedded model names
@@ -49,6 +50,14 @@ FLOW_EXAMPLES = """examples:
   sinkscope flow --model llava-hf/llava-1.5-7b-hf --images cat.jpg --prompt "What animal is this?" \\
                  --vit-threshold 100 --generate 8 --device cuda --dtype float16 --out runs/llava-flow
   sinkscope flow --model dinov2-small --analysis rollout    # ViT only
+"""
+
+
+DECODE_EXAMPLES = """examples:
+  sinkscope decode                                   # mini-llava on 40 lfw-faces images (top-2-norm surrogate sinks)
+  sinkscope decode --dataset digits --max-images 100 --out runs/decode-digits
+  sinkscope decode --model llava-hf/llava-1.5-7b-hf --dataset cats_people.csv --word cat=cat,cats,kitten \\
+                   --word person=person,man,woman --vit-threshold 100 --max-images 0 --device cuda
 """
 
 
@@ -182,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", default="sinkscope-out", help="output folder (default: %(default)s)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out may be a folder sinkscope did not write: replace the scan's outputs there",
+    )
     s.add_argument("--no-report", action="store_true", help="skip report.html")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -212,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--groups",
-        default="cls,mean,random,sink,nonsink",
+        default="cls,mean,random,sink,nonsink,nonsink_random",
         help="token groups: cls, registers, mean, random, sink, nonsink, nonsink_random, matched "
         "(default: %(default)s)",
     )
@@ -270,7 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument(
         "--analysis",
         action="append",
-        choices=["rollout", "propagation", "knockout", "decode", "attribution", "all"],
+        choices=[
+            "rollout",
+            "propagation",
+            "knockout",
+            "decode",
+            "attribution",
+            "redundancy",
+            "relevancy",
+            "all",
+        ],
         help="analyses to run (repeatable; default: all)",
     )
     x = fl.add_mutually_exclusive_group()
@@ -303,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fl.add_argument("--bin-width", type=float, default=5.0, help="ViT-norm bin width (default: %(default)s)")
     fl.add_argument(
-        "--attribution-steps", type=int, default=16, help="integrated-gradients steps (default: %(default)s)"
+        "--attribution-steps", type=int, default=64, help="integrated-gradients steps to start from, doubled (up to 256) until the attributions add up to the logit difference within 5%% (default: %(default)s)"
     )
     fl.add_argument("--device", default=None)
     fl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -314,6 +337,79 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="wrap the prompt in the tokenizer's chat template (text, not an image, starts the sequence)",
     )
+    fl.add_argument(
+        "--sink-dims-from",
+        choices=["text", "first_text_token", "multimodal"],
+        default="text",
+        help="where the LLM sink dims are discovered: a text-only pass of the prompt (Kang et al.; "
+        "default), its first text token, or the whole multimodal sequence",
+    )
+
+    dc = sub.add_parser(
+        "decode",
+        help="word-distribution decoding: share of sink vs non-sink visual tokens decoding to the object word",
+        description="Isolate visual tokens inside the LLM of a LLaVA-style model, decode each through the LM "
+        "head, and report the share of sink vs non-sink tokens whose top-k words name the image's label "
+        "(binomial CIs) -> decode_rate.csv, decode_tokens.csv, summary.json, decode.html.",
+        epilog=DECODE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dc.add_argument("--model", default="mini-llava", help="a LLaVA-style model (default: %(default)s)")
+    dc.add_argument(
+        "--dataset",
+        default="lfw-faces",
+        help="lfw-faces, digits (built-in word lists) or any labelled set with --word (default: %(default)s)",
+    )
+    dc.add_argument("--label", default=None, help="label column (default: the first)")
+    dc.add_argument(
+        "--word",
+        action="append",
+        metavar="LABEL=W1,W2",
+        help="object words of a label (repeatable; replaces the built-in list), e.g. --word cat=cat,kitten",
+    )
+    x = dc.add_mutually_exclusive_group()
+    x.add_argument("--vit-threshold", type=float, help="sink rule: absolute ViT norm at the feature layer")
+    x.add_argument("--vit-relative", type=float, help="sink rule: x the image's median patch norm")
+    x.add_argument(
+        "--top-norm",
+        type=int,
+        metavar="N",
+        help="surrogate sink rule: the N highest-norm patches per image (default on mini-llava: 2, since "
+        "DINOv2-S has no norm outliers; elsewhere the default is --vit-relative 5)",
+    )
+    dc.add_argument(
+        "--top-k", type=int, default=5, help="decoded tokens checked per token (default: %(default)s)"
+    )
+    dc.add_argument(
+        "--nonsinks",
+        type=int,
+        default=8,
+        help="random non-sink patches per image; 0 = all (default: %(default)s)",
+    )
+    dc.add_argument(
+        "--max-images", type=int, default=40, help="stratified random subset; 0 = all (default: %(default)s)"
+    )
+    dc.add_argument(
+        "--seed", type=int, default=0, help="seed of the subset and non-sinks (default: %(default)s)"
+    )
+    dc.add_argument(
+        "--method",
+        choices=["batched", "mask"],
+        default="batched",
+        help="batched one-token sequences (exact for isolated tokens) or one masked full forward per token",
+    )
+    dc.add_argument("--ci", choices=["wilson", "clopper-pearson"], default="wilson", help="binomial interval")
+    dc.add_argument("--confidence", type=float, default=0.95, help="interval level (default: %(default)s)")
+    dc.add_argument("--batch-size", type=int, default=8, help="images per forward (default: %(default)s)")
+    dc.add_argument("--device", default=None)
+    dc.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    dc.add_argument("--out", default="sinkscope-decode", help="output folder (default: %(default)s)")
+    dc.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace decode outputs in a folder sinkscope decode did not write",
+    )
+    dc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser(
         "report",
@@ -327,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by scan / probe / flow")
     r.add_argument("--out", default="sinkscope-report.html", help="HTML file to write (default: %(default)s)")
     r.add_argument("--title", default=None, help="page title (default: built from the runs)")
+    r.add_argument(
+        "--overwrite", action="store_true", help="replace --out even when sinkscope did not write it"
+    )
 
     sub.add_parser(
         "figures",
@@ -349,8 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    from .viz.report import build_sections, write_report
+    from .viz.report import build_sections, check_report_target, write_report
 
+    check_report_target(a.out, a.overwrite)  # before reading any run
     secs = []
     for d in a.runs:
         print(f"reading {d} ...", flush=True)
@@ -359,7 +459,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
         print(f"{s.kind:6s} {s.path}: {len(s.figures)} figures")
         for f in s.findings:
             print(f"  - {f}")
-    path = write_report(a.runs, a.out, title=a.title, sections=secs)
+    path = write_report(a.runs, a.out, title=a.title, sections=secs, overwrite=a.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
     return 0
 
@@ -381,6 +481,7 @@ def _cmd_scan(a: argparse.Namespace) -> int:
         batch_size=a.batch_size,
         out=a.out,
         resume=a.resume,
+        overwrite=a.overwrite,
         device=a.device,
         dtype=a.dtype,
         image_size=a.image_size,
@@ -477,6 +578,7 @@ def _cmd_flow(a: argparse.Namespace) -> int:
         dtype=a.dtype,
         progress=not a.quiet,
         chat=a.chat,
+        sink_dims_from=a.sink_dims_from,
     )
     s = res["summary"]
     if s.get("warning"):
@@ -486,6 +588,57 @@ def _cmd_flow(a: argparse.Namespace) -> int:
     if "attention_by_group" in res["tables"]:
         print(res["tables"]["attention_by_group"].to_string(index=False))
     print(f"wrote tables, summary.json and flow.html to {a.out}")
+    return 0
+
+
+def _cmd_decode(a: argparse.Namespace) -> int:
+    from .flow.decoding import TopNormRule, check_decode_out, decode_rate
+    from .sinks import NormRule
+
+    check_decode_out(a.out, a.overwrite)  # before the model runs
+
+    if a.vit_threshold is not None:
+        rule = NormRule(threshold=a.vit_threshold)
+    elif a.vit_relative is not None:
+        rule = NormRule(relative=a.vit_relative)
+    elif a.top_norm is not None or a.model == "mini-llava":
+        rule = TopNormRule(a.top_norm or 2)
+    else:
+        rule = NormRule(relative=5.0)
+    words = None
+    if a.word:
+        words = {}
+        for spec in a.word:
+            lab, sep, ws = spec.partition("=")
+            if not sep or not lab.strip() or not ws.strip():
+                raise SinkscopeError(f"bad --word {spec!r}: use LABEL=WORD1,WORD2")
+            words.setdefault(lab.strip(), []).extend(w.strip() for w in ws.split(",") if w.strip())
+    res = decode_rate(
+        a.model,
+        a.dataset,
+        words=words,
+        rule=rule,
+        label=a.label,
+        top_k=a.top_k,
+        nonsinks_per_image=a.nonsinks or None,
+        max_images=a.max_images or None,
+        seed=a.seed,
+        method=a.method,
+        ci=a.ci,
+        confidence=a.confidence,
+        batch_size=a.batch_size,
+        device=a.device,
+        dtype=a.dtype,
+        progress=not a.quiet,
+    )
+    res.save(a.out, overwrite=a.overwrite)
+    s = res.summary
+    if s.get("warning"):
+        print(f"note: {s['warning']}")
+    print(f"sink rule: {s['sink_rule']['description']}")
+    cols = ["group", "scope", "n_images", "n_tokens", "n_hits", "rate", "ci_low", "ci_high"]
+    print(res.rates[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote decode_rate.csv, decode_tokens.csv, summary.json and decode.html to {a.out}")
     return 0
 
 
@@ -519,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             "probe": _cmd_probe,
             "flow": _cmd_flow,
             "report": _cmd_report,
+            "decode": _cmd_decode,
             "models": _cmd_models,
         }
         return cmds[a.command](a)

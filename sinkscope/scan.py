@@ -30,7 +30,17 @@ from .capture import BatchCapture, Capture, parse_layers, uniform_share
 from .data import ImageItem, image_items, sample_images
 from .models import Adapter, load_model
 from .models.base import ModelInputs
-from .sinks import AttentionRule, DimsRule, NormRule, Rule, SinkReport, rule_to_dict, topk_for_exact_dims
+from .sinks import (
+    HEAD_COLUMN_PREFIX,
+    AttentionRule,
+    DimsRule,
+    NormRule,
+    Rule,
+    SinkReport,
+    gu_sink_rate,
+    rule_to_dict,
+    topk_for_exact_dims,
+)
 
 log = logging.getLogger("sinkscope")
 
@@ -71,6 +81,8 @@ class ScanResult:
     summary: dict[str, Any]
     out: Path | None = None
     pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the :class:`~sinkscope.config.ScanConfig` of a run made by (or loaded through) ``sinkscope.run``
+    config: Any = None
 
     @property
     def tokens(self) -> pd.DataFrame:
@@ -105,6 +117,15 @@ def batch_rows(ad: Adapter, inputs: ModelInputs, cap: BatchCapture, causal: bool
                     rec[j] = cap.attn_received[int(layer)][i, :n].numpy()
             d["attention_received"] = rec.reshape(-1)
             d["uniform_share"] = np.tile(uniform_share(n, causal), nl).astype(np.float32)
+            if causal and cap.attn_received_heads:
+                # per head, for Gu et al.'s sink rate (share of (layer, head) pairs with alpha_k > eps)
+                H = next(iter(cap.attn_received_heads.values())).shape[1]
+                rh = np.full((nl, n, H), np.nan, np.float32)
+                for j, layer in enumerate(layers):
+                    if layer < L and int(layer) in cap.attn_received_heads:
+                        rh[j] = cap.attn_received_heads[int(layer)][i, :, :n].numpy().T
+                for h in range(H):
+                    d[f"{HEAD_COLUMN_PREFIX}{h}"] = rh[:, :, h].reshape(-1)
         if cap.top_dims is not None:
             # fixed-width columns (top_dim_0.., top_val_0..): compact, unlike per-row lists
             td = cap.top_dims[i, :, :n].reshape(nl * n, -1).numpy().astype(np.int32)
@@ -123,12 +144,18 @@ def batch_rows(ad: Adapter, inputs: ModelInputs, cap: BatchCapture, causal: bool
 class _RunDir:
     """Resumable scan directory: ``parts/*.parquet`` + ``progress.jsonl`` + ``scan_config.json``."""
 
-    def __init__(self, out: Path, config: dict, resume: bool):
+    #: the marker a scan writes first into its folder: what proves the folder's outputs are its own
+    MARKER = ".sinkscope-run"
+    #: what a scan writes into its folder (and so may remove when it starts afresh)
+    OUTPUTS = ("parts", "seen", "progress.jsonl", "tokens.parquet", "activations")
+
+    def __init__(self, out: Path, config: dict, resume: bool, overwrite: bool = False):
         self.out = out
         self.parts = out / "parts"
         self.seen = out / "seen"
         self.progress = out / "progress.jsonl"
         cfg_path = out / "scan_config.json"
+        self.check_owned(out, overwrite)
         if resume and cfg_path.exists():
             old = json.loads(cfg_path.read_text())
             diff = [k for k in config if old.get(k) != config[k]]
@@ -138,14 +165,41 @@ class _RunDir:
                     "drop --resume or choose another --out"
                 )
         else:
-            for p in (self.parts, self.seen, self.progress, out / "tokens.parquet", out / "activations"):
+            for p in (out / name for name in self.OUTPUTS):
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
+        (out / self.MARKER).write_text(json.dumps({"kind": "scan", "written_by": "sinkscope"}) + "\n")
         self.parts.mkdir(parents=True, exist_ok=True)
         self.seen.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(json.dumps(config, indent=1))
+
+    @classmethod
+    def check_owned(cls, out: Path, overwrite: bool = False) -> None:
+        """Refuse (one line) an ``--out`` that is a file, or an existing non-empty folder that no
+        scan wrote (no marker and no ``scan_config.json``) unless ``overwrite``: a scan removes its
+        own earlier outputs when it starts afresh and must never remove a user's files. Creates
+        ``out`` when missing.
+
+        >>> _RunDir.check_owned(Path("README.md"))     # doctest: +SKIP
+        SinkscopeError: --out README.md is a file, not a folder; choose a folder
+        """
+        if out.exists() and not out.is_dir():
+            raise SinkscopeError(f"--out {out} is a file, not a folder; choose a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            if not ((out / cls.MARKER).exists() or (out / "scan_config.json").exists()):
+                raise SinkscopeError(
+                    f"--out {out} is a folder that sinkscope scan did not write (no {cls.MARKER}); "
+                    f"it could remove {', '.join(cls.OUTPUTS)} there: choose another folder, or pass "
+                    "--overwrite to replace those"
+                )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SinkscopeError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+        if not os.access(out, os.W_OK):
+            raise SinkscopeError(f"--out {out}: the folder is not writable")
 
     def done(self) -> dict[str, dict]:
         return self.read_progress(self.progress)
@@ -237,6 +291,7 @@ def scan(
     report: bool = True,
     save_layers: str | list[int] | None = None,
     save_dtype: str = "float32",
+    overwrite: bool = False,
     **rule_kwargs,
 ) -> ScanResult:
     """Scan a model for sinks and (with ``out``) write ``tokens.parquet``, ``summary.json``, ``report.html``.
@@ -247,6 +302,9 @@ def scan(
     A corrupt image is reported in one line, recorded as failed and skipped. ``save_layers``
     keeps the full hidden states of those layers in ``OUT/activations`` (an
     :class:`~sinkscope.store.ActivationStore`: safetensors shards + manifest, resumable).
+    ``out`` must be new, empty or an earlier scan's folder (its ``.sinkscope-run`` marker); any
+    other folder is refused before work starts unless ``overwrite`` (which replaces the scan's
+    outputs there: ``parts/``, ``seen/``, ``activations/``, ``progress.jsonl``, ``tokens.parquet``).
 
     >>> res = scan("tiny-dinov2+sinks", progress=False)                          # doctest: +SKIP
     >>> res.summary["emergence_layer"]                                           # doctest: +SKIP
@@ -255,6 +313,8 @@ def scan(
     t_start = time.perf_counter()
     if batch_size < 1:
         raise SinkscopeError(f"batch size must be >= 1, got {batch_size}")
+    if out is not None:  # before any work: never a user's folder, never a file
+        _RunDir.check_owned(Path(out), overwrite)
     rules = rules or build_rules(method, **rule_kwargs)
     methods = {r.method for r in rules}
     t0 = time.perf_counter()
@@ -299,7 +359,7 @@ def scan(
         "dtype": str(ad.dtype),
         "topk": topk_for_exact_dims(ad.hidden_size, tau) if "dims" in methods else None,
     }
-    run = _RunDir(Path(out), config, resume) if out is not None else None
+    run = _RunDir(Path(out), config, resume, overwrite) if out is not None else None
     done = run.done() if run else {}
     store = None
     if keep:
@@ -445,6 +505,10 @@ def scan(
         },
         "versions": package_versions(),
     }
+    attn_rule = next((r for r in rules if isinstance(r, AttentionRule)), None)
+    if is_text and attn_rule is not None:
+        # Gu et al.'s metric, per head (the attention rule thresholds the head-averaged alpha)
+        summary["gu_sink_rate"] = gu_sink_rate(rep.tokens, eps=attn_rule.causal_fraction, token=0)
     if store is not None:
         summary["activations"] = {"path": "activations", **store.info()}
     if getattr(ad, "planted", None):

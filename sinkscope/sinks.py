@@ -9,7 +9,8 @@ re-run with other thresholds without the model, and tested on hand-made tables.
   automatic rule that looks for a clear gap in each layer's norm distribution and reports *no*
   sinks when there is no separate upper mode.
 - :class:`AttentionRule` - tokens receiving far more than the uniform share of attention (head-
-  and query-averaged), per layer.
+  and query-averaged), per layer. Per head: :func:`head_alpha` and Gu et al.'s sink rate
+  :func:`gu_sink_rate` (share of (layer, head) pairs with ``alpha_k > 0.3``).
 - :class:`DimsRule` - discovers sink dimensions from massive activations (Sun et al.: ``|a| > 100``
   and ``>= 1000 x`` the median ``|a|`` of the hidden state) and flags tokens with
   ``max_{d in D_sink} |x[d]| / RMS(x) >= tau`` (Kang et al., tau = 20). Nothing is per model.
@@ -25,7 +26,7 @@ re-run with other thresholds without the model, and tested on hand-made tables.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -65,8 +66,11 @@ class NormRule:
     def __post_init__(self):
         if self.threshold is not None and self.relative is not None:
             raise SinkscopeError("norm rule: give an absolute threshold or a relative one, not both")
-        if self.relative is not None and self.relative <= 0:
+        if self.relative is not None and not self.relative > 0:
             raise SinkscopeError(f"norm rule: relative threshold must be > 0, got {self.relative:g}")
+        if self.threshold is not None and not self.threshold > 0:
+            # an L2 norm is never negative: a threshold <= 0 would call every token a sink
+            raise SinkscopeError(f"norm rule: absolute threshold must be > 0, got {self.threshold:g}")
         if self.auto_scope not in ("layer", "image"):
             raise SinkscopeError(f"norm rule: auto_scope must be 'layer' or 'image', got {self.auto_scope!r}")
 
@@ -102,6 +106,8 @@ class AttentionRule:
     statistic is Gu et al.'s ``alpha_k = mean_{i >= k} A[i, k]`` (head-averaged), and a token is a
     sink when ``alpha_k >= causal_fraction`` (their epsilon, 0.3) and at least ``min_queries``
     queries see it (the last few tokens are seen by too few queries to call them sinks).
+    Gu et al.'s own metric is per head - the share of (layer, head) pairs with ``alpha_k > 0.3`` -
+    see :func:`head_alpha` and :func:`gu_sink_rate` (a causal scan's ``gu_sink_rate`` summary).
     """
 
     factor: float | None = 10.0
@@ -183,6 +189,27 @@ def rule_to_dict(rule: Rule) -> dict[str, Any]:
         "threshold": {"kind": rule.mode, "value": value},
         "params": params,
     }
+
+
+def rule_from_dict(d: dict[str, Any]) -> Rule:
+    """The rule a :func:`rule_to_dict` described (its ``method`` and ``params``).
+
+    >>> rule_from_dict(rule_to_dict(NormRule(relative=5.0))) == NormRule(relative=5.0)
+    True
+    """
+    classes = {"norm": NormRule, "attention": AttentionRule, "dims": DimsRule}
+    method = d.get("method")
+    if method not in classes:
+        raise SinkscopeError(f"unknown rule method {method!r}; known: {', '.join(classes)}")
+    cls = classes[method]
+    names = {f.name for f in fields(cls) if f.init}
+    params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (d.get("params") or {}).items() if k in names}
+    return cls(**params)
+
+
+def rules_from_dicts(dicts: list[dict[str, Any]]) -> list[Rule]:
+    """:func:`rule_from_dict` for each entry (a scan summary's ``rules``)."""
+    return [rule_from_dict(d) for d in dicts]
 
 
 @dataclass
@@ -317,6 +344,98 @@ def _detect_attention(tokens: pd.DataFrame, rule: AttentionRule) -> Detection:
         for layer, idx in tokens.groupby("layer").groups.items()
     }
     return Detection(rule, is_sink, stat, per_layer)
+
+
+#: Per-head attention received, one column per head (``attention_received_h0``, ...): a causal-LM
+#: scan with the attention rule writes them (query-averaged over all the prompt's queries).
+HEAD_COLUMN_PREFIX = "attention_received_h"
+
+
+def head_columns(tokens: pd.DataFrame) -> list[str]:
+    """The per-head attention-received columns of a token table, in head order."""
+    cols = [c for c in tokens.columns if str(c).startswith(HEAD_COLUMN_PREFIX)]
+    return sorted(cols, key=lambda c: int(str(c)[len(HEAD_COLUMN_PREFIX) :]))
+
+
+def head_alpha(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Gu et al.'s ``alpha_k = mean_{i >= k} A[i, k]`` per (prompt, layer, head, token k).
+
+    From the per-head ``attention_received_h*`` columns of a causal scan (received = sum over the
+    ``n`` queries / ``n``; query ``i`` sees key ``k`` only when ``i >= k``, so ``alpha_k = received
+    x n / (n - k)``). Columns: ``image, layer, head, token, alpha, seen_by``; rows without a value
+    (the last layer, which has no attention block) are left out.
+
+    >>> t = pd.DataFrame({"image": "p", "layer": 0, "token": [0, 1], "kind": "text",
+    ...                   "attention_received_h0": [0.75, 0.25], "attention_received_h1": [0.5, 0.5]})
+    >>> head_alpha(t).alpha.tolist()
+    [0.75, 0.5, 0.5, 1.0]
+    """
+    cols = head_columns(tokens)
+    if not cols:
+        raise SinkscopeError(
+            "per-head attention needs attention_received_h* columns: scan a causal LM with --method attention or all"
+        )
+    t = tokens[tokens["kind"] == "text"]
+    n = t.groupby(["image", "layer"])["token"].transform("max") + 1
+    seen_by = (n - t["token"]).astype(float)
+    frames = []
+    for c in cols:
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image": t["image"].to_numpy(),
+                    "layer": t["layer"].to_numpy(),
+                    "head": int(str(c)[len(HEAD_COLUMN_PREFIX) :]),
+                    "token": t["token"].to_numpy(),
+                    "alpha": (t[c].astype(float) * n / seen_by).to_numpy(),
+                    "seen_by": seen_by.to_numpy().astype(int),
+                }
+            )
+        )
+    out = pd.concat(frames, ignore_index=True).dropna(subset=["alpha"])
+    return out.sort_values(["image", "layer", "head", "token"], kind="stable").reset_index(drop=True)
+
+
+def gu_sink_rate(tokens: pd.DataFrame, eps: float = 0.3, token: int = 0) -> dict[str, Any] | None:
+    """Gu et al.'s sink metric: the share of (layer, head) pairs whose ``alpha_k > eps`` for the
+    key token ``k`` (default: the first token), per prompt, then averaged over prompts.
+
+    Unlike the attention rule (which thresholds the head-averaged alpha), every head counts
+    separately. Returns ``value`` (mean over prompts), ``eps``, ``token``, ``per_prompt``,
+    ``per_layer`` (share of heads above ``eps``, averaged over prompts), ``n_layers``,
+    ``n_heads``, ``n_prompts`` and a ``description``; ``None`` when the table has no per-head
+    attention or no prompt reaches token ``k``.
+
+    >>> t = pd.DataFrame({"image": "p", "layer": [0, 0, 1, 1], "token": [0, 1, 0, 1], "kind": "text",
+    ...                   "attention_received_h0": [0.9, 0.1, 0.2, 0.8],
+    ...                   "attention_received_h1": [0.5, 0.5, 0.6, 0.4]})
+    >>> gu_sink_rate(t)["value"]        # alpha_0: 0.9, 0.5 (layer 0), 0.2, 0.6 (layer 1)
+    0.75
+    """
+    if not head_columns(tokens):
+        return None
+    a = head_alpha(tokens)
+    a = a[a["token"] == token]
+    if a.empty:
+        return None
+    a = a.assign(above=a["alpha"] > eps)
+    per_prompt = a.groupby("image", sort=False)["above"].mean()
+    per_layer = a.groupby(["layer", "image"])["above"].mean().groupby("layer").mean()
+    n_heads = int(a["head"].nunique())
+    return {
+        "value": float(per_prompt.mean()),
+        "eps": float(eps),
+        "token": int(token),
+        "per_prompt": {str(k): float(v) for k, v in per_prompt.items()},
+        "per_layer": {str(int(k)): float(v) for k, v in per_layer.items()},
+        "n_layers": int(a["layer"].nunique()),
+        "n_heads": n_heads,
+        "n_prompts": int(len(per_prompt)),
+        "description": (
+            f"Gu et al. sink rate: share of (layer, head) pairs with alpha_{token} = mean over queries "
+            f"i >= {token} of A[i, {token}] > {eps:g}, per head (not head-averaged), mean over prompts"
+        ),
+    }
 
 
 def top_channels(tokens: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

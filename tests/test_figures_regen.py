@@ -193,6 +193,25 @@ def test_every_kind_in_the_registry_is_covered_by_the_project_list():
     }
 
 
+def test_the_paper_tier_runs_use_the_papers_settings():
+    """Fig. 3A: generated output tokens and the absolute ViT threshold 100 (CLIP-L); the probe
+    compares sinks with single non-sink patches (the paper's 0.512), not only their mean."""
+    from sinkscope.flow.run import paper_settings
+    from sinkscope.sinks import NormRule
+
+    spec = load_figure_list(Path(__file__).resolve().parents[1] / "figures" / "figures.toml")
+    flows = [r for r in spec.runs.values() if r.tier == "paper" and r.analysis == "flow"]
+    assert flows
+    for r in flows:
+        p = r.params
+        got = paper_settings(NormRule(threshold=float(p["vit_threshold"])), int(p["generate"]), float(p.get("bin_width", 5)))
+        assert got["matches"], got["differences"]
+    probes = [r for r in spec.runs.values() if r.tier == "paper" and r.analysis == "probe"]
+    assert probes and all(
+        r.params["threshold"] == 100 and "nonsink_random" in r.params["groups"].split(",") for r in probes
+    )
+
+
 def test_regeneration_writes_html_then_does_no_work_then_reruns_only_the_changed_analysis(figdir, spy):
     out = figdir / "out"
     rep, lines = _regen(figdir, png=False)

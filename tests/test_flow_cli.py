@@ -72,7 +72,7 @@ def test_flow_cli_on_tiny_llava_writes_every_table(tmp_path, marked):
         assert (out / f).stat().st_size > 50, f
     ko = pd.read_csv(out / "knockout.csv")
     assert set(zip(ko.source, ko.target)) >= {("image", "question"), ("vit_sinks", "last")}
-    assert len(ko) == 5 * (4 - 2 + 1)
+    assert len(ko) == 5 * 4
     ro = pd.read_csv(out / "rollout.csv")
     assert set(ro.start_kind) == {"cls", "sink", "nonsink"}
     assert ro.groupby("start").value.sum().between(0, 1.0 + 1e-6).all()
@@ -120,7 +120,8 @@ def test_vit_only_rollout_relevance_and_group_attention(tmp_path):
         ad, images=[ImageItem("m", "m", loader=lambda: img)], vit_threshold=100, out=tmp_path / "v"
     )
     t = res["tables"]
-    assert set(t) == {"rollout", "relevance", "vit_attention_by_group"}  # a ViT: the VLM analyses are skipped
+    # a ViT: the VLM analyses are skipped; rollout and Darcet's redundancy apply
+    assert set(t) == {"rollout", "relevance", "vit_attention_by_group", "redundancy"}
     assert sorted(t["rollout"].query("start_kind == 'sink'").start.unique()) == [1 + 1 * 5 + 2, 1 + 4 * 5 + 3]
     rel = t["relevance"]
     assert set(rel.kind) == {"cls", "sink", "nonsink"} and rel["head"].nunique() == 4

@@ -297,3 +297,58 @@ def test_cache_key_follows_the_model_input_size_and_plant():
 def test_subsample_is_stratified():
     d = load_dataset("digits").subsample(30, seed=0)
     assert d.labels.label.value_counts().tolist() == [3] * 10
+
+
+def test_default_groups_include_one_random_nonsink_token_and_the_report_says_why(tmp_path):
+    import inspect
+
+    from sinkscope.cli import build_parser, main
+    from sinkscope.models.tiny import paint_markers
+
+    assert "nonsink_random" in inspect.signature(probe).parameters["groups"].default
+    assert "nonsink_random" in build_parser().parse_args(["probe"]).groups.split(",")
+    d = tmp_path / "data"
+    for k, (cls, color) in enumerate((("a", (200, 200, 40)), ("b", (40, 200, 200)))):
+        (d / cls).mkdir(parents=True)
+        for i in range(6):
+            img = np.full((H, W, 3), [min(255, v + 5 * i) for v in color], np.uint8)
+            Image.fromarray(paint_markers(img, [(i % 6, (i + k) % 5)])).save(d / cls / f"{i}.png")
+    argv = ["probe", "--model", "tiny-dinov2+sinks", "--dataset", str(d), "--folds", "3"]
+    argv += ["--layers", "2,3", "--image-size", "48x40", "--out", str(tmp_path / "o")]
+    argv += ["-q", "--no-cache", "--jobs", "1"]
+    assert main(argv) == 0  # default --groups
+    t = pd.read_csv(tmp_path / "o" / "probe.csv")
+    assert set(t.group) == {"cls", "mean", "random", "sink", "nonsink", "nonsink_random"}
+    nr = t[t.group == "nonsink_random"]
+    assert len(nr) == 2 and (nr.n_tokens == nr.n_images).all() and nr.n_images.eq(12).all()  # one token each
+    non = t[t.group == "nonsink"]
+    assert (non.n_tokens == 12 * 29).all()  # 6 x 5 patches, one planted sink each: 29 pooled patches
+    html = (tmp_path / "o" / "probe.html").read_text()
+    assert "&#x27;nonsink&#x27; is the mean of about 29 patches per image - a global average pool" in html or (
+        "'nonsink' is the mean of about 29 patches per image - a global average pool" in html
+    )
+    assert "1.0 sink token(s) per image" in html
+    assert "compare &#x27;sink&#x27; with &#x27;nonsink_random&#x27;" in html or (
+        "compare 'sink' with 'nonsink_random'" in html
+    )
+    assert "0.512" in html
+
+
+def test_nonsink_note_without_the_single_token_group_asks_for_it():
+    from sinkscope.viz.probe_report import nonsink_note
+
+    t = pd.DataFrame(
+        {
+            "layer": [1, 1],
+            "group": ["sink", "nonsink"],
+            "label": "y",
+            "task": "classification",
+            "accuracy": [0.9, 0.8],
+            "n_images": [10, 10],
+            "n_tokens": [20, 1000],
+        }
+    )
+    note = nonsink_note(t)
+    assert note.startswith("Token groups differ in size: 'nonsink' is the mean of about 100 patches per image")
+    assert "'sink' the mean of 2.0 sink token(s)" in note and note.endswith("add nonsink_random to --groups.")
+    assert nonsink_note(t[t.group == "sink"]) is None

@@ -239,3 +239,111 @@ def test_cli_auto_per_image_is_recorded(tmp_path, marked_images):
 
     s = json.loads((out / "summary.json").read_text())
     assert s["rule"]["params"]["auto_scope"] == "image" and s["n_sink_tokens"] > 0
+
+
+# -- Gu et al.'s per-head sink rate ------------------------------------------------------------
+
+
+def _causal_head_table(alphas_by_layer: list[list[float]], n: int = 10) -> pd.DataFrame:
+    """A causal prompt of ``n`` tokens whose head ``h`` at layer ``l`` gives the first token
+    ``alpha_0 = alphas_by_layer[l][h]``: query 0 sees only key 0, every later query gives key 0
+    ``p = (n * alpha - 1) / (n - 1)`` and spreads the rest uniformly over keys 1..i."""
+    rows = []
+    for layer, alphas in enumerate(alphas_by_layer):
+        recv = []
+        for a in alphas:
+            p = (n * a - 1) / (n - 1)
+            A = np.zeros((n, n))
+            A[0, 0] = 1.0
+            for i in range(1, n):
+                A[i, 0] = p
+                A[i, 1 : i + 1] = (1 - p) / i
+            assert np.allclose(A.sum(1), 1) and np.allclose(np.triu(A, 1), 0)
+            recv.append(A.mean(0))  # attention received, averaged over all n queries
+        recv = np.array(recv)  # [heads, n]
+        for k in range(n):
+            rows.append(
+                {
+                    "image": "p",
+                    "layer": layer,
+                    "token": k,
+                    "kind": "text",
+                    "norm": 1.0,
+                    "attention_received": recv[:, k].mean(),
+                    "uniform_share": 0.1,
+                    **{f"attention_received_h{h}": recv[h, k] for h in range(len(alphas))},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_gu_sink_rate_counts_heads_not_the_head_average():
+    from sinkscope.sinks import gu_sink_rate, head_alpha
+
+    # layer 0: one strong head, head mean 0.367 > 0.3; layer 1: two heads at 0.4, head mean 0.283
+    alphas = [[0.9, 0.1, 0.1], [0.4, 0.4, 0.05]]
+    t = _causal_head_table(alphas)
+    a = head_alpha(t)
+    assert a[a.token == 0].alpha.to_numpy() == pytest.approx(np.ravel(alphas), abs=1e-12)
+    rate = gu_sink_rate(t, eps=0.3, token=0)
+    assert rate["value"] == pytest.approx(3 / 6) and rate["n_heads"] == 3 and rate["n_layers"] == 2
+    assert rate["per_layer"] == pytest.approx({"0": 1 / 3, "1": 2 / 3})
+    assert rate["eps"] == 0.3 and rate["token"] == 0 and "per head" in rate["description"]
+    # the head-averaged attention rule says the opposite per layer: sink at layer 0, not at layer 1
+    det = detect(t, AttentionRule())
+    first = t.token == 0
+    assert det.is_sink[first].tolist() == [True, False]
+    assert gu_sink_rate(t, eps=0.05, token=0)["value"] == pytest.approx(5 / 6)  # strictly above eps
+    assert gu_sink_rate(t.drop(columns=[c for c in t if c.startswith("attention_received_h")])) is None
+
+
+def test_gu_sink_rate_of_a_scan_equals_hf_eager_attentions():
+    import torch
+
+    from sinkscope.scan import scan
+    from sinkscope.sinks import gu_sink_rate, head_alpha
+
+    ad = load_model("tiny-llama")
+    texts = ["the cat sat on the mat and looked at the dog", "hello world again"]
+    res = scan(ad, texts=texts, method="attention", progress=False)
+    inp = ad.prepare(texts)
+    ad.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = ad.model(
+            input_ids=inp.tensors["input_ids"], attention_mask=inp.attention_mask, output_attentions=True
+        ).attentions  # per layer [batch, head, query, key]
+    direct = []  # alpha_0 per (prompt, layer, head) = mean over the prompt's queries of A[i, 0]
+    for b, lay in enumerate(inp.layouts):
+        n = lay.n_tokens
+        direct.append(np.stack([a[b, :, :n, 0].mean(-1).numpy() for a in att]))  # [layers, heads]
+    direct = np.stack(direct)
+    got = head_alpha(res.tokens)
+    got = got[got.token == 0].sort_values(["image", "layer", "head"]).alpha.to_numpy()
+    np.testing.assert_allclose(got, direct.ravel(), atol=1e-6)
+    # and alpha_2 (seen by queries 2..n-1 only) of the first prompt, layer 1
+    a2 = head_alpha(res.tokens).query("image == 'prompt0' and layer == 1 and token == 2").alpha.to_numpy()
+    n0 = inp.layouts[0].n_tokens
+    np.testing.assert_allclose(a2, att[1][0, :, 2:n0, 2].mean(-1).numpy(), atol=1e-6)
+    s = res.summary["gu_sink_rate"]
+    assert s["n_layers"] == 4 and s["n_heads"] == 4 and s["n_prompts"] == 2 and s["eps"] == 0.3
+    assert s["value"] == pytest.approx((direct > 0.3).mean(axis=(1, 2)).mean())
+    eps = float(np.median(direct))  # a threshold that splits the heads: a non-trivial rate
+    r = gu_sink_rate(res.tokens, eps=eps)["value"]
+    assert 0 < r < 1 and r == pytest.approx((direct > eps).mean(axis=(1, 2)).mean())
+
+
+@pytest.mark.slow
+def test_smollm2_gu_sink_rate_is_about_088():
+    from sinkscope.scan import scan
+
+    texts = [
+        "The capital of France is Paris, and the capital of Germany is Berlin.",
+        "Attention sinks are tokens that receive a large share of attention in transformers.",
+        "Once upon a time there was a little girl who lived in a village near the forest.",
+        "def add(a, b):\n    return a + b",
+    ]
+    s = scan("smollm2-135m", texts=texts, method="attention", progress=False).summary["gu_sink_rate"]
+    # measured: 0.876 (0.863-0.889 per prompt) of the 30 x 9 (layer, head) pairs; layers 0, 1 and 11 ~0.05
+    assert s["n_layers"] == 30 and s["n_heads"] == 9
+    assert 0.85 < s["value"] < 0.90
+    assert s["per_layer"]["0"] < 0.2 and s["per_layer"]["20"] == 1.0

@@ -122,7 +122,7 @@ def write_html(
     cap = f"<figcaption>{html.escape(fig_spec.caption)}</figcaption>" if fig_spec.caption else ""
     prov = f"<p class='meta'>{html.escape(provenance)}</p>" if provenance else ""
     page = (
-        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'><meta name='generator' content='sinkscope'>\n"
         f"<title>{html.escape(fig_spec.name)} - sinkscope</title>\n"
         "<style>body{font-family:Inter,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1250px;margin:auto;"
         "padding:1em;color:#222}figcaption{margin:.6em 0;line-height:1.4}.meta{color:#777;font-size:12px}</style>\n"

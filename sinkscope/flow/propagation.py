@@ -6,8 +6,17 @@ feature layer (ViT norms) and every LLM layer (received attention, massive activ
 each visual token fed to the LLM becomes one row of a tidy table:
 
 ``image, vit_token, kind, row, col, vit_norm, is_vit_sink, llm_position, llm_sink_layers,
-llm_sink_dims, attention_received`` (+ one ``attn_L<i>`` column per LLM layer). ``llm_sink_dims``
-lists the channels a token peaks on in the LLM layers where the RMS rule calls it a sink.
+llm_sink_dims, attention_received`` (+ one ``attn_L<i>`` column per LLM layer). ``llm_sink_layers``
+counts the decoder layers ``i >= min_layer`` whose *input* (``hidden_states[i]``, ``i < L``; the
+final norm's output is not a layer input) the LLM rule calls a sink; ``llm_sink_dims`` lists the
+channels a token peaks on in those layers.
+
+LLM sink dims (Kang et al.) are fixed from the LLM's own massive activations on text: by default
+they are discovered on a text-only pass (the prompt without its image tokens through the LLM), so
+visual tokens cannot bring their own "sink dims"; ``sink_dims_from="first_text_token"`` uses the
+first text token of the multimodal sequence and ``"multimodal"`` the whole multimodal sequence
+(the old behaviour). Enough top channels per token are kept for the rule to be exact
+(:func:`~sinkscope.sinks.topk_for_exact_dims`).
 
 Then tokens are binned by ViT norm (width 5 by default) and the mean attention each bin receives
 is reported per LLM layer, and the mean attention per token is reported for non-sinks,
@@ -19,7 +28,7 @@ ViT-propagated sinks (sinks in the ViT) and LLM-emerged sinks (sinks in the LLM 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +39,12 @@ from .._utils import SinkscopeError
 from ..capture import Capture
 from ..models.base import ModelInputs, TokenLayout
 from ..models.llava import LlavaAdapter
-from ..sinks import DimsRule, NormRule, detect, rule_to_dict
+from ..sinks import DimsRule, NormRule, detect, discover_sink_dims, rule_to_dict, topk_for_exact_dims
+
+#: Where the LLM sink dims come from (``propagation(sink_dims_from=...)``).
+SINK_DIMS_SOURCES = ("text", "first_text_token", "multimodal")
+#: Most top channels per token kept by the LLM capture (a tiny ``tau`` would ask for all of them).
+MAX_TOPK = 64
 
 
 @dataclass
@@ -54,6 +68,44 @@ def _text_query_mask(input_ids: torch.Tensor, image_token_id: int) -> torch.Tens
     return q
 
 
+def exact_topk(hidden_size: int, tau: float) -> int:
+    """Top channels per token that make the dims rule exact at ``tau``
+    (:func:`~sinkscope.sinks.topk_for_exact_dims`; every channel when ``tau <= 0``)."""
+    return min(topk_for_exact_dims(hidden_size, tau), hidden_size) if tau > 0 else hidden_size
+
+
+def llm_topk(hidden_size: int, tau: float) -> int:
+    """Top channels per token the LLM capture keeps: :func:`exact_topk`, at most :data:`MAX_TOPK`."""
+    return min(exact_topk(hidden_size, tau), MAX_TOPK)
+
+
+def text_only_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """``[1, n_text]``: the prompt's token ids with every image token removed (BOS and chat
+    template kept), the input of the text-only pass that fixes the LLM sink dims."""
+    return input_ids[:, input_ids[0] != image_token_id]
+
+
+def text_only_sink_dims(ad: LlavaAdapter, input_ids: torch.Tensor, rule: DimsRule, topk: int) -> list[int]:
+    """LLM sink dims discovered on the text-only pass (``input_ids`` ``[1, seq]`` without its image
+    tokens through the LLM alone), over the decoder-layer inputs ``hidden_states[i]``,
+    ``rule.min_layer <= i < L``; most frequent first (:func:`~sinkscope.sinks.discover_sink_dims`)."""
+    from ..scan import batch_rows
+
+    ids = text_only_ids(input_ids, ad.image_token_id)
+    n = ids.shape[1]
+    if n == 0:
+        raise SinkscopeError(
+            "the prompt has no text tokens: no text-only pass to find the LLM sink dims on; "
+            "use sink_dims_from='multimodal' or give the dims (DimsRule(dims=...))"
+        )
+    inputs = ModelInputs(
+        {"input_ids": ids}, [TokenLayout(n_text=n)], ["text-only prompt"], torch.ones_like(ids)
+    )
+    with Capture(ad.llm, layers=list(range(ad.llm.n_layers)), dims=True, topk=topk) as cap:
+        c = cap.run(inputs)
+    return discover_sink_dims(batch_rows(ad.llm, inputs, c, causal=True), rule)
+
+
 @torch.no_grad()
 def propagation(
     ad: LlavaAdapter,
@@ -64,19 +116,31 @@ def propagation(
     generate: int = 0,
     bin_width: float = 5.0,
     chat: bool = False,
+    sink_dims_from: str = "text",
 ) -> Propagation:
     """Attention the LLM pays to each visual token, against its ViT norm.
 
     ``vit_rule``: the ViT sink rule at the feature layer (default ``NormRule(threshold=100)``, the
     paper's rule for CLIP-L in LLaVA-1.5). ``llm_rule``: the LLM sink rule on visual tokens
-    (default Kang et al.: ``DimsRule(tau=20, min_layer=2)``; sink dims discovered on this input).
+    (default Kang et al.: ``DimsRule(tau=20, min_layer=2)``), checked on the input of every
+    decoder layer ``min_layer <= i < L``. Unless the rule gives its dims, they are discovered from
+    massive activations on ``sink_dims_from``: ``"text"`` (default) a text-only pass, the prompt
+    without its image tokens through the LLM; ``"first_text_token"`` the first text token of the
+    multimodal sequence; ``"multimodal"`` every token of the multimodal sequence, visual tokens
+    included. The summary's ``llm_rule`` reports ``sink_dims``, ``sink_dims_source``, the top
+    channels kept per token (``topk_channels``) and the layers checked.
     ``generate``: 0 averages the attention of the prompt's text tokens after the first image
-    (prefill); ``n > 0`` generates ``n`` tokens greedily and averages the attention of each newly
-    generated token instead (the paper's setting). ``chat``: wrap the prompt in the tokenizer's
-    chat template (see :meth:`LlavaAdapter.build_inputs`).
+    (prefill); ``n > 0`` generates up to ``n`` tokens greedily and averages the attention of every
+    output token (the paper's setting): the query that produces output token 1 is the prefill's
+    last row, output token ``t > 1`` is produced by decoding step ``t - 1``. ``chat``: wrap the
+    prompt in the tokenizer's chat template (see :meth:`LlavaAdapter.build_inputs`).
     """
     if not isinstance(ad, LlavaAdapter):
         raise SinkscopeError(f"model {ad.name!r} is not a LLaVA-style model (family {ad.family!r})")
+    if sink_dims_from not in SINK_DIMS_SOURCES:
+        raise SinkscopeError(
+            f"sink_dims_from must be one of {', '.join(SINK_DIMS_SOURCES)}, got {sink_dims_from!r}"
+        )
     vit_rule = vit_rule or NormRule(threshold=100.0)
     llm_rule = llm_rule or DimsRule(tau=20.0, min_layer=2)
     if vit_rule.mode == "auto":
@@ -89,21 +153,36 @@ def propagation(
     fl = ad.feature_layer
     L = ad.llm.n_layers
     seq = ids.shape[1]
+    topk = llm_topk(ad.llm.hidden_size, llm_rule.tau)
+    generated: dict[str, torch.Tensor] = {}
     if generate > 0:
-        qmask = torch.zeros_like(ids, dtype=torch.bool)  # prefill queries excluded; each new token counts
-        run = lambda: ad.model.generate(**model_kw, max_new_tokens=generate, do_sample=False)  # noqa: E731
+        # output token 1 comes from the prefill's last row; later steps have one query each and
+        # all count (Capture counts every query of a call whose length differs from the mask)
+        qmask = torch.zeros_like(ids, dtype=torch.bool)
+        qmask[:, -1] = True
+
+        def run():
+            generated["ids"] = ad.model.generate(**model_kw, max_new_tokens=generate, do_sample=False)
+
     else:
         qmask = _text_query_mask(ids, ad.image_token_id)
         if not qmask.any():
             raise SinkscopeError("the prompt has no text after the first image: nothing attends to the image")
-        run = lambda: ad.model(**model_kw)  # noqa: E731
+
+        def run():
+            ad.model(**model_kw)
+
     with (
         Capture(ad.vision, layers=[fl], stop_early=False) as vcap,
-        Capture(ad.llm, layers="all", attention="all", dims=True, stop_early=False) as lcap,
+        # decoder-layer inputs only (hidden_states[0..L-1]): the final norm's output feeds no layer
+        Capture(
+            ad.llm, layers=list(range(L)), attention="all", dims=True, topk=topk, stop_early=False
+        ) as lcap,
     ):
         vcap.reset()
         lc = lcap.run_fn(run, attention_mask=am.to(dev), query_mask=qmask)
         vc = vcap.collect()
+    n_out = int(generated["ids"].shape[1] - seq) if generate > 0 else 0
     n_vit = lay.n_tokens
     vit_norms = vc.norms[:, 0, :n_vit].numpy()  # [images, vit tokens]
     mapping = pd.DataFrame(ad.vit_to_llm_positions(ids, n_vit_tokens=n_vit))
@@ -122,7 +201,24 @@ def propagation(
     llm_inputs = ModelInputs({"input_ids": ids}, [TokenLayout(n_text=seq)], ["prompt"])
     lc.norms = lc.norms[:, :, :seq]
     ltab = batch_rows(ad.llm, llm_inputs, lc, causal=True)
-    ldet = detect(ltab, llm_rule)
+    if llm_rule.dims is not None:
+        dims, source = [int(d) for d in llm_rule.dims], "given"
+        source_desc = "given with the rule"
+    elif sink_dims_from == "text":
+        dims, source = text_only_sink_dims(ad, ids, llm_rule, topk), "text"
+        n_text = int((ids[0] != ad.image_token_id).sum())
+        source_desc = f"text-only pass: the prompt without its image tokens ({n_text} tokens) through the LLM"
+    elif sink_dims_from == "first_text_token":
+        is_text = ids[0] != ad.image_token_id
+        if not is_text.any():
+            raise SinkscopeError("the prompt has no text token to find the LLM sink dims on")
+        first = int(torch.nonzero(is_text).min())
+        dims, source = discover_sink_dims(ltab[ltab.token == first], llm_rule), "first_text_token"
+        source_desc = f"first text token of the multimodal sequence (position {first})"
+    else:
+        dims, source = discover_sink_dims(ltab, llm_rule), "multimodal"
+        source_desc = "multimodal sequence (visual tokens included)"
+    ldet = detect(ltab, replace(llm_rule, dims=tuple(dims)))
     ltab["is_llm_sink"] = ldet.is_sink.to_numpy()
     sink_layers = ltab.groupby("token")["is_llm_sink"].sum()
     # the hidden dims a visual token lights up where it is an LLM sink (its largest channel there)
@@ -168,18 +264,36 @@ def propagation(
         "prompt": prompt,
         "chat_template": chat,
         "n_images": len(images),
-        "queries": f"{generate} generated tokens"
-        if generate
-        else "text tokens after the first image (prefill)",
+        "queries": (
+            f"{n_out} generated tokens" + (f" (stopped early; {generate} asked)" if n_out < generate else "")
+            if generate
+            else "text tokens after the first image (prefill)"
+        ),
+        "n_query_tokens": n_out if generate else int(qmask.sum()),
         "feature_layer": fl,
         "select_strategy": ad.select_strategy,
         "vit_rule": rule_to_dict(vit_rule),
-        "llm_rule": {**rule_to_dict(llm_rule), "sink_dims": ldet.sink_dims},
+        "llm_rule": {
+            **rule_to_dict(llm_rule),
+            "sink_dims": [int(d) for d in ldet.sink_dims],
+            "sink_dims_source": source,
+            "sink_dims_source_description": source_desc,
+            "topk_channels": topk,
+            "topk_exact": topk >= exact_topk(ad.llm.hidden_size, llm_rule.tau),
+            "layers": list(range(llm_rule.min_layer, L)),
+            "layers_description": "decoder-layer inputs hidden_states[i], min_layer <= i < L "
+            "(the final norm's output is no layer input)",
+        },
         "bin_width": bin_width,
         "n_visual_tokens": len(vt),
         "n_vit_sinks": int(vt.is_vit_sink.sum()),
         "n_llm_sink_tokens": int((vt.llm_sink_layers > 0).sum()),
     }
+    if not dims:
+        summary["llm_rule"]["sink_dims_note"] = (
+            f"no massive activation on the {source_desc}: no LLM sink dims, so no visual token is "
+            "called an LLM sink (give dims with the rule, or use sink_dims_from='multimodal')"
+        )
     frac = float((vt.llm_sink_layers > 0).mean()) if len(vt) else 0.0
     if frac > 0.25:
         # a sink rule that calls a quarter of the image "sinks" has stopped separating anything

@@ -10,11 +10,20 @@ Analyses (``--analysis``):
   mean_attention, uniform``)
 - ``propagation`` (VLM): ``visual_tokens.parquet`` (one row per visual token fed to the LLM),
   ``attention_by_bin.csv`` (Fig. 3A), ``attention_by_group.csv``
-- ``knockout`` (VLM): ``knockout.csv`` (``source, target, window_start, window_end, p_answer,
-  p_base, delta, relative_change``)
+- ``knockout`` (VLM): ``knockout.csv`` (``source, target, layer, window_start, window_end,
+  p_answer, p_base, delta, relative_change``; one window centred on every LLM layer, clipped at
+  the edges)
 - ``decode`` (VLM): ``decode.csv`` (isolated visual tokens through the LM head:
   ``image, image_name, vit_token, is_vit_sink, position, rank, token_id, token, prob``)
 - ``attribution`` (VLM): ``attribution.csv`` (captum, per visual token)
+- ``redundancy`` (any ViT, or a VLM's tower): Darcet et al.'s neighbour cosine similarity (4
+  grid neighbours) at layer 0 and at the ViT layer the ViT analyses stop at (a VLM's feature layer,
+  else the last), sinks vs non-sinks -> ``redundancy.csv``
+  (``image, layer, layer_role, token, row, col, norm, neighbour_cos, is_sink``)
+- ``relevancy`` (VLM): Chefer-style relevancy of the answer token (grad x attention, clamped,
+  accumulated through the LLM then the ViT up to the feature layer) beside rollout ->
+  ``relevancy.csv`` (``image, image_name, vit_token, kind, row, col, llm_position, vit_norm,
+  is_vit_sink, relevancy_llm, rollout_llm, relevancy, rollout``)
 
 >>> run_flow("tiny-llava+sinks", prompt="What is this?", out="runs/flow")   # doctest: +SKIP
 """
@@ -39,7 +48,9 @@ from ..sinks import DimsRule, NormRule, rule_to_dict
 
 log = logging.getLogger("sinkscope")
 
-ANALYSES = ("rollout", "propagation", "knockout", "decode", "attribution")
+ANALYSES = ("rollout", "propagation", "knockout", "decode", "attribution", "redundancy", "relevancy")
+#: analyses that need only a ViT (any ViT, or a VLM's vision tower)
+VIT_ANALYSES = ("rollout", "redundancy")
 
 
 def _items(images) -> list[ImageItem]:
@@ -65,17 +76,21 @@ def run_flow(
     bin_width: float = 5.0,
     decode_nonsinks: int = 4,
     top_k: int = 5,
-    attribution_steps: int = 16,
+    attribution_steps: int = 64,
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
     progress: bool = True,
     chat: bool = False,
+    sink_dims_from: str = "text",
 ) -> dict[str, Any]:
     """Run the chosen analyses on one prompt with its images; return (and write) the tables.
 
     ``progress`` shows a bar with one step per analysis (and per knockout pair). ``chat`` wraps
     the prompt in the tokenizer's chat template (text first, as the model was trained).
+    ``sink_dims_from``: where the LLM sink dims are discovered - ``"text"`` (a text-only pass of
+    the prompt, as Kang et al. fix them from the LLM's own first-token sink), ``"first_text_token"``
+    or ``"multimodal"`` (see :func:`~sinkscope.flow.propagation.propagation`).
     """
     t0 = time.perf_counter()
     bad = [a for a in analyses if a not in ANALYSES]
@@ -83,10 +98,10 @@ def run_flow(
         raise SinkscopeError(f"unknown analysis {bad[0]!r}; choose from {', '.join(ANALYSES)} or all")
     ad = model if isinstance(model, Adapter) else load_model(model, device=device, dtype=dtype)
     is_vlm = isinstance(ad, LlavaAdapter)
-    vlm_only = [a for a in analyses if a != "rollout"]
+    vlm_only = [a for a in analyses if a not in VIT_ANALYSES]
     if vlm_only and not is_vlm:
         if len(analyses) == len(ANALYSES):
-            analyses = ["rollout"]
+            analyses = list(VIT_ANALYSES)
         else:
             raise SinkscopeError(
                 f"analyses {vlm_only} need a LLaVA-style model; {ad.name!r} is {ad.family!r}"
@@ -96,6 +111,7 @@ def run_flow(
     vit_rule = (
         NormRule(threshold=vit_threshold) if vit_threshold is not None else NormRule(relative=vit_relative)
     )
+    vit_layer, vit_layer_info = _vit_layer(ad)
     tables: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {
         "model": ad.describe(),
@@ -104,7 +120,10 @@ def run_flow(
         "chat_template": bool(chat) if is_vlm else None,
         "analyses": list(analyses),
         "vit_rule": rule_to_dict(vit_rule),
+        "vit_layer": vit_layer_info,
     }
+    if is_vlm:
+        summary["paper_settings"] = paper_settings(vit_rule, generate, bin_width)
     if is_vlm and ad.planted is None and getattr(ad, "projector_trained", True) is False:
         summary["warning"] = "the projector is untrained: the model's answers carry no meaning"
     timings: dict[str, float] = {}
@@ -113,8 +132,21 @@ def run_flow(
     if "rollout" in analyses:
         bar.set_postfix_str("rollout")
         t = time.perf_counter()
-        tables.update(_rollout_table(getattr(ad, "vision", ad), arrays, [it.name for it in items], vit_rule))
+        tables.update(
+            _rollout_table(getattr(ad, "vision", ad), arrays, [it.name for it in items], vit_rule, vit_layer)
+        )
         timings["rollout_s"] = time.perf_counter() - t
+        bar.update(1)
+    if "redundancy" in analyses:
+        from .redundancy import redundancy
+
+        bar.set_postfix_str("redundancy")
+        t = time.perf_counter()
+        names = [it.name for it in items]
+        red = redundancy(ad, arrays, names=names, detection_layer=vit_layer, rule=vit_rule)
+        tables["redundancy"] = red.table
+        summary["redundancy"] = red.summary
+        timings["redundancy_s"] = time.perf_counter() - t
         bar.update(1)
     prop = None
     if is_vlm and {"propagation", "knockout", "decode", "attribution"} & set(analyses):
@@ -131,6 +163,7 @@ def run_flow(
             generate=generate,
             bin_width=bin_width,
             chat=chat,
+            sink_dims_from=sink_dims_from,
         )
         timings["propagation_s"] = time.perf_counter() - t
         vt = prop.visual_tokens.copy()
@@ -151,13 +184,20 @@ def run_flow(
         img_pos = vt.llm_position.tolist()
         sinks = vt[vt.is_vit_sink].llm_position.tolist()
         nonsinks = vt[~vt.is_vit_sink].llm_position.tolist()
-        question = [p for p in range(max(img_pos) + 1, seq)]
+        # the text after the last image, without the last position (its own group): disjoint groups
+        question = [p for p in range(max(img_pos) + 1, seq - 1)]
         last = [seq - 1]
         if "knockout" in analyses:
-            from .knockout import knockout
+            from .knockout import KNOCKOUT_COLUMNS, knockout_pairs
 
             t = time.perf_counter()
-            groups = {"image": img_pos, "vit_sinks": sinks, "nonsinks": nonsinks, "question": question}
+            groups = {
+                "image": img_pos,
+                "vit_sinks": sinks,
+                "nonsinks": nonsinks,
+                "question": question,
+                "last": last,
+            }
             pairs = [
                 ("image", "question"),
                 ("image", "last"),
@@ -165,28 +205,51 @@ def run_flow(
                 ("nonsinks", "last"),
                 ("question", "last"),
             ]
-            frames = []
-            skipped = []
+            run_pairs, skipped = [], []
             for src, tgt in pairs:
-                target = last if tgt == "last" else groups[tgt]
-                if not groups[src] or (src == "nonsinks" and not sinks):
-                    # nothing to block (no ViT sink), or the same tokens as "image": not rerun
+                if not groups[src] or not groups[tgt] or (src == "nonsinks" and not sinks):
+                    # nothing to block (no ViT sink, no question text), or the same tokens as
+                    # "image": not rerun
                     skipped.append(f"{src} -> {tgt}")
-                    bar.update(1)
-                    continue
-                bar.set_postfix_str(f"knockout {src} -> {tgt}")
-                k = knockout(run, ad.llm, groups[src], target, window=window, stride=stride)
-                bar.update(1)
+                else:
+                    run_pairs.append((src, tgt))
+            bar.set_postfix_str(f"knockout ({len(run_pairs)} pairs)")
+            ko = knockout_pairs(
+                run,
+                ad.llm,
+                [(groups[s], groups[g]) for s, g in run_pairs],
+                window=window,
+                stride=stride,
+                head=ad.model.get_output_embeddings(),
+            )
+            bar.update(len(pairs))
+            frames = []
+            for (src, tgt), k in zip(run_pairs, ko):
                 k.insert(0, "target", tgt)
                 k.insert(0, "source", src)
                 k["n_source"] = len(groups[src])
+                k["n_target"] = len(groups[tgt])
                 frames.append(k)
-            tables["knockout"] = pd.concat(frames, ignore_index=True)
+            tables["knockout"] = (
+                pd.concat(frames, ignore_index=True)
+                if frames
+                else pd.DataFrame(columns=["source", "target", *KNOCKOUT_COLUMNS, "n_source", "n_target"])
+            )
+            summary["knockout"] = {
+                "window": window,
+                "stride": stride,
+                "windows": f"{window} LLM layers centred on every {'' if stride == 1 else f'{stride}th '}"
+                "layer (column layer), clipped at the first and last layer (window_start..window_end, "
+                "inclusive), as Zhang et al.",
+                "groups": {k: len(v) for k, v in groups.items()},
+                "question": "the text after the last image, without the last position (disjoint groups)",
+                "route": ko[0].attrs.get("route") if ko else None,
+            }
             if skipped:
                 summary["knockout_skipped"] = {
                     "pairs": skipped,
-                    "reason": "no ViT sink among the visual tokens: the sink group is empty and the "
-                    "non-sink group equals the image group",
+                    "reason": "an empty group (no ViT sink among the visual tokens, or no question text "
+                    "before the last position), or a non-sink group equal to the image group",
                 }
             timings["knockout_s"] = time.perf_counter() - t
         if "decode" in analyses:
@@ -241,14 +304,55 @@ def run_flow(
                 .rename(lambda s: "vit_sink" if s else "nonsink")
                 .to_dict()
             )
+            conv = {c: a[c].iloc[0] for c in ("n_steps", "logit_diff", "delta_tolerance", "converged") if c in a}
+            summary["attribution"] = {
+                k: (bool(v) if k == "converged" else float(v) if k != "n_steps" else int(v)) for k, v in conv.items()
+            }
             timings["attribution_s"] = time.perf_counter() - t
             bar.update(1)
+    if is_vlm and "relevancy" in analyses:
+        from .relevancy import vlm_relevancy
+
+        bar.set_postfix_str("relevancy")
+        t = time.perf_counter()
+        rel = vlm_relevancy(ad, arrays, prompt, chat=chat, vit_rule=vit_rule, names=[it.name for it in items])
+        tables["relevancy"] = rel.table
+        summary["relevancy"] = rel.summary
+        timings["relevancy_s"] = time.perf_counter() - t
+        bar.update(1)
     bar.close()
     summary["timings"] = {k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()}
     summary["versions"] = package_versions(("sinkscope", "torch", "transformers", "captum"))
     if out is not None:
         write_flow_outputs(Path(out), tables, summary)
     return {"tables": tables, "summary": summary}
+
+
+#: The paper's Fig. 3A settings (LLaVA-1.5-7B, CLIP-L/14-336): what each flow run is compared with.
+PAPER_FIG3A = {
+    "queries": "every generated output token (--generate N, N >= 1)",
+    "vit_rule": "absolute L2 norm >= 100 at the feature layer (--vit-threshold 100)",
+    "bin_width": 5.0,
+}
+
+
+def paper_settings(vit_rule: NormRule, generate: int, bin_width: float) -> dict[str, Any]:
+    """How a flow run's settings compare with the paper's Fig. 3A settings (:data:`PAPER_FIG3A`):
+    ``{"matches": bool, "differences": [...], "paper": PAPER_FIG3A}``; every summary carries it.
+
+    >>> paper_settings(NormRule(threshold=100.0), generate=8, bin_width=5.0)["matches"]
+    True
+    >>> paper_settings(NormRule(relative=5.0), generate=0, bin_width=5.0)["differences"][0]
+    'queries: the prompt text after the first image (prefill), not generated tokens'
+    """
+    diff = []
+    if generate < 1:
+        diff.append("queries: the prompt text after the first image (prefill), not generated tokens")
+    if vit_rule.mode != "absolute" or vit_rule.threshold != 100.0:
+        diff.append(f"ViT sink rule: {vit_rule.describe()}, not an absolute norm threshold of 100")
+    if bin_width != PAPER_FIG3A["bin_width"]:
+        diff.append(f"ViT-norm bins of width {bin_width:g}, not 5")
+    return {"matches": not diff, "differences": diff, "paper": dict(PAPER_FIG3A)}
 
 
 class _NoSteps:
@@ -271,17 +375,36 @@ def _steps(total: int, enabled: bool):
     return tqdm(total=total, desc="flow", unit="step")
 
 
-def _rollout_table(vis, arrays, names, vit_rule: NormRule) -> dict[str, pd.DataFrame]:
-    """Inside the ViT: rollout from CLS and from every sink (at the last layer) on the patch grid,
-    relevance maps (attention column per head at the last block) of CLS, the sinks and one
-    non-sink patch, and the attention received by token group in every block."""
+def _vit_layer(ad: Adapter) -> tuple[int, dict[str, Any]]:
+    """The ViT layer the ViT analyses stop at, and how it was chosen: a VLM's feature layer (the
+    hidden state its projector reads; LLaVA-1.5: ``vision_feature_layer=-2``), else the last."""
+    if isinstance(ad, LlavaAdapter):
+        fl = ad.feature_layer
+        cfg = ad.model.config.vision_feature_layer
+        return fl, {
+            "layer": fl,
+            "n_layers": ad.vision.n_layers,
+            "source": f"the model's feature layer (vision_feature_layer={cfg}): the ViT output the projector reads",
+        }
+    n = ad.n_layers
+    return n, {"layer": n, "n_layers": n, "source": "the ViT's last layer"}
+
+
+def _rollout_table(vis, arrays, names, vit_rule: NormRule, upto: int | None = None) -> dict[str, pd.DataFrame]:
+    """Inside the ViT, up to layer ``upto`` (hidden-state index; default the last layer; a VLM
+    passes its feature layer): rollout through blocks ``0..upto-1`` from CLS and from every sink
+    at layer ``upto`` on the patch grid, relevance maps (attention column per head at block
+    ``upto-1``) of CLS, the sinks and one non-sink patch, and the attention received by token
+    group in every block up to it."""
     from ..capture import Capture
     from .rollout import attention_by_group, relevance_map, rollout
 
     batch = vis.prepare(arrays, names)
     lay = batch.layouts[0]
-    L = vis.n_layers
-    with Capture(vis, layers="all", keep_attention="all", stop_early=False) as cap:
+    L = vis.n_layers if upto is None else int(upto)
+    if not 1 <= L <= vis.n_layers:
+        raise SinkscopeError(f"ViT layer {L} is outside 1..{vis.n_layers}: rollout needs at least one block")
+    with Capture(vis, layers=list(range(L + 1)), keep_attention=list(range(L)), stop_early=True) as cap:
         bc = cap.run(batch)
     attn = bc.attn_maps  # block -> [batch, heads, q, k]
     roll, rel, grp = [], [], []

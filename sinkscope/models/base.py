@@ -106,6 +106,9 @@ class Adapter:
     #: whether ``hidden_states[-1]`` of the HF model is the final norm's output (LLMs) rather
     #: than the last block's output (CLIP, SigLIP, DINOv2, ViT)
     last_layer_normed: bool = False
+    #: the sinks planted by sinkscope's tiny builders (:class:`~sinkscope.models.tiny.Plant`);
+    #: ``None`` for every model a user loads or builds
+    planted: Any = None
 
     def __init__(self, model: nn.Module, name: str, processor: Any = None):
         self.model = model

@@ -60,8 +60,8 @@ class LlavaAdapter(Adapter):
     def config(self):
         return self.model.config
 
-    def prepare(self, items, names=None) -> ModelInputs:
-        return self.vision.prepare(items, names)
+    def prepare(self, items, names=None, min_side: int | None = None) -> ModelInputs:
+        return self.vision.prepare(items, names, min_side=min_side)
 
     def forward(self, inputs: ModelInputs, **extra) -> Any:
         return self.vision.forward(inputs, **extra)

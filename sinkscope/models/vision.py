@@ -148,8 +148,13 @@ class VisionAdapter(Adapter):
             mean, std = self.spec.default_stats
         return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
-    def prepare(self, items: list[Any], names: list[str] | None = None) -> ModelInputs:
+    def prepare(
+        self, items: list[Any], names: list[str] | None = None, min_side: int | None = None
+    ) -> ModelInputs:
         """Turn images (PIL images or HxWx3 uint8 arrays) into ``pixel_values`` and layouts.
+
+        Each source image must be at least one patch wide and high, or ``min_side`` px when given
+        (a data set of small pictures, such as the 8 x 8 ``digits``, that the resize enlarges).
 
         >>> inp = ad.prepare([np.zeros((40, 50, 3), np.uint8)])  # doctest: +SKIP
         """
@@ -160,7 +165,7 @@ class VisionAdapter(Adapter):
         pil = [im.convert("RGB") for im in pil]
         p = self.patch_size
         for nm, im in zip(names, pil):
-            self.check_image(im.size[1], im.size[0], nm)
+            self.check_image(im.size[1], im.size[0], nm, min_side=min_side)
         mean, std = self._mean_std()
         if self.image_size is None and self.processor is not None:
             pv = self.processor(images=pil, return_tensors="pt")["pixel_values"]

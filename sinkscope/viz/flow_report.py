@@ -38,7 +38,12 @@ def _model_name(summary: dict | None) -> str:
 def _vit_rule(summary: dict | None) -> str:
     s = summary or {}
     rule = s.get("vit_rule") or (s.get("propagation") or {}).get("vit_rule") or {}
-    return str(rule.get("description", "")) if isinstance(rule, dict) else str(rule)
+    text = str(rule.get("description", "")) if isinstance(rule, dict) else str(rule)
+    layer = s.get("vit_layer") or {}
+    if isinstance(layer, dict) and "layer" in layer:  # runs before 0.3 did not record it
+        feature = "feature layer" in str(layer.get("source", ""))
+        text += f" at ViT layer {layer['layer']}" + (" (the feature layer)" if feature else "")
+    return text
 
 
 def load_flow(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict]:
@@ -329,13 +334,23 @@ def norm_bin_figure(by_bin: pd.DataFrame, summary: dict) -> go.Figure:
     return fig
 
 
+def _ko_window(summary: dict, ko: pd.DataFrame) -> str:
+    w = (summary.get("knockout") or {}).get("window")
+    if w is None and len(ko):
+        w = int((ko.window_end - ko.window_start).max()) + 1
+    return f"{w} layers" if w is not None else "window"
+
+
 def knockout_figure(ko: pd.DataFrame, summary: dict) -> go.Figure:
-    """Change in the answer's probability per knocked-out window, one curve per source -> target."""
+    """Change in the answer's probability per knocked-out window, one curve per source -> target,
+    one point per window centre (``layer``; older tables without it: the window's first layer)."""
     fig = go.Figure()
+    centred = "layer" in ko.columns
+    xcol = "layer" if centred else "window_start"
     for (src, tgt), d in ko.groupby(["source", "target"], sort=False):
         fig.add_trace(
             go.Scatter(
-                x=d.window_start,
+                x=d[xcol],
                 y=d.relative_change * 100,
                 mode="lines+markers",
                 name=f"{src} -> {tgt}",
@@ -346,10 +361,14 @@ def knockout_figure(ko: pd.DataFrame, summary: dict) -> go.Figure:
     style.apply_style(
         fig,
         title=f"Attention knockout - {_model_name(summary)} - ViT sinks: {_vit_rule(summary)}",
-        x_title="first LLM layer of the blocked window",
+        x_title=(
+            f"LLM layer at the centre of the blocked window ({_ko_window(summary, ko)}, clipped at the edges)"
+            if centred
+            else "first LLM layer of the blocked window"
+        ),
         y_title="change in answer probability (%)",
     )
-    if ko.window_start.nunique() <= 40:
+    if ko[xcol].nunique() <= 40:
         fig.update_xaxes(dtick=1)
     return fig
 
@@ -384,6 +403,19 @@ def flow_figures(
         out.append(("LLM attention to visual token groups", llm_group_attention_figure(vt, summary)))
     if tables.get("knockout") is not None and len(tables["knockout"]):
         out.append(("Attention knockout", knockout_figure(tables["knockout"], summary)))
+    red = tables.get("redundancy")
+    if red is not None and len(red) and red["neighbour_cos"].notna().any():
+        from .redundancy import redundancy_figure
+
+        out.append(("Sinks on redundant patches (Darcet et al.)", redundancy_figure(red, summary)))
+    rv = tables.get("relevancy")
+    if rv is not None and len(rv):
+        from .relevancy import relevancy_figure
+
+        for image in list(dict.fromkeys(rv.image_name.astype(str)))[:max_images]:
+            out.append(
+                (f"Relevancy of the answer beside rollout - {image}", relevancy_figure(rv, image, summary))
+            )
     return out
 
 

@@ -240,7 +240,14 @@ def probe_findings(table: pd.DataFrame, summary: dict) -> list[str]:
             )
         kind = "R2" if "task" in t and (t["task"] == "regression").any() else "accuracy"
         out.append(f"'{label}': best {kind} per group - " + "; ".join(parts) + ".")
-    return out
+    return out + _probe_notes(table)
+
+
+def _probe_notes(table: pd.DataFrame) -> list[str]:
+    from .probe_report import nonsink_note
+
+    note = nonsink_note(table)
+    return [note] if note else []
 
 
 def probe_section(run_dir: str | Path) -> RunSection:
@@ -262,6 +269,12 @@ def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
     the knockout window with the largest effect."""
     prompt = f"; prompt: {summary['prompt']!r}" if summary.get("prompt") else ""
     out = [f"{_name(summary)}{prompt}; ViT sinks: {(summary.get('vit_rule') or {}).get('description', '?')}."]
+    layer = summary.get("vit_layer")
+    if isinstance(layer, dict) and "layer" in layer:
+        out.append(
+            f"The ViT analyses (sinks, rollout, relevance) stop at ViT layer {layer['layer']} of "
+            f"{layer.get('n_layers', '?')}: {layer.get('source', '')}."
+        )
     queries = (summary.get("propagation") or {}).get("queries", "the text tokens")
     vt = tables.get("visual_tokens")
     if vt is not None and len(vt):
@@ -276,6 +289,11 @@ def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
             )
         em = int(((~vt.is_vit_sink) & (vt.llm_sink_layers > 0)).sum())
         out.append(f"{em} visual token(s) become sinks only inside the LLM (LLM-emerged).")
+        lr = (summary.get("propagation") or {}).get("llm_rule") or {}
+        if isinstance(lr, dict) and "sink_dims" in lr:
+            src = lr.get("sink_dims_source_description") or lr.get("sink_dims_source", "?")
+            dims = ", ".join(str(d) for d in lr["sink_dims"]) or "none"
+            out.append(f"LLM sink dims: {dims} (from {src}).")
         note = (summary.get("propagation") or {}).get("llm_rule_note")
         if note:
             out.append("Caution: " + note + ".")
@@ -283,7 +301,7 @@ def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
     if g is not None and len(g) and g.mean_attention.notna().any():
         last = g[g.layer == g.layer.max()].groupby("group")["mean_attention"].mean().dropna()
         out.append(
-            "Last ViT block, attention per token by group: "
+            f"ViT block {int(g.layer.max())} (the last one analysed), attention per token by group: "
             + ", ".join(f"{k} {_pct(v)}" for k, v in last.items())
             + f" (uniform {_pct(float(g.uniform.mean()))})."
         )
@@ -291,9 +309,42 @@ def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
     ko = ko.dropna(subset=["relative_change"]) if ko is not None and "relative_change" in ko else None
     if ko is not None and len(ko):
         worst = ko.loc[ko.relative_change.abs().idxmax()]
+        where = (
+            f"in the window centred on LLM layer {int(worst.layer)} (layers {int(worst.window_start)}-"
+            f"{int(worst.window_end)})"
+            if "layer" in ko.columns
+            else f"from LLM layer {int(worst.window_start)}"
+        )
         out.append(
-            f"Largest knockout effect: blocking {worst.source} -> {worst.target} from LLM layer "
-            f"{int(worst.window_start)} changes the answer probability by {100 * worst.relative_change:+.1f}%."
+            f"Largest knockout effect: blocking {worst.source} -> {worst.target} {where} changes the answer "
+            f"probability by {100 * worst.relative_change:+.1f}%."
+        )
+    red = summary.get("redundancy")
+    if isinstance(red, dict) and isinstance(red.get("mean_cos"), dict):
+        mc = red["mean_cos"]
+
+        def _cos(v):
+            return "n/a (no sink)" if v is None else f"{v:.2f}"
+
+        out.append(
+            f"Redundancy (Darcet et al.): mean cosine to grid neighbours at the input layer - sinks "
+            f"{_cos(mc.get('input_sink'))}, non-sinks {_cos(mc.get('input_nonsink'))}; at ViT layer "
+            f"{red.get('detection_layer')} - sinks {_cos(mc.get('detection_sink'))}, non-sinks "
+            f"{_cos(mc.get('detection_nonsink'))} ({red.get('n_sinks', 0)} sinks)."
+        )
+    rv = summary.get("relevancy")
+    if isinstance(rv, dict) and isinstance(rv.get("relevancy"), dict):
+        share = rv["relevancy"].get("sink_share")
+        out.append(
+            f"Relevancy (Chefer et al.) of the answer {rv.get('answer_token')!r} on the image patches: "
+            + (f"{100 * share:.1f}% on the {rv.get('n_vit_sinks', 0)} ViT sink(s)." if share is not None else "n/a.")
+        )
+    ps = summary.get("paper_settings")
+    if isinstance(ps, dict):
+        out.append(
+            "Settings: the paper's Fig. 3A settings (generated tokens, ViT norm >= 100, bins of 5)."
+            if ps.get("matches")
+            else "Settings differ from the paper's Fig. 3A: " + "; ".join(ps.get("differences", [])) + "."
         )
     if summary.get("warning"):
         out.append(str(summary["warning"]))
@@ -328,19 +379,46 @@ def build_sections(run_dirs: list[str | Path]) -> list[RunSection]:
     return [_SECTIONS[run_kind(d)](d) for d in run_dirs]
 
 
+#: written into every page sinkscope writes; a file without it is never overwritten unasked
+GENERATOR_META = "<meta name='generator' content='sinkscope'>"
+
+
+def check_report_target(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, in one line, a report path that is a folder, or an existing file sinkscope did not
+    write (no generator tag) unless ``overwrite``; return the path.
+
+    >>> check_report_target("new-report.html").name
+    'new-report.html'
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise SinkscopeError(f"--out {out} is a folder; give the report's file name, e.g. {out / 'report.html'}")
+    if out.exists() and not overwrite:
+        with out.open("rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")
+        if GENERATOR_META not in head:
+            raise SinkscopeError(
+                f"--out {out} exists and is not a sinkscope report; choose another name or pass --overwrite"
+            )
+    return out
+
+
 def write_report(
     run_dirs: list[str | Path],
     out: str | Path,
     title: str | None = None,
     sections: list[RunSection] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write one self-contained HTML report (plotly.js inline once, no network) for ``run_dirs``
-    (or for ``sections`` already built with :func:`build_sections`). Written atomically.
+    (or for ``sections`` already built with :func:`build_sections`). Written atomically; an
+    existing file is replaced only when sinkscope wrote it or ``overwrite`` (see
+    :func:`check_report_target`).
 
     >>> write_report(["runs/scan"], "scan-report.html")                 # doctest: +SKIP
     """
+    out = check_report_target(out, overwrite)
     sections = sections if sections is not None else build_sections(run_dirs)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     first = True
     body, nav = [], []
@@ -384,15 +462,18 @@ def write_report(
         body.append(sec.tables_html + "</section>")
     title = title or "sinkscope report - " + ", ".join(s.title for s in sections)
     page = (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>{GENERATOR_META}"
         f"<title>{html.escape(title)}</title><style>{_CSS % {'font': style.FONT_FAMILY}}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><nav>{''.join(nav)}</nav>"
         f"<p class='run'>{n_fig} figures from {len(sections)} run(s); every figure is interactive "
         "(hover, zoom, legend toggles) and the page works offline.</p>" + "\n".join(body) + "</body></html>\n"
     )
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left behind when the write or the rename fails
     return out
 
 

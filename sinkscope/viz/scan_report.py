@@ -992,7 +992,7 @@ def write_scan_report(
     title = _model_title(summary)
     rule_text = str((summary.get("rule") or {}).get("description", ""))
     page = (
-        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'><meta name='generator' content='sinkscope'>\n"
         f"<title>sinkscope scan — {html.escape(title)}</title>\n"
         f"<style>{_CSS % {'font': style.FONT_FAMILY}}</style>\n</head>\n<body>\n"
         f"<header><h1>Attention-sink scan: {html.escape(title)}</h1><div class='rule'>Rule: {html.escape(rule_text)}</div></header>\n"
