@@ -5,16 +5,25 @@
 >>> res = ss.scan(ad, ss.sample_images(4), method="all")             # doctest: +SKIP
 >>> res.report.sinks()                                                # doctest: +SKIP
 
+Every analysis also runs from one typed config, and every run folder reads back:
+
+>>> res = ss.run(ss.ScanConfig(model="tiny-dinov2+sinks", images=("embedded:2",), out="runs/s"))  # doctest: +SKIP
+>>> ss.load_run("runs/s").config == res.config                                                # doctest: +SKIP
+True
+
 Layer convention: layer ``i`` is ``hidden_states[i]`` of the Hugging Face model, ``0`` is the
 embedding output.
 """
 
+from . import flow
 from ._utils import SinkscopeError
 from .capture import BatchCapture, Capture, parse_layers
+from .config import FlowConfig, ProbeConfig, RunConfig, ScanConfig
 from .data import ImageItem, LabeledImages, image_items, load_dataset, sample_images
 from .models import Plant, TokenLayout, list_models, load_model, paint_markers
 from .neurons import RegisterNeurons, register_neurons
 from .probing import GroupFeatures, LinearProbe, ProbeResult, extract_group_features, probe, run_probes
+from .runs import FlowResult, load_run, run
 from .scan import ScanResult, build_rules, scan
 from .sinks import AttentionRule, Detection, DimsRule, NormRule, SinkReport, detect
 
@@ -26,14 +35,19 @@ __all__ = [
     "Capture",
     "Detection",
     "DimsRule",
+    "FlowConfig",
+    "FlowResult",
     "GroupFeatures",
     "ImageItem",
     "LabeledImages",
     "LinearProbe",
     "NormRule",
     "Plant",
+    "ProbeConfig",
     "ProbeResult",
     "RegisterNeurons",
+    "RunConfig",
+    "ScanConfig",
     "ScanResult",
     "SinkReport",
     "SinkscopeError",
@@ -42,14 +56,17 @@ __all__ = [
     "build_rules",
     "detect",
     "extract_group_features",
+    "flow",
     "image_items",
     "list_models",
     "load_dataset",
+    "load_run",
     "load_model",
     "paint_markers",
     "parse_layers",
     "probe",
     "register_neurons",
+    "run",
     "run_probes",
     "sample_images",
     "scan",

@@ -1,0 +1,306 @@
+"""One typed, JSON-serialisable config per analysis, validated before any work starts.
+
+A config holds every setting of a run (model, data, rule, options, output folder) and nothing
+else: ``sinkscope.run(config)`` runs it, every run folder keeps it as ``config.json``, and
+``sinkscope.load_run(DIR).config`` gives it back, so ``run(load_run(DIR).config)`` reproduces a run.
+The command line, figure regeneration and Python all build the same configs, so every entry
+point gets the same checks: a bad value fails in one line that names the option.
+
+>>> cfg = ScanConfig(model="tiny-dinov2+sinks", method="all", threshold=50.0)
+>>> RunConfig.from_json(cfg.to_json()) == cfg
+True
+>>> ScanConfig(threshold=-5)
+Traceback (most recent call last):
+...
+sinkscope._utils.SinkscopeError: threshold: must be > 0 (an L2 norm is never negative), got -5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ._utils import SinkscopeError
+
+#: Version of ``config.json`` (and of the typed summaries); bumped when a field changes meaning.
+SCHEMA_VERSION = 1
+#: analysis name -> its config class
+CONFIGS: dict[str, type[RunConfig]] = {}
+DTYPES = ("float32", "float16", "bfloat16")
+#: the largest input side accepted (CLIP-L/14-336 uses 336; 4096 px is already 85k patches at 14 px)
+MAX_IMAGE_SIDE = 4096
+
+
+def _register(cls):
+    CONFIGS[cls.analysis] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Base of every analysis config: JSON round trip, ``replace`` and the shared checks."""
+
+    analysis: ClassVar[str] = ""
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``{"analysis": ..., "schema_version": ..., <every field>}`` with JSON types only."""
+        d: dict[str, Any] = {"analysis": self.analysis, "schema_version": SCHEMA_VERSION}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> RunConfig:
+        """The config a :meth:`to_dict` wrote (unknown analyses and fields fail in one line)."""
+        d = dict(d)
+        name = d.pop("analysis", None)
+        version = d.pop("schema_version", SCHEMA_VERSION)
+        if name not in CONFIGS:
+            raise SinkscopeError(f"config: unknown analysis {name!r}; known: {', '.join(CONFIGS)}")
+        if version > SCHEMA_VERSION:
+            raise SinkscopeError(
+                f"config: schema version {version} is newer than this sinkscope's ({SCHEMA_VERSION}); upgrade"
+            )
+        cls = CONFIGS[name]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SinkscopeError(f"config for {name}: unknown field(s) {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @staticmethod
+    def from_json(text: str) -> RunConfig:
+        try:
+            return RunConfig.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise SinkscopeError(f"config: invalid JSON ({e.msg})") from None
+
+    @staticmethod
+    def load(path: str | Path) -> RunConfig:
+        """Read a ``config.json``."""
+        p = Path(path)
+        if not p.is_file():
+            raise SinkscopeError(f"no config at {p}")
+        return RunConfig.from_json(p.read_text())
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.write_text(self.to_json() + "\n")
+        return p
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (and checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- checks shared by the analyses --------------------------------------------------------
+    def _check_common(self) -> None:
+        check_device(getattr(self, "device", None))
+        dtype = getattr(self, "dtype", None)
+        if dtype is not None and dtype not in DTYPES:
+            raise SinkscopeError(f"dtype: choose from {', '.join(DTYPES)}, got {dtype!r}")
+        check_image_size(getattr(self, "image_size", None))
+        bs = getattr(self, "batch_size", 1)
+        if not isinstance(bs, int) or bs < 1:
+            raise SinkscopeError(f"batch_size: must be an integer >= 1, got {bs!r}")
+        out = getattr(self, "out", None)
+        if out is not None and Path(out).exists() and not Path(out).is_dir():
+            raise SinkscopeError(f"out: {out} is a file, not a folder; choose a folder")
+
+
+def _positive(name: str, v: float | None, why: str = "") -> None:
+    if v is not None and not v > 0:
+        raise SinkscopeError(f"{name}: must be > 0{why}, got {v:g}")
+
+
+def check_device(device: str | None) -> None:
+    """``None``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...; a CUDA device needs CUDA here."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SinkscopeError(f"device: {device!r} is not a device name (use cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SinkscopeError(f"device: {device!r} asked, but this machine has no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SinkscopeError(f"device: {device!r} asked, but there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SinkscopeError(f"device: {device!r} asked, but MPS is not available here")
+
+
+def check_image_size(size: int | tuple[int, int] | None) -> None:
+    if size is None:
+        return
+    sides = (size, size) if isinstance(size, int) else tuple(size)
+    if len(sides) != 2 or not all(isinstance(s, int) and 1 <= s <= MAX_IMAGE_SIDE for s in sides):
+        raise SinkscopeError(f"image_size: give 1..{MAX_IMAGE_SIDE} px (one side or HxW), got {size!r}")
+
+
+@_register
+@dataclass(frozen=True)
+class ScanConfig(RunConfig):
+    """``sinkscope scan``: norms, attention received and sink dims per (image, layer, token).
+
+    ``images``: files, folders, manifests or ``embedded[:N]`` (default: the embedded photos);
+    ``texts``: prompts for a causal LM. ``method``: ``norm``, ``attention``, ``dims`` or ``all``.
+    The norm rule is absolute (``threshold``), relative (``relative`` x median) or automatic.
+    """
+
+    analysis: ClassVar[str] = "scan"
+    model: str = "dinov2-small"
+    images: tuple[str, ...] | None = None
+    texts: tuple[str, ...] | None = None
+    method: str = "norm"
+    threshold: float | None = None
+    relative: float | None = None
+    auto_per_image: bool = False
+    attn_factor: float = 10.0
+    attn_fraction: float | None = None
+    tau: float = 20.0
+    massive_abs: float = 100.0
+    massive_ratio: float = 1000.0
+    dims_min_layer: int = 0
+    layers: str = "all"
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str | None = None
+    image_size: int | tuple[int, int] | None = None
+    save_layers: str | None = None
+    save_dtype: str = "float32"
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    report: bool = True
+
+    def __post_init__(self):
+        methods = ("norm", "attention", "dims", "all")
+        if self.method not in methods:
+            raise SinkscopeError(f"method: choose from {', '.join(methods)}, got {self.method!r}")
+        if self.threshold is not None and self.relative is not None:
+            raise SinkscopeError("threshold and relative: give one norm rule, not both")
+        _positive("threshold", self.threshold, " (an L2 norm is never negative)")
+        _positive("relative", self.relative)
+        _positive("attn_factor", self.attn_factor)
+        if self.attn_fraction is not None and not 0 < self.attn_fraction <= 1:
+            raise SinkscopeError(f"attn_fraction: must be in (0, 1], got {self.attn_fraction:g}")
+        _positive("tau", self.tau)
+        _positive("massive_abs", self.massive_abs)
+        _positive("massive_ratio", self.massive_ratio)
+        if self.dims_min_layer < 0:
+            raise SinkscopeError(f"dims_min_layer: must be >= 0, got {self.dims_min_layer}")
+        if not str(self.layers).strip():
+            raise SinkscopeError("layers: empty selection; use 'all', '0,3,5', '4:9' or '-3:'")
+        if self.save_dtype not in DTYPES:
+            raise SinkscopeError(f"save_dtype: choose from {', '.join(DTYPES)}, got {self.save_dtype!r}")
+        if self.save_layers is not None and self.out is None:
+            raise SinkscopeError("save_layers: storing activations needs an output folder (out)")
+        self._check_common()
+
+
+@_register
+@dataclass(frozen=True)
+class ProbeConfig(RunConfig):
+    """``sinkscope probe``: linear probes per layer and token group on a labelled image set."""
+
+    analysis: ClassVar[str] = "probe"
+    model: str = "dinov2-small"
+    dataset: str = "lfw-faces"
+    labels: tuple[str, ...] | None = None
+    groups: tuple[str, ...] = ("cls", "mean", "random", "sink", "nonsink", "nonsink_random")
+    layers: str = "all"
+    folds: int = 5
+    seed: int = 0
+    threshold: float | None = None
+    relative: float | None = None
+    max_images: int | None = None
+    batch_size: int = 16
+    image_size: int | tuple[int, int] | None = None
+    device: str | None = None
+    dtype: str | None = None
+    cache: bool = True
+    n_jobs: int | None = None
+    out: str | None = None
+
+    def __post_init__(self):
+        from .probing import GROUPS
+
+        bad = [g for g in self.groups if g not in GROUPS]
+        if bad or not self.groups:
+            raise SinkscopeError(f"groups: choose from {', '.join(GROUPS)}, got {', '.join(bad) or 'none'}")
+        if self.threshold is not None and self.relative is not None:
+            raise SinkscopeError("threshold and relative: give one norm rule, not both")
+        _positive("threshold", self.threshold, " (an L2 norm is never negative)")
+        _positive("relative", self.relative)
+        if not isinstance(self.folds, int) or not 2 <= self.folds <= 20:
+            raise SinkscopeError(f"folds: must be an integer in 2..20, got {self.folds!r}")
+        if self.max_images is not None and self.max_images < self.folds:
+            raise SinkscopeError(f"max_images: {self.max_images} images cannot fill {self.folds} folds")
+        if self.n_jobs is not None and self.n_jobs == 0:
+            raise SinkscopeError("n_jobs: must be >= 1 (or -1 for every core)")
+        if not str(self.layers).strip():
+            raise SinkscopeError("layers: empty selection; use 'all', '0,3,5', '4:9' or '-3:'")
+        self._check_common()
+
+
+@_register
+@dataclass(frozen=True)
+class FlowConfig(RunConfig):
+    """``sinkscope flow``: information pathways inside the ViT and from ViT tokens into the LLM."""
+
+    analysis: ClassVar[str] = "flow"
+    model: str = "mini-llava"
+    images: tuple[str, ...] | None = None
+    prompt: str = "What is the main object in the image?"
+    analyses: tuple[str, ...] | None = None  # None: every analysis that applies to the model
+    vit_threshold: float | None = None
+    vit_relative: float | None = 5.0
+    llm_tau: float = 20.0
+    generate: int = 0
+    window: int = 9
+    stride: int = 1
+    bin_width: float = 5.0
+    decode_nonsinks: int = 4
+    top_k: int = 5
+    attribution_steps: int = 64
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    chat: bool = False
+    sink_dims_from: str = "text"
+    out: str | None = None
+
+    def __post_init__(self):
+        from .flow.run import ANALYSES
+
+        bad = [a for a in self.analyses or () if a not in ANALYSES]
+        if bad:
+            raise SinkscopeError(f"analyses: unknown {bad[0]!r}; choose from {', '.join(ANALYSES)}")
+        if self.vit_threshold is not None:
+            _positive("vit_threshold", self.vit_threshold, " (an L2 norm is never negative)")
+        else:
+            _positive("vit_relative", self.vit_relative)
+        _positive("llm_tau", self.llm_tau)
+        _positive("bin_width", self.bin_width)
+        for name in ("window", "stride", "attribution_steps", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise SinkscopeError(f"{name}: must be an integer >= 1, got {v!r}")
+        if self.generate < 0 or self.decode_nonsinks < 0:
+            raise SinkscopeError("generate and decode_nonsinks: must be >= 0")
+        if self.sink_dims_from not in ("text", "first_text_token", "multimodal"):
+            raise SinkscopeError(f"sink_dims_from: text, first_text_token or multimodal, got {self.sink_dims_from!r}")
+        self._check_common()
+
+
+__all__ = ["CONFIGS", "SCHEMA_VERSION", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]

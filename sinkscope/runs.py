@@ -1,0 +1,241 @@
+"""Run any analysis from its config, and read any saved run back as a typed result.
+
+``run(config)`` dispatches on the config's type (:mod:`sinkscope.config`), runs the analysis and,
+when the config names an output folder, writes ``config.json`` beside the analysis' tables. A run
+folder is read back by :func:`load_run`, whose result holds the config, the summary and the tables:
+``run(load_run(DIR).config)`` reruns it (same tables for the same seed).
+
+>>> res = run(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:2",), out="runs/tiny"))  # doctest: +SKIP
+>>> load_run("runs/tiny").tokens.equals(res.tokens)                                          # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ._utils import SinkscopeError
+from .config import SCHEMA_VERSION, FlowConfig, ProbeConfig, RunConfig, ScanConfig
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class FlowResult:
+    """What a flow run produced: ``tables`` (name -> table), ``summary``, ``config``, ``out``.
+
+    ``res["tables"]`` and ``res["summary"]`` still work, as with the plain dict of earlier versions.
+    """
+
+    tables: dict[str, pd.DataFrame]
+    summary: dict[str, Any]
+    config: FlowConfig | None = None
+    out: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("tables", "summary"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+
+def run(config: RunConfig, progress: bool = True):
+    """Run the analysis ``config`` describes; return its typed result (``ScanResult``,
+    ``ProbeResult`` or :class:`FlowResult`), each holding ``config``.
+
+    >>> res = run(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:1",)), progress=False)
+    >>> res.config.method, int(res.tokens.layer.max())
+    ('norm', 4)
+    """
+    if isinstance(config, ScanConfig):
+        res = _run_scan(config, progress)
+    elif isinstance(config, ProbeConfig):
+        res = _run_probe(config, progress)
+    elif isinstance(config, FlowConfig):
+        res = _run_flow(config, progress)
+    else:
+        raise SinkscopeError(f"run: not an analysis config: {type(config).__name__}")
+    res.config = config
+    if config.out is not None:
+        config.save(Path(config.out) / CONFIG_FILE)
+    return res
+
+
+def _run_scan(c: ScanConfig, progress: bool):
+    from .data import image_items
+    from .scan import scan
+
+    images = image_items(c.images) if c.images else None
+    return scan(
+        model=c.model,
+        images=images,
+        texts=list(c.texts) if c.texts else None,
+        method=c.method,
+        layers=c.layers,
+        batch_size=c.batch_size,
+        out=c.out,
+        resume=c.resume,
+        overwrite=c.overwrite,
+        device=c.device,
+        dtype=c.dtype,
+        image_size=c.image_size,
+        progress=progress,
+        report=c.report,
+        save_layers=c.save_layers,
+        save_dtype=c.save_dtype,
+        threshold=c.threshold,
+        relative=c.relative,
+        attn_factor=c.attn_factor,
+        attn_fraction=c.attn_fraction,
+        tau=c.tau,
+        massive_abs=c.massive_abs,
+        massive_ratio=c.massive_ratio,
+        dims_min_layer=c.dims_min_layer,
+        auto_scope="image" if c.auto_per_image else "layer",
+    )
+
+
+def _run_probe(c: ProbeConfig, progress: bool):
+    from .probing import probe
+    from .sinks import NormRule
+
+    rule = NormRule(threshold=c.threshold) if c.threshold is not None else NormRule(relative=c.relative or 5.0)
+    return probe(
+        model=c.model,
+        dataset=c.dataset,
+        labels=list(c.labels) if c.labels else None,
+        groups=list(c.groups),
+        layers=c.layers,
+        folds=c.folds,
+        seed=c.seed,
+        rule=rule,
+        max_images=c.max_images,
+        batch_size=c.batch_size,
+        image_size=c.image_size,
+        device=c.device,
+        dtype=c.dtype,
+        out=c.out,
+        cache=c.cache,
+        progress=progress,
+        n_jobs=c.n_jobs,
+    )
+
+
+def _run_flow(c: FlowConfig, progress: bool) -> FlowResult:
+    from .flow.run import ANALYSES, run_flow
+
+    res = run_flow(
+        model=c.model,
+        images=list(c.images) if c.images else None,
+        prompt=c.prompt,
+        analyses=tuple(c.analyses) if c.analyses else ANALYSES,
+        out=c.out,
+        vit_threshold=c.vit_threshold,
+        vit_relative=c.vit_relative,
+        llm_tau=c.llm_tau,
+        generate=c.generate,
+        window=c.window,
+        stride=c.stride,
+        bin_width=c.bin_width,
+        decode_nonsinks=c.decode_nonsinks,
+        top_k=c.top_k,
+        attribution_steps=c.attribution_steps,
+        device=c.device,
+        dtype=c.dtype,
+        seed=c.seed,
+        progress=progress,
+        chat=c.chat,
+        sink_dims_from=c.sink_dims_from,
+    )
+    summary = res["summary"]
+    return FlowResult(
+        res["tables"], summary, out=Path(c.out) if c.out else None, timings=dict(summary.get("timings", {}))
+    )
+
+
+# -- reading run folders back ---------------------------------------------------------------------
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """``scan``, ``probe`` or ``flow``: from ``config.json``, else from the files a run wrote."""
+    d = Path(run_dir)
+    if (d / CONFIG_FILE).exists():
+        return str(json.loads((d / CONFIG_FILE).read_text()).get("analysis"))
+    if (d / "tokens.parquet").exists():
+        return "scan"
+    if (d / "probe.csv").exists():
+        return "probe"
+    if (d / "summary.json").exists() and any(d.glob("*.csv")) or (d / "visual_tokens.parquet").exists():
+        return "flow"
+    raise SinkscopeError(f"{d}: not a sinkscope run folder (no {CONFIG_FILE}, tokens.parquet, probe.csv or flow tables)")
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``summary.json`` (one line naming the file when it is missing or corrupt)."""
+    p = Path(run_dir) / "summary.json"
+    if not p.is_file():
+        raise SinkscopeError(f"{p}: missing; is {run_dir} a finished sinkscope run?")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SinkscopeError(f"{p}: corrupt summary ({getattr(e, 'msg', e)})") from None
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """One saved table (``.parquet`` or ``.csv``); a corrupt file fails in one line naming it."""
+    p = Path(path)
+    try:
+        if p.suffix == ".parquet":
+            return pd.read_parquet(p)
+        return pd.read_csv(p)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except Exception as e:  # pyarrow / parser errors come in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SinkscopeError(f"{p}: cannot read the table ({first})") from None
+
+
+def read_config(run_dir: str | Path) -> RunConfig | None:
+    """The run's config, or ``None`` for a folder written before configs were saved."""
+    p = Path(run_dir) / CONFIG_FILE
+    return RunConfig.load(p) if p.exists() else None
+
+
+def load_run(run_dir: str | Path):
+    """The typed result of a saved run (scan, probe or flow), with its config when it was saved.
+
+    >>> res = load_run("runs/tiny")          # doctest: +SKIP
+    >>> res.config.analysis, len(res.tokens) # doctest: +SKIP
+    ('scan', 500)
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise SinkscopeError(f"run folder {d} does not exist")
+    kind = run_kind(d)
+    config = read_config(d)
+    summary = read_summary(d)
+    if kind == "scan":
+        from .scan import ScanResult
+        from .sinks import SinkReport, rules_from_dicts
+
+        tokens = read_table(d / "tokens.parquet")
+        report = SinkReport.from_tokens(tokens, rules_from_dicts(summary.get("rules", [])))
+        return ScanResult(report, summary, out=d, config=config)
+    if kind == "probe":
+        from .probing import ProbeResult
+
+        return ProbeResult(read_table(d / "probe.csv"), summary, None, out=d, config=config)
+    if kind == "flow":
+        tables = {f.stem: read_table(f) for f in sorted(d.glob("*.csv"))}
+        if (d / "visual_tokens.parquet").exists():
+            tables["visual_tokens"] = read_table(d / "visual_tokens.parquet")
+        return FlowResult(tables, summary, config=config, out=d, timings=dict(summary.get("timings", {})))
+    raise SinkscopeError(f"{d}: a {kind!r} run cannot be loaded by this version of sinkscope")
+
+
+__all__ = ["CONFIG_FILE", "SCHEMA_VERSION", "FlowResult", "load_run", "read_summary", "read_table", "run", "run_kind"]
