@@ -18,7 +18,7 @@ embedding output.
 from . import flow
 from ._utils import SinkscopeError
 from .capture import BatchCapture, Capture, parse_layers
-from .config import FlowConfig, ProbeConfig, RunConfig, ScanConfig
+from .config import DecodeConfig, FlowConfig, ProbeConfig, RunConfig, ScanConfig
 from .data import ImageItem, LabeledImages, image_items, load_dataset, sample_images
 from .models import Plant, TokenLayout, list_models, load_model, paint_markers
 from .neurons import RegisterNeurons, register_neurons
@@ -33,6 +33,7 @@ __all__ = [
     "AttentionRule",
     "BatchCapture",
     "Capture",
+    "DecodeConfig",
     "Detection",
     "DimsRule",
     "FlowConfig",

@@ -464,41 +464,58 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_scan(a: argparse.Namespace) -> int:
-    from .scan import scan
+class UsageError(SinkscopeError):
+    """A bad option value: reported in one line with exit status 2, before any work."""
 
-    images = a.images
-    if images and any(x == "embedded" or x.startswith("embedded:") for x in images):
-        from .data import image_items
 
-        images = image_items(images)
-    res = scan(
+def _config(make):
+    """Build a run config from parsed options; a refused value is a usage error (exit 2)."""
+    try:
+        return make()
+    except SinkscopeError as e:
+        raise UsageError(str(e)) from None
+
+
+def _tuple(values) -> tuple | None:
+    return tuple(values) if values else None
+
+
+def scan_config(a: argparse.Namespace):
+    """``sinkscope scan`` options -> :class:`~sinkscope.config.ScanConfig`."""
+    from .config import ScanConfig
+
+    return ScanConfig(
         model=a.model,
-        images=images,
-        texts=a.text,
+        images=_tuple(a.images),
+        texts=_tuple(a.text),
         method=a.method,
-        layers=a.layers,
-        batch_size=a.batch_size,
-        out=a.out,
-        resume=a.resume,
-        overwrite=a.overwrite,
-        device=a.device,
-        dtype=a.dtype,
-        image_size=a.image_size,
-        progress=not a.quiet,
-        report=not a.no_report,
-        save_layers=a.save_layers,
-        save_dtype=a.save_dtype,
         threshold=a.threshold,
         relative=a.relative,
+        auto_per_image=a.auto_per_image,
         attn_factor=a.attn_factor,
         attn_fraction=a.attn_fraction,
         tau=a.tau,
         massive_abs=a.massive_abs,
         massive_ratio=a.massive_ratio,
         dims_min_layer=a.dims_min_layer,
-        auto_scope="image" if a.auto_per_image else "layer",
+        layers=a.layers,
+        batch_size=a.batch_size,
+        device=a.device,
+        dtype=a.dtype,
+        image_size=a.image_size,
+        save_layers=a.save_layers,
+        save_dtype=a.save_dtype,
+        out=a.out,
+        resume=a.resume,
+        overwrite=a.overwrite,
+        report=not a.no_report,
     )
+
+
+def _cmd_scan(a: argparse.Namespace) -> int:
+    from .runs import run
+
+    res = run(_config(lambda: scan_config(a)), progress=not a.quiet)
     s = res.summary
     print(
         f"model: {s['model']['name']} ({s['model']['family']}), {s['n_ok']} scanned, {s['n_failed']} failed"
@@ -518,34 +535,35 @@ def _cmd_scan(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_probe(a: argparse.Namespace) -> int:
-    from .probing import probe
-    from .sinks import NormRule
+def probe_config(a: argparse.Namespace):
+    """``sinkscope probe`` options -> :class:`~sinkscope.config.ProbeConfig`."""
+    from .config import ProbeConfig
 
-    rule = (
-        NormRule(threshold=a.threshold)
-        if a.threshold is not None
-        else NormRule(relative=a.relative if a.relative is not None else 5.0)
-    )
-    res = probe(
+    return ProbeConfig(
         model=a.model,
         dataset=a.dataset,
-        labels=a.label,
-        groups=[g.strip() for g in a.groups.split(",") if g.strip()],
+        labels=_tuple(a.label),
+        groups=tuple(g.strip() for g in a.groups.split(",") if g.strip()),
         layers=a.layers,
         folds=a.folds,
         seed=a.seed,
-        rule=rule,
+        threshold=a.threshold,
+        relative=a.relative,
         max_images=a.max_images,
         batch_size=a.batch_size,
         image_size=a.image_size,
         device=a.device,
         dtype=a.dtype,
-        out=a.out,
         cache=not a.no_cache,
-        progress=not a.quiet,
         n_jobs=a.jobs,
+        out=a.out,
     )
+
+
+def _cmd_probe(a: argparse.Namespace) -> int:
+    from .runs import run
+
+    res = run(_config(lambda: probe_config(a)), progress=not a.quiet)
     t = res.table
     for label in t.label.unique():
         piv = t[t.label == label].pivot(index="layer", columns="group", values="accuracy").round(3)
@@ -556,16 +574,16 @@ def _cmd_probe(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_flow(a: argparse.Namespace) -> int:
-    from .flow.run import ANALYSES, run_flow
+def flow_config(a: argparse.Namespace):
+    """``sinkscope flow`` options -> :class:`~sinkscope.config.FlowConfig`."""
+    from .config import FlowConfig
 
-    analyses = ANALYSES if not a.analysis or "all" in a.analysis else tuple(dict.fromkeys(a.analysis))
-    res = run_flow(
+    analyses = None if not a.analysis or "all" in a.analysis else tuple(dict.fromkeys(a.analysis))
+    return FlowConfig(
         model=a.model,
-        images=a.images,
+        images=_tuple(a.images),
         prompt=a.prompt,
         analyses=analyses,
-        out=a.out,
         vit_threshold=a.vit_threshold,
         vit_relative=a.vit_relative,
         llm_tau=a.llm_tau,
@@ -576,10 +594,16 @@ def _cmd_flow(a: argparse.Namespace) -> int:
         attribution_steps=a.attribution_steps,
         device=a.device,
         dtype=a.dtype,
-        progress=not a.quiet,
         chat=a.chat,
         sink_dims_from=a.sink_dims_from,
+        out=a.out,
     )
+
+
+def _cmd_flow(a: argparse.Namespace) -> int:
+    from .runs import run
+
+    res = run(_config(lambda: flow_config(a)), progress=not a.quiet)
     s = res["summary"]
     if s.get("warning"):
         print(f"note: {s['warning']}")
@@ -591,37 +615,27 @@ def _cmd_flow(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_decode(a: argparse.Namespace) -> int:
-    from .flow.decoding import TopNormRule, check_decode_out, decode_rate
-    from .sinks import NormRule
+def decode_config(a: argparse.Namespace):
+    """``sinkscope decode`` options -> :class:`~sinkscope.config.DecodeConfig`."""
+    from .config import DecodeConfig
 
-    check_decode_out(a.out, a.overwrite)  # before the model runs
-
-    if a.vit_threshold is not None:
-        rule = NormRule(threshold=a.vit_threshold)
-    elif a.vit_relative is not None:
-        rule = NormRule(relative=a.vit_relative)
-    elif a.top_norm is not None or a.model == "mini-llava":
-        rule = TopNormRule(a.top_norm or 2)
-    else:
-        rule = NormRule(relative=5.0)
-    words = None
-    if a.word:
-        words = {}
-        for spec in a.word:
-            lab, sep, ws = spec.partition("=")
-            if not sep or not lab.strip() or not ws.strip():
-                raise SinkscopeError(f"bad --word {spec!r}: use LABEL=WORD1,WORD2")
-            words.setdefault(lab.strip(), []).extend(w.strip() for w in ws.split(",") if w.strip())
-    res = decode_rate(
-        a.model,
-        a.dataset,
-        words=words,
-        rule=rule,
+    words: dict[str, list[str]] = {}
+    for spec in a.word or []:
+        lab, sep, ws = spec.partition("=")
+        if not sep or not lab.strip() or not ws.strip():
+            raise SinkscopeError(f"bad --word {spec!r}: use LABEL=WORD1,WORD2")
+        words.setdefault(lab.strip(), []).extend(w.strip() for w in ws.split(",") if w.strip())
+    return DecodeConfig(
+        model=a.model,
+        dataset=a.dataset,
         label=a.label,
+        words=tuple((k, tuple(v)) for k, v in words.items()) or None,
+        vit_threshold=a.vit_threshold,
+        vit_relative=a.vit_relative,
+        top_norm=a.top_norm,
         top_k=a.top_k,
-        nonsinks_per_image=a.nonsinks or None,
-        max_images=a.max_images or None,
+        nonsinks=a.nonsinks,
+        max_images=a.max_images,
         seed=a.seed,
         method=a.method,
         ci=a.ci,
@@ -629,9 +643,15 @@ def _cmd_decode(a: argparse.Namespace) -> int:
         batch_size=a.batch_size,
         device=a.device,
         dtype=a.dtype,
-        progress=not a.quiet,
+        out=a.out,
+        overwrite=a.overwrite,
     )
-    res.save(a.out, overwrite=a.overwrite)
+
+
+def _cmd_decode(a: argparse.Namespace) -> int:
+    from .runs import run
+
+    res = run(_config(lambda: decode_config(a)), progress=not a.quiet)
     s = res.summary
     if s.get("warning"):
         print(f"note: {s['warning']}")
@@ -676,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
             "models": _cmd_models,
         }
         return cmds[a.command](a)
+    except UsageError as e:
+        print(f"sinkscope {a.command}: error: {e}", file=sys.stderr)
+        return 2
     except SinkscopeError as e:
         print(f"sinkscope: error: {e}", file=sys.stderr)
         return 1

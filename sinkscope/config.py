@@ -303,4 +303,52 @@ class FlowConfig(RunConfig):
         self._check_common()
 
 
-__all__ = ["CONFIGS", "SCHEMA_VERSION", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]
+@_register
+@dataclass(frozen=True)
+class DecodeConfig(RunConfig):
+    """``sinkscope decode``: share of sink vs non-sink visual tokens whose isolated decoding names
+    the image's object word (paper analysis 3). ``words``: ``((label, (word, ...)), ...)`` pairs
+    replacing the built-in lists. The sink rule is one of ``vit_threshold``, ``vit_relative`` or
+    ``top_norm`` (the N highest-norm patches, a surrogate for towers without norm outliers);
+    none: top 2 on ``mini-llava``, else 5x the median. ``max_images``/``nonsinks``: 0 = all."""
+
+    analysis: ClassVar[str] = "decode"
+    model: str = "mini-llava"
+    dataset: str = "lfw-faces"
+    label: str | None = None
+    words: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    vit_threshold: float | None = None
+    vit_relative: float | None = None
+    top_norm: int | None = None
+    top_k: int = 5
+    nonsinks: int = 8
+    max_images: int = 40
+    seed: int = 0
+    method: str = "batched"
+    ci: str = "wilson"
+    confidence: float = 0.95
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str | None = None
+    out: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if sum(x is not None for x in (self.vit_threshold, self.vit_relative, self.top_norm)) > 1:
+            raise SinkscopeError("vit_threshold, vit_relative and top_norm: give one sink rule")
+        _positive("vit_threshold", self.vit_threshold, " (an L2 norm is never negative)")
+        _positive("vit_relative", self.vit_relative)
+        if self.top_norm is not None and self.top_norm < 1:
+            raise SinkscopeError(f"top_norm: must be >= 1, got {self.top_norm}")
+        if self.top_k < 1 or self.nonsinks < 0 or self.max_images < 0:
+            raise SinkscopeError("top_k must be >= 1; nonsinks and max_images >= 0 (0 = all)")
+        if self.method not in ("batched", "mask") or self.ci not in ("wilson", "clopper-pearson"):
+            raise SinkscopeError(f"method: batched or mask; ci: wilson or clopper-pearson (got {self.method}, {self.ci})")
+        if not 0 < self.confidence < 1:
+            raise SinkscopeError(f"confidence: must be in (0, 1), got {self.confidence:g}")
+        if self.words is not None:  # JSON gives lists back: ((label, (w, ...)), ...)
+            object.__setattr__(self, "words", tuple((str(k), tuple(v)) for k, v in self.words))
+        self._check_common()
+
+
+__all__ = ["CONFIGS", "SCHEMA_VERSION", "DecodeConfig", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]

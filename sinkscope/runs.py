@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ._utils import SinkscopeError
-from .config import SCHEMA_VERSION, FlowConfig, ProbeConfig, RunConfig, ScanConfig
+from .config import SCHEMA_VERSION, DecodeConfig, FlowConfig, ProbeConfig, RunConfig, ScanConfig
 
 CONFIG_FILE = "config.json"
 
@@ -58,6 +58,8 @@ def run(config: RunConfig, progress: bool = True):
         res = _run_probe(config, progress)
     elif isinstance(config, FlowConfig):
         res = _run_flow(config, progress)
+    elif isinstance(config, DecodeConfig):
+        res = _run_decode(config, progress)
     else:
         raise SinkscopeError(f"run: not an analysis config: {type(config).__name__}")
     res.config = config
@@ -158,6 +160,44 @@ def _run_flow(c: FlowConfig, progress: bool) -> FlowResult:
     )
 
 
+def _run_decode(c: DecodeConfig, progress: bool):
+    from .flow.decoding import TopNormRule, check_decode_out, decode_rate
+    from .sinks import NormRule
+
+    if c.out is not None:
+        check_decode_out(c.out, c.overwrite)  # before the model runs
+    if c.vit_threshold is not None:
+        rule = NormRule(threshold=c.vit_threshold)
+    elif c.vit_relative is not None:
+        rule = NormRule(relative=c.vit_relative)
+    elif c.top_norm is not None or c.model == "mini-llava":
+        rule = TopNormRule(c.top_norm or 2)
+    else:
+        rule = NormRule(relative=5.0)
+    res = decode_rate(
+        c.model,
+        c.dataset,
+        words={k: list(v) for k, v in c.words} if c.words else None,
+        rule=rule,
+        label=c.label,
+        top_k=c.top_k,
+        nonsinks_per_image=c.nonsinks or None,
+        max_images=c.max_images or None,
+        seed=c.seed,
+        method=c.method,
+        ci=c.ci,
+        confidence=c.confidence,
+        batch_size=c.batch_size,
+        device=c.device,
+        dtype=c.dtype,
+        progress=progress,
+    )
+    if c.out is not None:
+        res.save(c.out, overwrite=c.overwrite)
+        res.out = Path(c.out)
+    return res
+
+
 # -- reading run folders back ---------------------------------------------------------------------
 
 
@@ -168,6 +208,8 @@ def run_kind(run_dir: str | Path) -> str:
         return str(json.loads((d / CONFIG_FILE).read_text()).get("analysis"))
     if (d / "tokens.parquet").exists():
         return "scan"
+    if (d / "decode_rate.csv").exists():
+        return "decode"
     if (d / "probe.csv").exists():
         return "probe"
     if (d / "summary.json").exists() and any(d.glob("*.csv")) or (d / "visual_tokens.parquet").exists():
@@ -207,7 +249,7 @@ def read_config(run_dir: str | Path) -> RunConfig | None:
 
 
 def load_run(run_dir: str | Path):
-    """The typed result of a saved run (scan, probe or flow), with its config when it was saved.
+    """The typed result of a saved run (scan, probe, flow or decode), with its config when saved.
 
     >>> res = load_run("runs/tiny")          # doctest: +SKIP
     >>> res.config.analysis, len(res.tokens) # doctest: +SKIP
@@ -235,6 +277,12 @@ def load_run(run_dir: str | Path):
         if (d / "visual_tokens.parquet").exists():
             tables["visual_tokens"] = read_table(d / "visual_tokens.parquet")
         return FlowResult(tables, summary, config=config, out=d, timings=dict(summary.get("timings", {})))
+    if kind == "decode":
+        from .flow.decoding import DecodeResult
+
+        res = DecodeResult(read_table(d / "decode_tokens.csv"), read_table(d / "decode_rate.csv"), summary)
+        res.config, res.out = config, d
+        return res
     raise SinkscopeError(f"{d}: a {kind!r} run cannot be loaded by this version of sinkscope")
 
 

@@ -267,7 +267,7 @@ def test_cli_decode_writes_tables_summary_and_page(tmp_path):
     assert summary["words"]["face"][:2] == ["face", "faces"] and summary["dataset"].startswith("lfw-faces")
     html = (out / "decode.html").read_text()
     assert "Decoding rate: sink vs non-sink visual tokens" in html and "Findings" in html
-    assert main(["decode", "--model", "tiny-llava+sinks", "--word", "nonsense", "--out", str(out)]) == 1
+    assert main(["decode", "--model", "tiny-llava+sinks", "--word", "nonsense", "--out", str(out)]) == 2  # a usage error
 
 
 def test_cli_decode_refuses_a_folder_it_did_not_write(tmp_path, capsys):

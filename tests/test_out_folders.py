@@ -40,7 +40,7 @@ def test_scan_reruns_into_its_own_folder_and_overwrite_replaces_a_foreign_one(tm
 def test_scan_refuses_a_file_as_out(tmp_path, capsys):
     f = tmp_path / "report.txt"
     f.write_text("data")
-    assert _scan(f) == 1
+    assert _scan(f) == 2  # a usage error, found before any work
     assert "is a file" in capsys.readouterr().err and f.read_text() == "data"
 
 

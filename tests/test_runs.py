@@ -121,3 +121,42 @@ def test_load_run_names_what_is_wrong(tmp_path):
     (d / "summary.json").write_text("{not json")
     with pytest.raises(SinkscopeError, match="corrupt summary"):
         load_run(d)
+
+
+def test_a_cli_run_and_an_api_run_of_the_same_config_give_equal_outputs(tmp_path):
+    from sinkscope.cli import main
+
+    argv = ["scan", "--model", "tiny-dinov2+sinks", "--images", "embedded:2", "--method", "all", "--tau", "2",
+            "--relative", "4", "--no-report", "-q"]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    cfg = load_run(tmp_path / "cli").config
+    assert isinstance(cfg, ScanConfig) and cfg.relative == 4.0 and cfg.images == ("embedded:2",)
+    api = run(cfg.replace(out=str(tmp_path / "api")), progress=False)
+    keys = ["image", "layer", "token"]
+    cli_tokens = load_run(tmp_path / "cli").tokens
+    pd.testing.assert_frame_equal(_sorted(cli_tokens, keys), _sorted(api.tokens, keys)[cli_tokens.columns],
+                                  check_dtype=False)
+
+
+def test_decode_runs_through_the_same_api(tmp_path):
+    from sinkscope.config import DecodeConfig
+
+    cfg = DecodeConfig(model="tiny-llava+sinks", max_images=2, nonsinks=2, words=(("face", ("face", "man")),),
+                       out=str(tmp_path / "d"))
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    res = run(cfg, progress=False)
+    back = load_run(tmp_path / "d")
+    assert back.config == cfg and back.summary["words"]["face"] == ["face", "man"]
+    cols = ["group", "scope", "n_tokens", "n_hits", "rate", "ci_low", "ci_high"]
+    pd.testing.assert_frame_equal(back.rates[cols], res.rates[cols], check_dtype=False)
+
+
+def test_usage_errors_exit_2_in_one_line_before_any_work(tmp_path, capsys):
+    from sinkscope.cli import main
+
+    for argv in (["flow", "--window", "0"], ["probe", "--folds", "1"], ["scan", "--image-size", "0"],
+                 ["scan", "--device", "gpu0"], ["flow", "--bin-width", "0"]):
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()

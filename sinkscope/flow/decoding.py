@@ -287,6 +287,9 @@ class DecodeResult:
     per_token: pd.DataFrame
     rates: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    #: the ``DecodeConfig`` of a run made by (or loaded through) ``sinkscope.run``
+    config: Any = None
 
     def save(self, out: str | Path, page: bool = True, overwrite: bool = False) -> Path:
         """Write ``decode_rate.csv``, ``decode_tokens.csv``, ``summary.json`` (and ``decode.html``);
