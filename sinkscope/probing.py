@@ -121,9 +121,10 @@ class GroupFeatures:
 
 
 def _check_rule(rule: NormRule) -> None:
-    if not isinstance(rule, NormRule) or rule.mode == "auto":
+    if not isinstance(rule, NormRule) or (rule.mode == "auto" and rule.auto_scope != "image"):
         raise SinkscopeError(
-            "probe groups need a per-image norm rule: NormRule(threshold=...) or NormRule(relative=...)"
+            "probe groups need a per-image norm rule: NormRule(threshold=...), NormRule(relative=...) "
+            "or NormRule(auto_scope='image')"
         )
 
 
@@ -272,9 +273,7 @@ def _group_vectors(bc, layouts, rows, layers, groups, rule: NormRule, seed: int,
                 continue
             h = bc.hidden[layer][b, :n].float()  # [tokens, D]
             norms = bc.norms[b, li, :n].numpy()
-            pn = norms[p0:]
-            thr = rule.threshold if rule.mode == "absolute" else rule.relative * float(np.median(pn))
-            sink_mask = pn >= thr
+            sink_mask = rule.mask([norms[p0:]])[0]  # the rule's own per-image mask (patches only)
             sinks, others = patches[sink_mask], patches[~sink_mask]
 
             def mean_of(tokens, h=h, rc=rc, p0=p0, grid=lay.grid is not None):

@@ -26,6 +26,7 @@ re-run with other thresholds without the model, and tested on hand-made tables.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -79,6 +80,39 @@ class NormRule:
         return (
             "absolute" if self.threshold is not None else "relative" if self.relative is not None else "auto"
         )
+
+    def thresholds(self, norms: Sequence[np.ndarray]) -> list[float]:
+        """Per image, the norm threshold at one layer (``inf``: no sink), from each image's
+        eligible token norms (a list of 1-D arrays; images may differ in length). The one place
+        the rule's three modes are computed: :func:`detect`, probes and flow all come here.
+
+        >>> NormRule(relative=2.0).thresholds([np.array([1.0, 2.0, 3.0])])
+        [4.0]
+        """
+        vals = [np.asarray(v, np.float64) for v in norms]
+        if self.mode == "absolute":
+            return [float(self.threshold)] * len(vals)
+        if self.mode == "relative":
+            return [self.relative * float(np.median(v)) if len(v) else math.inf for v in vals]
+        if self.auto_scope == "image":
+            found = [auto_gap_threshold(v, self, n_images=1) for v in vals]
+            return [math.inf if t is None else t for t in found]
+        pooled = np.concatenate(vals) if vals else np.zeros(0)
+        t = auto_gap_threshold(pooled, self, n_images=len(vals))
+        return [math.inf if t is None else t] * len(vals)
+
+    def mask(self, norms: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray] | np.ndarray:
+        """Sink mask of each image's tokens at one layer: ``[images, tokens]`` norms (or a list of
+        1-D arrays of eligible tokens) -> booleans of the same shape. Pass only the tokens the rule
+        may call sinks (e.g. the patches).
+
+        >>> NormRule(relative=2.0).mask(np.array([[1.0, 1.0, 5.0], [2.0, 2.0, 3.0]])).tolist()
+        [[False, False, True], [False, False, False]]
+        """
+        rows = list(norms)
+        thr = self.thresholds(rows)
+        out = [np.asarray(v, np.float64) >= t for v, t in zip(rows, thr)]
+        return np.stack(out) if isinstance(norms, np.ndarray) and norms.ndim == 2 else out
 
     def describe(self) -> str:
         kinds = "/".join(self.kinds) + " tokens"
@@ -253,7 +287,7 @@ def auto_gap_threshold(values: np.ndarray, rule: NormRule, n_images: int = 1) ->
     (``n_images``), so short sequences with one sink each are not excluded.
 
     >>> auto_gap_threshold(np.array([10, 11, 12, 9, 10, 300.]), NormRule())
-    54.772...
+    60.0
     """
     v = np.sort(np.asarray(values, np.float64))
     v = v[np.isfinite(v) & (v > 0)]
@@ -294,26 +328,15 @@ def _detect_norm(tokens: pd.DataFrame, rule: NormRule) -> Detection:
     thr = pd.Series(np.inf, index=tokens.index)
     per_layer: dict[int, float | None] = {}
     for layer, idx in tokens.groupby("layer").groups.items():
-        e = elig.loc[idx]
-        vals = stat.loc[idx][e]
+        subs = list(tokens.loc[idx].groupby("image", sort=False).groups.values())
+        per_image = rule.thresholds([stat.loc[sub][elig.loc[sub]].to_numpy() for sub in subs])
+        for sub, ti in zip(subs, per_image):
+            thr.loc[sub] = ti
+        found = [t for t in per_image if math.isfinite(t)]
         if rule.mode == "absolute":
             t = rule.threshold
-            thr.loc[idx] = t
-        elif rule.mode == "relative":
-            med = tokens.loc[idx][e].groupby("image")["norm"].median()
-            thr.loc[idx] = tokens.loc[idx, "image"].map(med).astype(float).values * rule.relative
-            t = float(med.median() * rule.relative) if len(med) else None
-        elif rule.auto_scope == "image":
-            found = []
-            for _img, sub in tokens.loc[idx].groupby("image").groups.items():
-                ti = auto_gap_threshold(stat.loc[sub][elig.loc[sub]].to_numpy(), rule, n_images=1)
-                thr.loc[sub] = np.inf if ti is None else ti
-                if ti is not None:
-                    found.append(ti)
-            t = float(np.median(found)) if found else None  # reported: median over images with a gap
-        else:
-            t = auto_gap_threshold(vals.to_numpy(), rule, n_images=tokens.loc[idx, "image"].nunique())
-            thr.loc[idx] = np.inf if t is None else t
+        else:  # reported: the median over the images whose threshold exists
+            t = float(np.median(found)) if found else None
         per_layer[int(layer)] = t
     is_sink = elig & (stat >= thr)
     return Detection(rule, is_sink, stat, per_layer)

@@ -347,3 +347,24 @@ def test_smollm2_gu_sink_rate_is_about_088():
     assert s["n_layers"] == 30 and s["n_heads"] == 9
     assert 0.85 < s["value"] < 0.90
     assert s["per_layer"]["0"] < 0.2 and s["per_layer"]["20"] == 1.0
+
+
+def test_one_norm_mask_serves_scan_probe_and_flow():
+    """NormRule.mask is the rule's own computation: detect() on a token table gives the same sinks
+    for every mode, including the automatic one, per image."""
+    import numpy as np
+    import pandas as pd
+
+    from sinkscope.sinks import NormRule, detect
+
+    rng = np.random.default_rng(0)
+    norms = rng.uniform(10, 12, size=(3, 20))
+    norms[0, 4] = 300.0
+    norms[2, [1, 7]] = 90.0
+    tab = pd.DataFrame({"image": np.repeat(["a", "b", "c"], 20), "layer": 1, "token": np.tile(np.arange(20), 3),
+                        "kind": "patch", "norm": norms.ravel()})
+    for rule in (NormRule(threshold=50.0), NormRule(relative=3.0), NormRule(), NormRule(auto_scope="image")):
+        want = detect(tab, rule).is_sink.to_numpy().reshape(3, 20)
+        np.testing.assert_array_equal(rule.mask(norms), want, err_msg=rule.describe())
+    assert NormRule(auto_scope="image").mask(norms)[2].sum() == 2  # found in its own image
+    assert NormRule(relative=3.0).mask(norms).sum() == 3

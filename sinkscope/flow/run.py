@@ -413,12 +413,7 @@ def _rollout_table(vis, arrays, names, vit_rule: NormRule, upto: int | None = No
         sinks_at = {}
         for b in range(L + 1):
             pn = bc.norms[i, b, lay.n_prefix : lay.n_tokens].numpy()
-            thr = (
-                vit_rule.threshold
-                if vit_rule.mode == "absolute"
-                else vit_rule.relative * float(np.median(pn))
-            )
-            sinks_at[b] = [lay.n_prefix + int(j) for j in np.nonzero(pn >= thr)[0]]
+            sinks_at[b] = [lay.n_prefix + int(j) for j in np.nonzero(vit_rule.mask([pn])[0])[0]]
         last_sinks = sinks_at[L]
         patches = list(range(lay.n_prefix, lay.n_tokens))
         non = [t for t in patches if t not in last_sinks]
