@@ -26,7 +26,7 @@ capture (the attention implementation of the blocks that need statistics) are re
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -245,6 +245,9 @@ class Capture:
         (moved to CPU; for rollout and relevance maps). Implies ``attention`` on those blocks.
     dims: also compute the top-|activation| channels, RMS and median (for the dims rule).
     mlp: blocks whose |MLP neuron activations| are kept (register-neuron search).
+    mlp_reducer: ``fn(block, act)`` called inside the hook of each ``mlp`` block with its neuron
+        activations ``[batch, tokens, neurons]`` (detached, on the model's device) *instead of*
+        keeping them: an analysis reduces over a dataset here without installing hooks of its own.
     stop_early: end the forward after the last layer needed.
 
     >>> with Capture(ad, layers=[0, 2], attention=[1]) as cap:      # doctest: +SKIP
@@ -263,8 +266,10 @@ class Capture:
         stop_early: bool = True,
         keep_dtype: torch.dtype = torch.float32,
         keep_attention: str | Sequence[int] | None = None,
+        mlp_reducer: Callable[[int, torch.Tensor], None] | None = None,
     ):
         self.adapter = adapter
+        self.mlp_reducer = mlp_reducer
         L = adapter.n_layers
         self.layers = parse_layers(layers if layers != "all" else None, L) if layers is not None else []
         self.keep = parse_layers(list(keep), L) if keep else []
@@ -440,6 +445,9 @@ class Capture:
 
     def _make_mlp_hook(self, block: int):
         def hook(module, args):
+            if self.mlp_reducer is not None:
+                self.mlp_reducer(block, args[0].detach())
+                return
             self._buf.setdefault("mlp", {})[block] = args[0].detach().abs().to("cpu", torch.float32)
 
         return hook

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from ._utils import SinkscopeError
-from .capture import StopForward, capture, parse_layers
+from .capture import Capture, capture, parse_layers
 from .data import ImageItem
 from .models.base import Adapter
 from .scan import _progress, batch_rows
@@ -129,28 +129,16 @@ def register_neurons(
 
 @torch.no_grad()
 def _accumulate(adapter, inputs, blocks, mask, other, sums_s, sums_o) -> None:
-    """One forward whose MLP hooks add up |activation| per neuron at sink and other positions."""
+    """One forward whose MLP activations are reduced by a :class:`Capture` reducer: |activation|
+    per neuron summed at sink and at other positions (fp32), the forward stopping after the last
+    block searched."""
     dev = adapter.device
     m_s, m_o = mask.to(dev, torch.float32), other.to(dev, torch.float32)
-    last = max(blocks)
 
-    def make(b):
-        def hook(module, args):
-            act = args[0].detach().float().abs()  # [batch, tokens, neurons]
-            sums_s[b] = sums_s[b] + torch.einsum("bt,btf->f", m_s, act)
-            sums_o[b] = sums_o[b] + torch.einsum("bt,btf->f", m_o, act)
+    def reduce(b: int, act: torch.Tensor) -> None:
+        act = act.float().abs()  # [batch, tokens, neurons]
+        sums_s[b] = sums_s[b] + torch.einsum("bt,btf->f", m_s, act)
+        sums_o[b] = sums_o[b] + torch.einsum("bt,btf->f", m_o, act)
 
-        return hook
-
-    def stop(module, args, output):
-        raise StopForward
-
-    handles = [adapter.mlp_out(b).register_forward_pre_hook(make(b)) for b in blocks]
-    handles.append(adapter.blocks()[last].register_forward_hook(stop))
-    try:
-        adapter.forward(inputs)
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    with Capture(adapter, layers=None, mlp=blocks, mlp_reducer=reduce, stop_early=True) as cap:
+        cap.run(inputs)

@@ -246,3 +246,21 @@ def test_only_layer_zero_stops_before_the_first_block(marked_images):
     finally:
         h.remove()
     assert calls == [] and cap.norms.shape == (1, 1, 31)
+
+
+def test_an_mlp_reducer_sees_what_keep_would_keep_and_leaves_no_hook(marked_images):
+    """Capture(mlp=..., mlp_reducer=fn) hands each block's neuron activations to fn inside the
+    hook (register neurons use it instead of hooks of their own); nothing is left on the model."""
+    from sinkscope import load_model
+
+    ad = load_model("tiny-clip+sinks", image_size=(48, 40))
+    batch = ad.prepare(marked_images[:2])
+    with Capture(ad, layers=None, mlp=[0, 2]) as c:
+        kept = c.run(batch).mlp_abs
+    seen = {}
+    with Capture(ad, layers=None, mlp=[0, 2], mlp_reducer=lambda b, a: seen.__setitem__(b, a.abs().cpu())) as c:
+        got = c.run(batch)
+    assert sorted(seen) == [0, 2] and not got.mlp_abs
+    for b in (0, 2):
+        torch.testing.assert_close(seen[b], kept[b])
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in ad.model.modules())
