@@ -27,7 +27,7 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 scan: install
-	$(VENV)/bin/sinkscope scan --out $(OUT)
+	$(VENV)/bin/sinkscope scan --method all --out $(OUT)
 	@echo "open $(OUT)/report.html in a browser"
 
 test: install browser

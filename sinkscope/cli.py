@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_report(a: argparse.Namespace) -> int:
     from .viz.report import build_sections, check_report_target, write_report
 
-    check_report_target(a.out, a.overwrite)  # before reading any run
+    _config(lambda: check_report_target(a.out, a.overwrite))  # a usage error, before reading any run
     secs = []
     for d in a.runs:
         print(f"reading {d} ...", flush=True)
@@ -471,7 +471,10 @@ class UsageError(SinkscopeError):
 def _config(make):
     """Build a run config from parsed options; a refused value is a usage error (exit 2)."""
     try:
-        return make()
+        cfg = make()
+        if hasattr(cfg, "check_runnable"):
+            cfg.check_runnable()  # e.g. --device cuda on a machine without CUDA
+        return cfg
     except SinkscopeError as e:
         raise UsageError(str(e)) from None
 
@@ -516,6 +519,8 @@ def _cmd_scan(a: argparse.Namespace) -> int:
     from .runs import run
 
     res = run(_config(lambda: scan_config(a)), progress=not a.quiet)
+    if (res.summary.get("distributed") or {}).get("rank", 0):
+        return 0  # under accelerate / torchrun only the main process reports the merged run
     s = res.summary
     print(
         f"model: {s['model']['name']} ({s['model']['family']}), {s['n_ok']} scanned, {s['n_failed']} failed"
@@ -607,6 +612,11 @@ def _cmd_flow(a: argparse.Namespace) -> int:
     s = res["summary"]
     if s.get("warning"):
         print(f"note: {s['warning']}")
+    for name, why in (s.get("analyses_skipped") or {}).items():
+        print(f"skipped: {name} ({why})")
+    note = (s.get("propagation") or {}).get("llm_rule_note")
+    if note:
+        print(f"caution: {note}")
     for name, df in res["tables"].items():
         print(f"{name}: {len(df)} rows")
     if "attention_by_group" in res["tables"]:

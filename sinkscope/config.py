@@ -12,13 +12,15 @@ True
 >>> ScanConfig(threshold=-5)
 Traceback (most recent call last):
 ...
-sinkscope._utils.SinkscopeError: threshold: must be > 0 (an L2 norm is never negative), got -5
+sinkscope._utils.SinkscopeError: threshold: must be a finite number > 0 (an L2 norm is never negative), got -5
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,6 +98,10 @@ class RunConfig:
         p.write_text(self.to_json() + "\n")
         return p
 
+    def check_runnable(self) -> None:
+        """What only this machine can answer, checked as a run starts: the device exists."""
+        check_device(getattr(self, "device", None), available=True)
+
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (and checked again)."""
         return dataclasses.replace(self, **changes)
@@ -111,17 +117,36 @@ class RunConfig:
         if not isinstance(bs, int) or bs < 1:
             raise SinkscopeError(f"batch_size: must be an integer >= 1, got {bs!r}")
         out = getattr(self, "out", None)
-        if out is not None and Path(out).exists() and not Path(out).is_dir():
-            raise SinkscopeError(f"out: {out} is a file, not a folder; choose a folder")
+        if out is not None:
+            check_out_folder(out)
 
 
 def _positive(name: str, v: float | None, why: str = "") -> None:
-    if v is not None and not v > 0:
-        raise SinkscopeError(f"{name}: must be > 0{why}, got {v:g}")
+    if v is not None and not (v > 0 and math.isfinite(v)):
+        raise SinkscopeError(f"{name}: must be a finite number > 0{why}, got {v:g}")
 
 
-def check_device(device: str | None) -> None:
-    """``None``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...; a CUDA device needs CUDA here."""
+def check_out_folder(out: str | Path) -> None:
+    """An output folder must not be a file, and it (or the nearest folder above it that exists)
+    must be writable - checked before any work, so nothing is computed and then lost.
+
+    >>> check_out_folder("runs/new")
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise SinkscopeError(f"out: {out} is a file, not a folder; choose a folder")
+    parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise SinkscopeError(f"out: {parent} is not writable; choose another folder")
+
+
+def check_device(device: str | None, available: bool = False) -> None:
+    """``None``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...; with ``available`` the device must
+    also exist on this machine (checked when a run starts, not when a saved config is read, so a
+    GPU run's ``config.json`` still loads on a laptop).
+
+    >>> check_device("cuda:1")   # a valid name; whether it exists is checked at run time
+    """
     if device is None:
         return
     import torch
@@ -130,6 +155,8 @@ def check_device(device: str | None) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise SinkscopeError(f"device: {device!r} is not a device name (use cpu, cuda, cuda:1, mps)") from None
+    if not available:
+        return
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise SinkscopeError(f"device: {device!r} asked, but this machine has no CUDA device")

@@ -52,6 +52,8 @@ def run(config: RunConfig, progress: bool = True):
     >>> res.config.method, int(res.tokens.layer.max())
     ('norm', 4)
     """
+    if isinstance(config, RunConfig):
+        config.check_runnable()
     if isinstance(config, ScanConfig):
         res = _run_scan(config, progress)
     elif isinstance(config, ProbeConfig):
@@ -63,7 +65,8 @@ def run(config: RunConfig, progress: bool = True):
     else:
         raise SinkscopeError(f"run: not an analysis config: {type(config).__name__}")
     res.config = config
-    if config.out is not None:
+    rank = (getattr(res, "summary", None) or {}).get("distributed", {}).get("rank", 0)
+    if config.out is not None and not rank:  # one writer: the main process
         config.save(Path(config.out) / CONFIG_FILE)
     return res
 

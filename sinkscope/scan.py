@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import distributed
 from ._utils import SinkscopeError, package_versions
 from .capture import BatchCapture, Capture, parse_layers, uniform_share
 from .data import ImageItem, image_items, sample_images
@@ -142,18 +143,30 @@ def batch_rows(ad: Adapter, inputs: ModelInputs, cap: BatchCapture, causal: bool
 
 
 class _RunDir:
-    """Resumable scan directory: ``parts/*.parquet`` + ``progress.jsonl`` + ``scan_config.json``."""
+    """Resumable scan directory: ``parts/*.parquet`` + ``progress.jsonl`` + ``scan_config.json``.
+
+    In a data-parallel scan (``dist``, :mod:`sinkscope.distributed`) process r writes
+    ``parts/rank{r}-part-*.parquet``, ``progress.rank{r}.jsonl`` and ``seen/rank{r}-*.png``; only the
+    main process prepares the folder, the others wait for it."""
 
     #: the marker a scan writes first into its folder: what proves the folder's outputs are its own
     MARKER = ".sinkscope-run"
     #: what a scan writes into its folder (and so may remove when it starts afresh)
     OUTPUTS = ("parts", "seen", "progress.jsonl", "tokens.parquet", "activations")
 
-    def __init__(self, out: Path, config: dict, resume: bool, overwrite: bool = False):
+    def __init__(self, out: Path, config: dict, resume: bool, overwrite: bool = False, dist=None):
         self.out = out
         self.parts = out / "parts"
         self.seen = out / "seen"
-        self.progress = out / "progress.jsonl"
+        self.prefix = distributed.part_prefix(dist)
+        self.progress = distributed.progress_file(out, dist)
+        if dist is None or dist.is_main:
+            self._prepare(config, resume, overwrite)
+        if dist is not None:
+            dist.barrier()  # the folder is ready (or the main process failed and the launcher ends all)
+
+    def _prepare(self, config: dict, resume: bool, overwrite: bool) -> None:
+        out = self.out
         cfg_path = out / "scan_config.json"
         self.check_owned(out, overwrite)
         if resume and cfg_path.exists():
@@ -165,11 +178,12 @@ class _RunDir:
                     "drop --resume or choose another --out"
                 )
         else:
-            for p in (out / name for name in self.OUTPUTS):
+            for p in [*(out / name for name in self.OUTPUTS), *distributed.stale_files(out)]:
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
         (out / self.MARKER).write_text(json.dumps({"kind": "scan", "written_by": "sinkscope"}) + "\n")
         self.parts.mkdir(parents=True, exist_ok=True)
         self.seen.mkdir(parents=True, exist_ok=True)
@@ -194,15 +208,15 @@ class _RunDir:
                     f"it could remove {', '.join(cls.OUTPUTS)} there: choose another folder, or pass "
                     "--overwrite to replace those"
                 )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SinkscopeError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-        if not os.access(out, os.W_OK):
-            raise SinkscopeError(f"--out {out}: the folder is not writable")
+        parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK):
+            raise SinkscopeError(f"--out {out}: {parent} is not writable")
 
     def done(self) -> dict[str, dict]:
-        return self.read_progress(self.progress)
+        """Image name -> last record, over every progress log (those of all processes, newest file last)."""
+        files = [p for p in distributed.progress_files(self.out) if p.exists()]
+        files.sort(key=lambda p: p.stat().st_mtime)
+        return {n: r for p in files for n, r in self.read_progress(p).items()}
 
     @staticmethod
     def read_progress(progress: Path) -> dict[str, dict]:
@@ -220,12 +234,22 @@ class _RunDir:
         return out
 
     def write_part(self, rows: pd.DataFrame) -> str:
-        k = len(list(self.parts.glob("part-*.parquet")))
-        name = f"part-{k:05d}.parquet"
+        k = len(list(self.parts.glob(f"{self.prefix}part-*.parquet")))
+        name = f"{self.prefix}part-{k:05d}.parquet"
         tmp = self.parts / (name + ".tmp")
         rows.to_parquet(tmp, index=False)
         os.replace(tmp, self.parts / name)
         return name
+
+    def next_seen(self) -> str:
+        """File name for the next kept picture in ``seen/``."""
+        return f"{self.prefix}{len(list(self.seen.glob(self.prefix + '*.png'))):05d}.png"
+
+    def read_result(self, rules: list[Rule]) -> ScanResult:
+        """The finished run written in this folder (``tokens.parquet``, ``summary.json``)."""
+        tokens = pd.read_parquet(self.out / "tokens.parquet")
+        summary = json.loads((self.out / "summary.json").read_text())
+        return ScanResult(SinkReport.from_tokens(tokens, rules), summary, self.out)
 
     def log(self, records: list[dict]) -> None:
         """Append one batch's records as a single line: a kill leaves the batch in or out, whole."""
@@ -315,6 +339,16 @@ def scan(
         raise SinkscopeError(f"batch size must be >= 1, got {batch_size}")
     if out is not None:  # before any work: never a user's folder, never a file
         _RunDir.check_owned(Path(out), overwrite)
+    dist = distributed.context()  # None unless launched as several processes (accelerate, torchrun)
+    if dist is not None:
+        distributed.check_supported(out, save_layers)
+        device = dist.device if device in (None, "cuda") else device  # cuda:<local rank>
+        progress = progress and dist.is_main
+    if rules and rule_kwargs:
+        raise SinkscopeError(
+            f"give either rules= or rule options ({', '.join(sorted(rule_kwargs))}), not both: "
+            "the options would be ignored"
+        )
     rules = rules or build_rules(method, **rule_kwargs)
     methods = {r.method for r in rules}
     t0 = time.perf_counter()
@@ -359,7 +393,7 @@ def scan(
         "dtype": str(ad.dtype),
         "topk": topk_for_exact_dims(ad.hidden_size, tau) if "dims" in methods else None,
     }
-    run = _RunDir(Path(out), config, resume, overwrite) if out is not None else None
+    run = _RunDir(Path(out), config, resume, overwrite, dist) if out is not None else None
     done = run.done() if run else {}
     store = None
     if keep:
@@ -376,9 +410,10 @@ def scan(
             "(drop --resume or choose another --out)"
         )
     done = {n: r for n, r in done.items() if r.get("status") == "ok"}
-    todo = [it for it in items if it.name not in done]
+    mine = dist.shard(items) if dist else items  # a process of a data-parallel scan takes its shard
+    todo = [it for it in mine if it.name not in done]
     if run and done:
-        log.info("resuming %s: %d of %d items already done", run.out, len(items) - len(todo), len(items))
+        log.info("resuming %s: %d of %d items already done", run.out, len(mine) - len(todo), len(mine))
 
     frames: list[pd.DataFrame] = []
     status: dict[str, dict] = {n: done[n] for n in names if n in done}
@@ -405,6 +440,7 @@ def scan(
         topk=topk_for_exact_dims(ad.hidden_size, tau),
         keep=keep,
     )
+    keep_seen = set(names[:MAX_SAVED_IMAGES])  # several processes: the pictures of the first items
     bar = _progress(len(todo), enabled=progress, desc=f"scan {ad.name}")
     with Capture(ad, **cap_kw) as cap:
         for start in range(0, len(todo), batch_size):
@@ -449,10 +485,11 @@ def scan(
                         "n_tokens": lay.n_tokens,
                     }
                     n_saved = sum(1 for r in status.values() if r.get("seen")) if run else len(pixels)
-                    if inputs.pixels and n_saved < MAX_SAVED_IMAGES:
+                    first = dist is None or it.name in keep_seen
+                    if inputs.pixels and n_saved < MAX_SAVED_IMAGES and first:
                         pixels[it.name] = inputs.pixels[k]
                         if run:
-                            rec["seen"] = f"{len(list(run.seen.glob('*.png'))):05d}.png"
+                            rec["seen"] = run.next_seen()
                             _save_seen(run.seen / rec["seen"], inputs.pixels[k])
                     records.append(rec)
                     status[it.name] = rec
@@ -460,6 +497,8 @@ def scan(
                 run.log(records)
             bar.update(len(chunk))
     bar.close()
+    if dist is not None:  # the main process merges every shard; the others keep their own
+        names, status = distributed.gather(dist, names, status, run.done)
 
     if run:
         all_rows = run.load_rows(status)
@@ -471,6 +510,9 @@ def scan(
     else:
         all_rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     ok_names = [n for n in names if status.get(n, {}).get("status") == "ok"]
+    if all_rows.empty and dist is not None and not dist.is_main:  # an empty shard: return the merged run
+        dist.barrier()
+        return run.read_result(rules)
     if all_rows.empty:
         raise SinkscopeError(f"no item could be scanned ({len(items)} tried; see the errors above)")
     # keep the user's item order
@@ -513,9 +555,15 @@ def scan(
         summary["activations"] = {"path": "activations", **store.info()}
     if getattr(ad, "planted", None):
         summary["model"]["planted"] = ad.planted.to_dict()
+    if dist is not None:
+        summary["distributed"] = dist.summary(len(items))
     result = ScanResult(rep, summary, Path(out) if out is not None else None, pixels)
-    if run:
+    if run and (dist is None or dist.is_main):
+        if dist is not None:
+            distributed.write_merged_progress(run.out, status)
         write_outputs(result, report=report)
+    if dist is not None:  # the other processes return (with their shard) once the run is written
+        dist.barrier()
     return result
 
 

@@ -81,6 +81,30 @@ _ALL_BUILT_JS = """() => {
 }"""
 
 
+# Every visible heat map of the page as plotly drew it (``_fullData``: zmin/zmax resolved): how its
+# values spread over its colour range - ``spread`` is the standard deviation of (z - zmin) / (zmax -
+# zmin) clipped to [0, 1], ``n_colour_bins`` how many tenths of the colour scale hold a value. A
+# heat map of one flat colour has spread 0 and one bin.
+_HEATMAPS_JS = r"""() => Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap((gd, i) =>
+    (gd._fullData || []).filter(t => t.type === 'heatmap' && t.visible === true).map(t => {
+        const z = [];
+        for (const row of (t.z || [])) for (const v of row) if (v !== null && Number.isFinite(v)) z.push(v);
+        const lo = t.zmin, hi = t.zmax, span = hi - lo;
+        const u = z.map(v => span > 0 ? Math.min(1, Math.max(0, (v - lo) / span)) : 0);
+        const mean = u.reduce((a, b) => a + b, 0) / Math.max(1, u.length);
+        const sd = Math.sqrt(u.reduce((a, b) => a + (b - mean) ** 2, 0) / Math.max(1, u.length));
+        return {
+            figure: gd.id || `#${i}`,
+            meta: (gd.data[t.index] || {}).meta || null,
+            n_values: z.length,
+            zmin: lo,
+            zmax: hi,
+            spread: sd,
+            n_colour_bins: new Set(u.map(x => Math.min(9, Math.floor(x * 10)))).size,
+        };
+    }))"""
+
+
 @dataclass
 class FigureInfo:
     """One ``.js-plotly-plot`` div as the browser sees it."""
@@ -114,6 +138,7 @@ class BrowserCheck:
     n_rendered: int = 0  # of those, drawn with at least one trace element
     titles: list[str] = field(default_factory=list)  # figure titles from the DOM, page order, '' if none
     figures: list[FigureInfo] = field(default_factory=list)
+    heatmaps: list[dict] = field(default_factory=list)  # visible heat maps and their colour spread
     timed_out: bool = False  # not every figure was built within ``timeout_s``
     screenshot: Path | None = None
     seconds: float = 0.0
@@ -236,6 +261,7 @@ def render_report(
             chk.n_figures = len(chk.figures)
             chk.n_rendered = sum(f.rendered for f in chk.figures)
             chk.titles = [f.title for f in chk.figures]
+            chk.heatmaps = page.evaluate(_HEATMAPS_JS)
             if screenshot_path is not None:
                 screenshot_path = Path(screenshot_path)
                 screenshot_path.parent.mkdir(parents=True, exist_ok=True)

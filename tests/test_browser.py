@@ -166,6 +166,24 @@ def test_scan_report_renders_offline(scan_report, artifacts):
     assert any(t.startswith("L2 norm per layer") for t in chk.titles)
 
 
+def test_scan_heatmap_at_the_default_layer_is_not_one_flat_colour(scan_report, artifacts):
+    """Issue 10: with one colour scale for all layers the default (late) layer was uniformly
+    saturated. Each image's visible heat map - the default layer - must spread over its colours."""
+    html, res, _ = scan_report
+    chk = _check(html, "scan-report-heatmaps", artifacts)
+    maps = {h["figure"]: h for h in chk.heatmaps if (h["meta"] or {}).get("role") == "heatmap"}
+    assert set(maps) == {f"fig-image-{i}" for i in range(3)}, chk.heatmaps
+    tokens = res.tokens
+    for fid, h in maps.items():
+        layer = h["meta"]["layer"]
+        assert h["n_values"] == 30  # the 6 x 5 grid
+        # the colour range is the layer's own: from its smallest to its largest patch norm
+        name = [e["image"] for e in res.summary["images"] if e["status"] == "ok"][int(fid.rsplit("-", 1)[1])]
+        p = tokens[(tokens.image == name) & (tokens.layer == layer) & (tokens.kind == "patch")].norm
+        assert (h["zmin"], h["zmax"]) == pytest.approx((np.log10(p.min()), np.log10(p.max())), rel=1e-4)
+        assert h["spread"] > 0.1 and h["n_colour_bins"] >= 3, h
+
+
 # 12 tiny images: a test fold of the 'sink' group can hold one class only (sklearn warns; irrelevant here)
 @pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")
 def test_probe_report_renders_offline(probe_report, artifacts):

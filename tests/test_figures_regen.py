@@ -200,16 +200,13 @@ def test_the_paper_tier_runs_use_the_papers_settings():
     from sinkscope.sinks import NormRule
 
     spec = load_figure_list(Path(__file__).resolve().parents[1] / "figures" / "figures.toml")
-    flows = [r for r in spec.runs.values() if r.tier == "paper" and r.analysis == "flow"]
+    flows = [r.config for r in spec.runs.values() if r.tier == "paper" and r.analysis == "flow"]
     assert flows
-    for r in flows:
-        p = r.params
-        got = paper_settings(NormRule(threshold=float(p["vit_threshold"])), int(p["generate"]), float(p.get("bin_width", 5)))
+    for c in flows:
+        got = paper_settings(NormRule(threshold=c.vit_threshold), c.generate, c.bin_width)
         assert got["matches"], got["differences"]
-    probes = [r for r in spec.runs.values() if r.tier == "paper" and r.analysis == "probe"]
-    assert probes and all(
-        r.params["threshold"] == 100 and "nonsink_random" in r.params["groups"].split(",") for r in probes
-    )
+    probes = [r.config for r in spec.runs.values() if r.tier == "paper" and r.analysis == "probe"]
+    assert probes and all(c.threshold == 100 and "nonsink_random" in c.groups for c in probes)
 
 
 def test_regeneration_writes_html_then_does_no_work_then_reruns_only_the_changed_analysis(figdir, spy):
@@ -235,6 +232,15 @@ def test_regeneration_writes_html_then_does_no_work_then_reruns_only_the_changed
             and (out / "runs" / rid / "summary.json").exists()
         )
     assert (out / "runs" / "scan-tiny" / "tokens.parquet").exists()
+    # each run folder is an ordinary run: its config.json names the folder, so load_run reruns it there
+    from sinkscope.runs import load_run
+
+    spec = load_figure_list(figdir / "figures.toml")
+    for rid in ("scan-tiny", "probe-tiny", "flow-tiny"):
+        cfg = load_run(out / "runs" / rid).config
+        assert cfg == spec.runs[rid].config.replace(out=str((out / "runs" / rid).resolve())), rid
+    assert load_run(out / "runs" / "probe-tiny").config.n_jobs == 1  # the CLI spelling `jobs` of the list
+    assert not (out / "runs" / "scan-tiny" / "cli-output.txt").exists()
     assert (out / "runs" / "flow-tiny" / "knockout.csv").exists()
     assert not list((out / "runs").glob(".tmp-*"))
     man = json.loads((out / "manifest.json").read_text())
@@ -247,7 +253,7 @@ def test_regeneration_writes_html_then_does_no_work_then_reruns_only_the_changed
     before = _mtimes(out)
     spy.clear()
     rep2, lines2 = _regen(figdir, png=False)
-    assert spy == [] and rep2.ok
+    assert spy == [] and rep2.ok, {k: v.reason for k, v in rep2.runs.items()}
     assert {f.status for f in rep2.figures} == {"fresh"} and {r.status for r in rep2.runs.values()} == {
         "cached"
     }
@@ -263,7 +269,7 @@ def test_regeneration_writes_html_then_does_no_work_then_reruns_only_the_changed
     assert spy == ["probe-tiny"] and rep3.ok
     status = {f.name: f.status for f in rep3.figures}
     assert status.pop("tiny-probe") == "rendered" and set(status.values()) == {"fresh"}
-    assert rep3.runs["probe-tiny"].reason == "changed: options"
+    assert rep3.runs["probe-tiny"].reason == "changed: config"
     assert json.loads((out / "runs" / "probe-tiny" / "summary.json").read_text())["folds"] == 2
     assert _mtimes(out)["tiny-norms.html"] == before["tiny-norms.html"]
 
@@ -303,7 +309,9 @@ def test_png_export_and_freshness(figdir, spy):
     before = _mtimes(out)
     spy.clear()
     rep2, _ = _regen(figdir, only=only)
-    assert spy == [] and {f.status for f in rep2.figures} == {"fresh"}
+    assert spy == [] and {f.status for f in rep2.figures} == {"fresh"}, {
+        k: v.reason for k, v in rep2.runs.items()
+    }
     assert all(_mtimes(out)[f"{n}.png"] == before[f"{n}.png"] for n in only)
     # a deleted PNG is drawn again, without rerunning the analysis
     (out / "tiny-rollout.png").unlink()
@@ -318,7 +326,8 @@ def test_paper_tier_is_listed_but_not_run_by_default(figdir, spy, capsys):
     assert " paper " in row and "--tier paper" in row and not row.startswith("*")
     assert next(x for x in text.splitlines() if "tiny-norms" in x).startswith("*")
     assert (
-        "sinkscope scan --model openai/clip-vit-large-patch14-336 --images embedded --threshold 100" in text
+        "ScanConfig(model='openai/clip-vit-large-patch14-336', images=('embedded',), threshold=100.0, "
+        "device='cuda', dtype='float16')" in text
     )
     assert spy == []  # listing runs nothing
     spec = load_figure_list(figdir / "figures.toml")
@@ -359,11 +368,11 @@ def test_a_failed_rerun_keeps_the_previous_results(figdir, monkeypatch):
     run_dir = figdir / "out" / "runs" / "scan-tiny"
     before = (run_dir / "run.json").read_text()
 
-    def boom(ns):
-        (Path(ns.out) / "parts").mkdir(parents=True)  # half-written results
+    def boom(config, progress=True):
+        (Path(config.out) / "parts").mkdir(parents=True)  # half-written results
         raise RuntimeError("killed mid-run")
 
-    monkeypatch.setattr("sinkscope.cli._cmd_scan", boom)
+    monkeypatch.setattr("sinkscope.runs.run", boom)
     rep2, _ = _regen(figdir, png=False, only=["tiny-counts"], force=True)
     assert rep2.figures[0].status == "failed" and "killed mid-run" in rep2.figures[0].error
     assert (run_dir / "run.json").read_text() == before and (run_dir / "tokens.parquet").exists()
@@ -392,8 +401,15 @@ def test_a_figure_that_fails_to_redraw_leaves_no_stale_file(figdir):
             ('kind = "sink_count"', 'kind = "probe"'),
             "kind 'probe' draws probe results but run 'scan-tiny' is a scan",
         ),
-        (('method = "all"', 'methd = "all"'), "unknown scan option 'methd'"),
-        (('method = "all"', 'method = "bogus"'), "argument --method: invalid choice: 'bogus'"),
+        (('method = "all"', 'methd = "all"'), "run 'scan-tiny': unknown scan param 'methd'; params: "),
+        (('method = "all"', 'method = "bogus"'), "run 'scan-tiny': method: choose from norm, attention"),
+        (
+            ('method = "all"', "method = { a = 1 }"),
+            "run 'scan-tiny': param 'method': expected a string or a list, got {",
+        ),
+        (("folds = 3", 'folds = "3"'), "run 'probe-tiny': param 'folds': expected an integer, got '3'"),
+        (("window = 2", "window = 0"), "run 'flow-tiny': window: must be an integer >= 1, got 0"),
+        (('device = "cuda"', 'device = "gpu0"'), "run 'paper-clip': device: 'gpu0' is not a device name"),
         (
             ('options = { image = "b.png" }', 'options = { img = "b.png" }'),
             "bad options for kind 'patch_heatmap'",
@@ -404,6 +420,10 @@ def test_a_figure_that_fails_to_redraw_leaves_no_stale_file(figdir):
         ),
         (('tier = "paper"', 'tier = "gpu"'), "tier must be one of"),
         (('params = { method = "all"', 'params = { out = "x", method = "all"'), "params may not set 'out'"),
+        (
+            ('params = { method = "all"', 'params = { images = "x", method = "all"'),
+            "params may not set 'images'",
+        ),
     ],
 )
 def test_list_errors_name_the_entry_and_the_problem(figdir, edit, message):
@@ -412,6 +432,7 @@ def test_list_errors_name_the_entry_and_the_problem(figdir, edit, message):
     with pytest.raises(SpecError) as e:
         load_figure_list(p)
     assert message in str(e.value)
+    assert str(e.value).count("\n") == 0  # one problem, one line (a bad run is not repeated per figure)
 
 
 def test_cli_unknown_only_name_fails_before_running_anything(figdir, spy, capsys):
@@ -450,3 +471,170 @@ def test_a_second_regeneration_into_the_same_folder_fails_at_once(figdir, spy, c
     assert spy == []  # nothing ran while the folder was taken
     rep, _ = _regen(figdir, png=False, only=["tiny-counts"])  # released: runs normally
     assert rep.ok
+
+
+PROJECT_LIST = Path(__file__).resolve().parents[1] / "figures" / "figures.toml"
+#: every run of figures/figures.toml -> the config fields its params and data must give
+PROJECT_RUNS = {
+    "scan-dinov2": {"model": "dinov2-small", "images": ("embedded",), "method": "all", "save_layers": "6,12"},
+    "scan-smollm2": {
+        "model": "smollm2-135m",
+        "images": None,
+        "texts": (
+            "The capital of France is Paris, and the capital of Italy is",
+            "Attention sinks are tokens that receive a large share of attention.",
+        ),
+        "method": "all",
+    },
+    "probe-dinov2-faces": {"dataset": "lfw-faces", "layers": "0,2,4,6,8,10,12", "folds": 5},
+    "flow-mini-llava": {
+        "model": "mini-llava",
+        "images": ("embedded:1",),
+        "analyses": ("rollout", "propagation", "knockout"),
+        "stride": 3,
+        "chat": True,
+    },
+    "paper-scan-clip": {
+        "model": "openai/clip-vit-large-patch14-336",
+        "method": "all",
+        "threshold": 100.0,
+        "save_layers": "23",
+        "device": "cuda",
+        "dtype": "float16",
+    },
+    "paper-probe-clip": {
+        "dataset": "textile",
+        "threshold": 100.0,
+        "groups": ("sink", "nonsink", "nonsink_random", "cls", "mean", "random"),
+        "device": "cuda",
+        "dtype": "float16",
+    },
+    "paper-flow-llava": {
+        "model": "llava-hf/llava-1.5-7b-hf",
+        "images": ("embedded:1",),
+        "analyses": ("rollout", "propagation", "knockout"),
+        "prompt": "What is the main object in the image?",
+        "vit_threshold": 100.0,
+        "generate": 8,
+        "device": "cuda",
+        "dtype": "float16",
+    },
+}
+
+
+def test_every_run_of_the_project_list_builds_its_config_without_running():
+    """ci and paper tiers alike: params -> config fields, checked when the list is read (the
+    paper tier's cuda device is checked only when it runs, so this passes on a laptop)."""
+    from sinkscope.config import CONFIGS
+    from sinkscope.figures.params import config_fields
+
+    spec = load_figure_list(PROJECT_LIST)
+    assert set(spec.runs) == set(PROJECT_RUNS)
+    for rid, want in PROJECT_RUNS.items():
+        run = spec.runs[rid]
+        c = run.config
+        assert type(c) is CONFIGS[run.analysis], rid
+        assert {k: getattr(c, k) for k in want} == want, rid
+        assert c.out == str(PROJECT_LIST.parent.resolve() / "out" / "runs" / rid)
+        d = json.loads(c.to_json())  # JSON types only; the float threshold stays a float
+        assert d["analysis"] == run.analysis and d["device"] == want.get("device")
+        # the table above checks every param the list gives
+        assert set(config_fields(run.analysis, run.params)) <= set(want), rid
+    assert {r.tier for r in spec.runs.values()} == {"ci", "paper"}
+
+
+def test_params_map_onto_config_fields_with_their_types():
+    from sinkscope.figures.params import PARAM_ALIASES, config_fields
+
+    assert config_fields(
+        "scan", {"method": "all", "save-layers": [6, 12], "threshold": 100, "layers": 12}
+    ) == {
+        "method": "all",
+        "save_layers": "6,12",
+        "threshold": 100.0,
+        "layers": "12",
+    }
+    # the CLI spellings of earlier lists
+    assert config_fields("scan", {"text": "one prompt, with a comma", "no_report": True}) == {
+        "texts": ("one prompt, with a comma",),
+        "report": False,
+    }
+    assert config_fields(
+        "probe", {"groups": "cls, mean", "jobs": 1, "label": ["a"], "no-cache": True, "image_size": "48x40"}
+    ) == {"groups": ("cls", "mean"), "n_jobs": 1, "labels": ("a",), "cache": False, "image_size": (48, 40)}
+    assert config_fields("probe", {"groups": ["sink"], "image_size": 224}) == {
+        "groups": ("sink",),
+        "image_size": 224,
+    }
+    assert config_fields("flow", {"analysis": ["all"], "generate": 8}) == {"generate": 8}
+    assert config_fields("flow", {"analyses": "rollout,knockout"}) == {"analyses": ("rollout", "knockout")}
+    assert set(PARAM_ALIASES) == {"scan", "probe", "flow"}
+    for params, message in [
+        ({"chat": "yes"}, "param 'chat': expected true or false, got 'yes'"),
+        ({"generate": 2.5}, "param 'generate': expected an integer, got 2.5"),
+        ({"vit_threshold": "100"}, "param 'vit_threshold': expected a number, got '100'"),
+        (
+            {"analysis": ["rollout"], "analyses": ["knockout"]},
+            "params 'analysis' and 'analyses' both set analyses",
+        ),
+        ({"dataset": "x"}, "params may not set 'dataset'"),
+    ]:
+        with pytest.raises(SpecError) as e:
+            config_fields("flow" if "dataset" not in params else "probe", params)
+        assert message in str(e.value)
+
+
+def test_an_unknown_param_fails_at_load_time_in_one_line_naming_the_run_and_the_key(tmp_path, spy):
+    p = tmp_path / "figures.toml"
+    p.write_text(
+        '[runs.flow-x]\nanalysis = "flow"\nmodel = "tiny-llava+sinks"\n'
+        'params = { vit_treshold = 100 }\n\n[[figures]]\nname = "x"\nrun = "flow-x"\nkind = "rollout"\n'
+    )
+    with pytest.raises(SpecError) as e:
+        load_figure_list(p)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{p}: run 'flow-x': unknown flow param 'vit_treshold'; params: ")
+    assert "vit_threshold" in msg.split("params: ", 1)[1]
+    assert spy == []
+
+
+def test_the_figures_package_does_not_import_the_cli():
+    """Layers go one way: the CLI imports figures, never the reverse (module and function level)."""
+    import ast
+
+    import sinkscope.figures
+
+    pkg = Path(sinkscope.figures.__file__).parent
+    offenders = []
+    for f in sorted(pkg.rglob("*.py")):
+        mod = "sinkscope.figures." + ".".join(f.relative_to(pkg).with_suffix("").parts)
+        package = mod.rsplit(".", 1)[0] if f.name != "__init__.py" else mod.removesuffix(".__init__")
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    stem = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    stem = node.module or ""
+                names = [stem] + [f"{stem}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value] if node.value.startswith("sinkscope.cli") else []
+            hits = [n for n in names if n == "sinkscope.cli" or n.startswith("sinkscope.cli.")]
+            if hits:
+                offenders.append(f"{f.relative_to(pkg)}:{node.lineno}: {hits[0]}")
+    assert offenders == []
+    assert len(list(pkg.glob("*.py"))) >= 7  # the walk saw the package
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA"
+)
+def test_a_paper_run_on_a_machine_without_its_device_fails_in_one_line_before_any_work(figdir, spy):
+    rep, lines = _regen(figdir, png=False, only=["paper-norms"])
+    assert spy == ["paper-clip"] and not rep.ok
+    assert "device: 'cuda' asked, but this machine has no CUDA device" in rep.figures[0].error
+    assert not any((figdir / "out" / "runs").iterdir())  # nothing left behind

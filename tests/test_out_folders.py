@@ -63,7 +63,7 @@ def scan_run(tmp_path_factory):
 def test_report_never_overwrites_a_file_it_did_not_write(tmp_path, scan_run, capsys):
     mine = tmp_path / "thesis.html"
     mine.write_text("<html>my thesis</html>")
-    assert main(["report", str(scan_run), "--out", str(mine)]) == 1
+    assert main(["report", str(scan_run), "--out", str(mine)]) == 2
     assert "not a sinkscope report" in capsys.readouterr().err
     assert mine.read_text() == "<html>my thesis</html>"
     assert main(["report", str(scan_run), "--out", str(mine), "--overwrite"]) == 0
@@ -74,6 +74,6 @@ def test_report_never_overwrites_a_file_it_did_not_write(tmp_path, scan_run, cap
 def test_report_out_a_folder_fails_in_one_line_and_leaves_no_tmp(tmp_path, scan_run, capsys):
     folder = tmp_path / "reports"
     folder.mkdir()
-    assert main(["report", str(scan_run), "--out", str(folder)]) == 1
+    assert main(["report", str(scan_run), "--out", str(folder)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [folder] and not list(folder.iterdir())

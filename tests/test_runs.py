@@ -41,7 +41,7 @@ def test_unknown_fields_and_analyses_fail_in_one_line():
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: ScanConfig(threshold=-5), "threshold: must be > 0"),
+        (lambda: ScanConfig(threshold=-5), "threshold: must be a finite number > 0"),
         (lambda: ScanConfig(attn_fraction=-1), "attn_fraction"),
         (lambda: ScanConfig(image_size=0), "image_size"),
         (lambda: ScanConfig(image_size=100000), "image_size"),

@@ -277,3 +277,61 @@ def test_titles_name_model_rule_and_threshold(scan):
     steps = heat.layout.sliders[0].steps
     assert "threshold at this layer 100" in steps[2].args[1]["title.text"]  # layer 2's threshold
     assert "threshold at this layer" not in steps[0].args[1]["title.text"]  # layer 0 has none
+
+
+def test_heatmap_colours_each_layer_on_its_own_range():
+    """Norms grow 10x per layer (as in a real ViT): one scale for all layers would paint the last
+    layer in one saturated colour; each layer gets its own range, so its structure shows."""
+    rng = np.random.default_rng(0)
+    tokens = _tokens()
+    tokens["norm"] = tokens["norm"] * 10.0 ** tokens["layer"] * rng.uniform(0.5, 1.5, len(tokens))
+    tokens["is_sink"] = False
+    fig = patch_heatmap_figure(tokens, _summary(tokens), "cat.jpg")
+    heatmaps = _by_role(fig, "heatmap")
+    for h in heatmaps:
+        p = tokens[
+            (tokens.image == "cat.jpg") & (tokens.layer == h.meta["layer"]) & (tokens.kind == "patch")
+        ].norm
+        assert (h.zmin, h.zmax) == pytest.approx((np.log10(p.min()), np.log10(p.max())), rel=1e-6)
+        u = (np.asarray(h.z, dtype=float) - h.zmin) / (h.zmax - h.zmin)
+        assert u.std() > 0.15  # spread over the colour scale, not one flat colour
+        assert f"layer {h.meta['layer']}" in h.colorbar.title.text
+    assert len({round(h.zmin, 3) for h in heatmaps}) == LAYERS  # a range per layer, not one for all
+    assert heatmaps[-1].zmin > heatmaps[0].zmax  # the ranges really differ by orders of magnitude
+
+
+def test_other_rules_are_drawn_and_said_beside_the_main_rule(tmp_path):
+    """--method all on a model without norm sinks (DINOv2-S): the norm rule finds nothing, the
+    attention rule finds the CLS token - the sink-count figure and the findings show it, labelled."""
+    tokens = _tokens(with_attention=True)
+    tokens["is_sink"] = False
+    tokens["is_sink_norm"] = False
+    tokens["is_sink_attention"] = (tokens["kind"] == "cls") & (tokens["layer"] >= 1)
+    summary = _summary(tokens)
+    summary["rule"]["method"] = "norm"
+    summary["emergence_layer"] = None
+    fig = sink_count_figure(tokens, summary)
+    (main,) = _by_role(fig, "sink_counts")
+    assert list(np.asarray(main.y)) == [0, 0, 0, 0] and main.name.startswith("norm rule")
+    (attn,) = _by_role(fig, "rule_counts")  # one kind flagged: one stack
+    assert attn.meta == {"role": "rule_counts", "rule": "attention", "kind": "cls"}
+    assert attn.name == "attention rule (attention received): CLS"
+    assert list(np.asarray(attn.y)) == [0, 2, 2, 2]  # the CLS of both images from layer 1
+    assert fig.layout.showlegend
+    page = write_scan_report(tmp_path / "r.html", tokens, summary).read_text(encoding="utf-8")
+    assert "No sink token was found" in page
+    assert (
+        "The attention rule (also run; its tokens are not counted as sinks above) flags CLS in 2 of 2 item(s) "
+        "at layers 1-3." in page
+    )
+    assert "So this model&#x27;s sink is its CLS token" in page
+
+
+def test_a_norm_only_scan_says_how_to_see_the_attention_sink(scan):
+    from sinkscope.viz.scan_report import scan_findings
+
+    tokens, summary = scan
+    tokens = tokens.assign(is_sink=False)
+    text = " ".join(scan_findings(tokens, summary))
+    assert "recorded no attention" in text and "--method all" in text
+    assert "recorded no attention" not in " ".join(scan_findings(*scan))  # it found sinks: nothing to add

@@ -62,3 +62,33 @@ def test_probe_on_digits_runs_with_the_default_model(tmp_path):
     row = pd.read_csv(tmp_path / "probe.csv").query("group == 'cls'").iloc[0]
     assert row.n_images == 40  # none refused as smaller than a patch
     assert row.accuracy > row.chance  # 10 digit classes, and the CLS token separates them
+
+
+def test_rule_options_beside_explicit_rules_are_refused_not_ignored():
+    from sinkscope.scan import scan
+
+    with pytest.raises(SinkscopeError, match="not both"):
+        scan("tiny-dinov2", images=["embedded:1"], rules=[NormRule(threshold=5.0)], threshold=7.0, progress=False)
+
+
+def test_a_text_encoder_checkpoint_is_refused_for_what_it_is(tmp_path):
+    import transformers as T
+
+    from sinkscope import load_model
+
+    T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             vocab_size=200)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(SinkscopeError, match="bidirectional text encoder: not a causal LM"):
+        load_model(str(tmp_path / "bert"))
+
+
+def test_flow_says_which_analyses_apply_to_a_vit_and_refuses_a_text_model(tmp_path, capsys):
+    assert main(["flow", "--model", "tiny-dinov2", "--out", str(tmp_path / "v"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: knockout (needs a LLaVA-style model)" in out
+    import json
+
+    s = json.loads((tmp_path / "v" / "summary.json").read_text())
+    assert s["analyses"] == ["rollout", "redundancy"] and "propagation" in s["analyses_skipped"]
+    assert main(["flow", "--model", "tiny-llama", "--out", str(tmp_path / "t"), "-q"]) == 1
+    assert "text-only language model" in capsys.readouterr().err

@@ -251,7 +251,9 @@ def test_report_combines_runs_with_findings_and_is_self_contained(runs, tmp_path
     out = write_report(dirs, tmp_path / "r.html", sections=secs)
     page = out.read_text()
     n = sum(len(s.figures) for s in secs)
-    assert n == report_figure_count(dirs) and len(re.findall(r"<div id=\"fig-\d+\"", page)) == n
+    ids = re.findall(r"<div id=\"(fig-[\w-]+)\"", page)
+    assert n == report_figure_count(dirs) and len(ids) == len(set(ids)) == n  # one unique div per figure
+    assert {"fig-norms", "fig-counts"} <= set(ids)  # the scan section keeps the ids of its own report.html
     assert page.count("plotly.js v") <= 2  # plotly.js embedded once
     assert not re.search(r"<script[^>]+src=", page)  # nothing fetched from the network
 
@@ -289,6 +291,52 @@ def test_combined_report_renders_in_headless_chromium(runs, tmp_path):
     assert any("UMAP" in t for t in chk.titles) and any("Sink vs non-sink" in t for t in chk.titles)
 
 
+def _findings(page: str) -> list[str]:
+    """The findings list items of every section of a page, unescaped."""
+    import html
+
+    blocks = re.findall(r"<div class='findings'><b>Findings</b><ul>(.*?)</ul></div>", page, re.S)
+    return [html.unescape(li) for b in blocks for li in re.findall(r"<li>(.*?)</li>", b, re.S)]
+
+
+def test_scan_report_and_sinkscope_report_give_the_same_findings(runs, tmp_path):
+    """A scan's own report.html and `sinkscope report` on the same folder summarise it alike."""
+    imgs = runs["scan"].parent / "imgs"
+    d = tmp_path / "scan"
+    argv = ["scan", "--model", "tiny-dinov2+sinks", "--images", str(imgs), "--method", "all", "-q"]
+    assert main(argv + ["--out", str(d)]) == 0
+    own = _findings((d / "report.html").read_text())
+    assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 0
+    combined = _findings((tmp_path / "r.html").read_text())
+    assert own == combined == build_sections([d])[0].findings
+    assert any("(row " in f for f in own)  # the planted sinks are named
+    assert any(f.startswith("The attention rule (also run") for f in own)  # --method all: the other rules
+
+
+def test_report_names_a_corrupt_table_or_summary_in_one_line(runs, tmp_path, capsys):
+    import shutil
+
+    for broken, text in (("tokens.parquet", "cannot read the table"), ("summary.json", "corrupt summary")):
+        d = tmp_path / broken
+        shutil.copytree(runs["scan"], d)
+        (d / broken).write_bytes(b"\x00not a " + broken.encode())
+        assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert str(d / broken) in err and text in err, err
+        assert "Traceback" not in err and len(err.splitlines()) == 1
+    d = tmp_path / "flow-broken"
+    shutil.copytree(runs["flow"], d)
+    (d / "visual_tokens.parquet").write_bytes(b"PAR1 truncated")
+    assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 1
+    assert str(d / "visual_tokens.parquet") in capsys.readouterr().err
+    d = tmp_path / "config-broken"
+    shutil.copytree(runs["probe"], d)
+    (d / "config.json").write_text("{not json")
+    assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(d / "config.json") in err and len(err.splitlines()) == 1, err
+
+
 def test_cli_forwards_figures_to_the_regeneration_command(capsys):
     assert main(["figures", "--list"]) == 0
     out = capsys.readouterr().out
@@ -320,3 +368,33 @@ def test_probe_findings_give_chance_per_group(runs):
     t2 = pd.concat([t, t[t.group == "cls"].assign(group="sink", chance=0.6)])
     text = " ".join(probe_findings(t2, {}))
     assert "cls 1.00" in text and "(chance 0.50" in text and "(chance 0.60" in text
+
+
+def test_report_reads_a_decoding_run(tmp_path):
+    """A decoding run folder (decode_rate.csv) gets its own section: the rate figure and findings."""
+    d = tmp_path / "decode"
+    d.mkdir()
+    rates = pd.DataFrame(
+        {
+            "group": ["sink", "nonsink"],
+            "scope": "all",
+            "n_tokens": [10, 40],
+            "n_hits": [8, 4],
+            "rate": [0.8, 0.1],
+        }
+        | {"ci_low": [0.49, 0.04], "ci_high": [0.94, 0.23], "n_images": 10}
+    )
+    rates.to_csv(d / "decode_rate.csv", index=False)
+    summary = {"model": {"name": "tiny-llava+sinks"}, "top_k": 5}
+    summary["rates"] = {
+        "sink": {"rate": 0.8, "n_hits": 8, "n_tokens": 10, "n_images": 10, "ci": [0.49, 0.94]}
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert run_kind(d) == "decode"
+    (sec,) = build_sections([d])
+    assert sec.kind == "decode" and [h for h, _ in sec.figures] == [
+        "Decoding rate: sink vs non-sink visual tokens"
+    ]
+    assert sec.findings[0].startswith("Sink tokens: 80.0% decode to the object word (8 / 10 tokens")
+    page = write_report([d], tmp_path / "r.html").read_text()
+    assert "Word-distribution decoding - tiny-llava+sinks" in page

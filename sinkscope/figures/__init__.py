@@ -1,6 +1,6 @@
 """Regenerate every figure of the project from a declarative list, with one command.
 
-``figures/figures.toml`` names analysis runs (model, data, CLI parameters, tier) and figures
+``figures/figures.toml`` names analysis runs (model, data, config params, tier) and figures
 drawn from them (kind, options, title, caption). ``python -m sinkscope.figures`` (or
 ``make figures``) runs each needed analysis once into ``figures/out/runs/<run-id>/`` - skipping
 runs whose inputs have not changed - and draws every figure from the saved results only into

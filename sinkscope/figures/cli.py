@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from pathlib import Path
 
@@ -94,7 +93,7 @@ def list_figures(spec: FigureList, out: Path, tier: str = "ci", only: list[str] 
         lines.append(f"{mark} {f.name:<{w}}{f.tier:<7}{f.kind:<{wk}}{f.run_id:<{wr}}{state}")
     lines.append("runs:")
     for rid, run in spec.runs.items():
-        lines.append(f"  {rid:<{wr}}{run.tier:<7}sinkscope {shlex.join(run.argv)}")
+        lines.append(f"  {rid:<{wr}}{run.tier:<7}{run.recipe()}")
     return "\n".join(lines)
 
 

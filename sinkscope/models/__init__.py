@@ -39,6 +39,9 @@ EMBEDDED = {
     **{n: "tiny seeded random model (append +sinks for planted sinks)" for n in TINY_NAMES},
 }
 
+#: bidirectional text encoders: transformers can wrap some as "causal LMs", but they are not
+TEXT_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "camembert")
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -144,6 +147,11 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
         return VisionAdapter(model, name, processor, image_size=image_size)
     if getattr(config, "is_encoder_decoder", False):
         raise SinkscopeError(f"model {src!r} ({mtype}) is an encoder-decoder; sinkscope supports decoder LMs")
+    if mtype in TEXT_ENCODERS:
+        raise SinkscopeError(
+            f"model {src!r} (model_type={mtype!r}) is a bidirectional text encoder: not a causal LM, "
+            f"a LLaVA model or a vision transformer ({', '.join(VISION_FAMILIES)})"
+        )
     try:
         model = _weights(T.AutoModelForCausalLM, src, kw)
     except _NotCausal as e:
@@ -152,7 +160,13 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
             f"({', '.join(VISION_FAMILIES)}), a LLaVA model nor a causal LM: {e}"
         ) from None
     tokenizer = _try(lambda: T.AutoTokenizer.from_pretrained(src, **hub_kw))
-    return CausalLMAdapter(model, name, tokenizer)
+    try:
+        return CausalLMAdapter(model, name, tokenizer)
+    except SinkscopeError as e:
+        raise SinkscopeError(
+            f"model {src!r} (model_type={mtype!r}) is not a causal LM sinkscope can read ({e}); "
+            "supported: decoder LMs (Llama, Qwen2, Mistral, GPT-2, OPT, ...), LLaVA models and ViTs"
+        ) from None
 
 
 class _NotCausal(Exception):

@@ -1,4 +1,9 @@
-"""Figures and HTML reports of sinkscope scans (plotly; offline, self-contained)."""
+"""Figures and HTML reports of sinkscope runs (plotly; offline, self-contained).
+
+``page`` writes every page; one module per analysis holds its figures, findings and report section
+(``scan_report``, ``probe_report``, ``flow_report``, ``decoding``, ``redundancy``, ``relevancy``);
+``report`` assembles the sections of ``sinkscope report``.
+"""
 
 from sinkscope.viz.scan_report import write_scan_report
 

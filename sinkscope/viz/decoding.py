@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from ..runs import read_summary, read_table
 from . import style
+from .page import RunSection, write_page
 
 #: Group -> (display name, colour): sinks in the sink colour, non-sinks in the patch colour.
 GROUP_STYLE = {
@@ -205,6 +207,31 @@ def _sink_words_html(per_token: pd.DataFrame, max_rows: int = 60) -> str:
     ].to_html(index=False, float_format=lambda x: f"{x:.3g}")
 
 
+def build_decode_section(
+    rates: pd.DataFrame, per_token: pd.DataFrame, summary: dict, path: str | Path
+) -> RunSection:
+    """Findings, :func:`decode_rate_figure`, the rate table and the decoded words of a decoding run."""
+    return RunSection(
+        "decode",
+        Path(path),
+        f"Word-distribution decoding - {_model_name(summary)}",
+        findings=decode_findings(rates, summary),
+        figures=[("Decoding rate: sink vs non-sink visual tokens", decode_rate_figure(rates, summary))],
+        tables_html="<h2>Rates</h2>"
+        + rates.to_html(index=False, float_format=lambda x: f"{x:.4g}")
+        + _sink_words_html(per_token),
+        warning=str(summary.get("warning") or ""),
+    )
+
+
+def decode_section(run_dir: str | Path) -> RunSection:
+    """The section of a saved decoding run (``sinkscope report``), read through :mod:`sinkscope.runs`."""
+    d = Path(run_dir)
+    tokens = d / "decode_tokens.csv"
+    per_token = read_table(tokens) if tokens.exists() else pd.DataFrame()
+    return build_decode_section(read_table(d / "decode_rate.csv"), per_token, read_summary(d), d)
+
+
 def write_decode_report(
     path: str | Path, rates: pd.DataFrame, per_token: pd.DataFrame, summary: dict, overwrite: bool = False
 ) -> Path:
@@ -214,21 +241,14 @@ def write_decode_report(
 
     >>> write_decode_report("runs/decode/decode.html", res.rates, res.per_token, res.summary)  # doctest: +SKIP
     """
-    from .report import RunSection, write_report
-
-    name = _model_name(summary)
-    sec = RunSection(
-        "decode",
-        Path(path).parent,
-        f"Word-distribution decoding - {name}",
-        findings=decode_findings(rates, summary),
-        figures=[("Decoding rate: sink vs non-sink visual tokens", decode_rate_figure(rates, summary))],
-        tables_html="<h2>Rates</h2>"
-        + rates.to_html(index=False, float_format=lambda x: f"{x:.4g}")
-        + _sink_words_html(per_token),
-        warning=str(summary.get("warning") or ""),
-    )
-    return write_report([], path, title=f"sinkscope decode - {name}", sections=[sec], overwrite=overwrite)
+    sec = build_decode_section(rates, per_token, summary, Path(path).parent)
+    return write_page([sec], path, title=f"sinkscope decode - {_model_name(summary)}", overwrite=overwrite)
 
 
-__all__ = ["decode_findings", "decode_rate_figure", "write_decode_report"]
+__all__ = [
+    "build_decode_section",
+    "decode_findings",
+    "decode_rate_figure",
+    "decode_section",
+    "write_decode_report",
+]

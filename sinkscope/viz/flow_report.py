@@ -1,12 +1,6 @@
-"""Flow figures, drawn from the saved tables of a ``sinkscope flow`` run (never the model).
-
-- :func:`rollout_figure` - rollout maps from CLS, the sinks and a non-sink control;
-- :func:`sink_maps_figure` - rollout (top row) and relevance maps (bottom row) of sink vs non-sink
-  tokens side by side;
-- :func:`vit_group_attention_figure` - attention received by token group in every ViT block;
-- :func:`norm_bin_figure` - paper Fig. 3A: LLM attention by ViT-norm bin, per LLM layer;
-- :func:`llm_group_attention_figure` - LLM attention to visual token groups, layer x group;
-- :func:`knockout_figure` - knockout curves.
+"""A flow run's part of a report: findings from its tables, its section (every figure of
+:func:`~sinkscope.viz.flow_figures.flow_figures`, re-exported here, and the small tables) and
+``flow.html``. Tables are read through :mod:`sinkscope.runs`.
 
 >>> tables, summary = load_flow("runs/flow")                     # doctest: +SKIP
 >>> sink_maps_figure(tables["rollout"], tables["relevance"], "cat.png", summary).show()  # doctest: +SKIP
@@ -14,409 +8,150 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from . import style
-
-#: Display names of rollout / relevance start tokens.
-_START_LABEL = {"cls": "CLS", "sink": "sink", "nonsink": "non-sink"}
-#: The paper's three groups of visual tokens in the LLM, in plot order.
-LLM_GROUPS = ("non-sink", "vit-propagated sink", "llm-emerged sink")
-
-
-def _model_name(summary: dict | None) -> str:
-    m = (summary or {}).get("model", {})
-    return str(m.get("name", "?")) if isinstance(m, dict) else str(m)
-
-
-def _vit_rule(summary: dict | None) -> str:
-    s = summary or {}
-    rule = s.get("vit_rule") or (s.get("propagation") or {}).get("vit_rule") or {}
-    text = str(rule.get("description", "")) if isinstance(rule, dict) else str(rule)
-    layer = s.get("vit_layer") or {}
-    if isinstance(layer, dict) and "layer" in layer:  # runs before 0.3 did not record it
-        feature = "feature layer" in str(layer.get("source", ""))
-        text += f" at ViT layer {layer['layer']}" + (" (the feature layer)" if feature else "")
-    return text
+from ..runs import read_summary, read_table
+from .flow_figures import (
+    LLM_GROUPS,
+    flow_figures,
+    knockout_figure,
+    llm_group_attention_figure,
+    norm_bin_figure,
+    rollout_figure,
+    sink_maps_figure,
+    vit_group_attention_figure,
+)
+from .page import RunSection, write_page
+from .page import model_name as _name
+from .page import pct as _pct
 
 
 def load_flow(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict]:
-    """The tables (``*.csv``, ``visual_tokens.parquet``) and ``summary.json`` of a flow run.
+    """The tables (``*.csv``, ``visual_tokens.parquet``) and ``summary.json`` of a flow run; a
+    missing or corrupt file fails in one line naming it.
 
     >>> tables, summary = load_flow("runs/flow")                 # doctest: +SKIP
     >>> sorted(tables)                                           # doctest: +SKIP
     ['attention_by_bin', 'attention_by_group', 'knockout', 'rollout', ...]
     """
     d = Path(run_dir)
-    if not (d / "summary.json").exists():
-        raise FileNotFoundError(f"{d}: not a flow run (no summary.json)")
-    tables: dict[str, pd.DataFrame] = {}
-    for f in sorted(d.glob("*.csv")):
-        try:
-            tables[f.stem] = pd.read_csv(f)
-        except pd.errors.EmptyDataError:
-            tables[f.stem] = pd.DataFrame()
+    summary = read_summary(d)
+    tables = {f.stem: read_table(f) for f in sorted(d.glob("*.csv"))}
     if (d / "visual_tokens.parquet").exists():
-        tables["visual_tokens"] = pd.read_parquet(d / "visual_tokens.parquet")
-    return tables, json.loads((d / "summary.json").read_text())
+        tables["visual_tokens"] = read_table(d / "visual_tokens.parquet")
+    return tables, summary
 
 
-def _grid(d: pd.DataFrame) -> pd.DataFrame:
-    return d.pivot_table(index="row", columns="col", values="value", aggfunc="mean")
-
-
-def _start_marker(d: pd.DataFrame, token: int) -> tuple[int, int] | None:
-    hit = d[d.token == token]
-    return (int(hit.row.iloc[0]), int(hit.col.iloc[0])) if len(hit) else None
-
-
-def _starts(r: pd.DataFrame, max_sinks: int) -> list[tuple[int, str]]:
-    starts = list(dict.fromkeys(zip(r.start.astype(int), r.start_kind)))
-    sinks = [s for s in starts if s[1] == "sink"][:max_sinks]
-    return [s for s in starts if s[1] == "cls"] + sinks + [s for s in starts if s[1] == "nonsink"]
-
-
-def rollout_figure(
-    rollout: pd.DataFrame, image: str, summary: dict | None = None, max_sinks: int = 4
-) -> go.Figure:
-    """Rollout maps over the patch grid of one image, one panel per start token (CLS, up to
-    ``max_sinks`` sinks, the non-sink control); an x marks a start token that is a patch."""
-    r = rollout[rollout.image == image]
-    if not len(r):
-        raise ValueError(f"no rollout rows for image {image!r}")
-    starts = _starts(r, max_sinks)
-    fig = make_subplots(
-        rows=1,
-        cols=len(starts),
-        subplot_titles=[f"from {_START_LABEL.get(k, k)} (token {s})" for s, k in starts],
-    )
-    for j, (s, k) in enumerate(starts, start=1):
-        d = r[r.start == s]
-        grid = _grid(d)
-        fig.add_trace(
-            go.Heatmap(
-                z=grid.to_numpy(),
-                x=grid.columns,
-                y=grid.index,
-                coloraxis="coloraxis",
-                meta={"role": "rollout", "start": int(s), "start_kind": k},
-                hovertemplate="row %{y}, col %{x}<br>rollout %{z:.4f}<extra></extra>",
-            ),
-            row=1,
-            col=j,
-        )
-        rc = _start_marker(d, s)
-        if rc is not None:
-            fig.add_trace(_marker(rc, k), row=1, col=j)
-        fig.update_yaxes(autorange="reversed", row=1, col=j)
-    # one colour scale shared by every panel, so panels compare by colour
-    fig.update_layout(
-        coloraxis={"colorscale": style.NORM_COLORSCALE, "colorbar": {"title": "rollout weight"}}
-    )
-    style.apply_style(
-        fig,
-        title=f"Attention rollout - {image} - {_model_name(summary)} - sinks: {_vit_rule(summary)}",
-        x_title=style.LABEL_PATCH_COL,
-        y_title=style.LABEL_PATCH_ROW,
-    )
-    return fig
-
-
-def _marker(rc: tuple[int, int], kind: str) -> go.Scatter:
-    return go.Scatter(
-        x=[rc[1]],
-        y=[rc[0]],
-        mode="markers",
-        marker={
-            "symbol": "x",
-            "size": 12,
-            "color": style.SINK_COLOR if kind == "sink" else "white",
-            "line": {"width": 1, "color": "black"},
-        },
-        showlegend=False,
-        hovertemplate=f"start token ({_START_LABEL.get(kind, kind)}) at row %{{y}}, col %{{x}}<extra></extra>",
-        meta={"role": "start_marker", "kind": kind, "row": rc[0], "col": rc[1]},
-    )
-
-
-def sink_maps_figure(
-    rollout: pd.DataFrame,
-    relevance: pd.DataFrame,
-    image: str,
-    summary: dict | None = None,
-    max_sinks: int = 2,
-) -> go.Figure:
-    """Sink vs non-sink tokens side by side: rollout from each token (top row) and its relevance
-    map - the attention its column receives at the last ViT block, head-averaged (bottom row).
-
-    Columns: CLS, up to ``max_sinks`` sinks, the non-sink control. An x marks the token itself.
-    """
-    r = rollout[rollout.image == image]
-    v = relevance[relevance.image == image]
-    if not len(r) and not len(v):
-        raise ValueError(f"no rollout or relevance rows for image {image!r}")
-    starts = _starts(r, max_sinks) if len(r) else []
-    if not starts:
-        starts = [(int(t), k) for t, k in dict.fromkeys(zip(v.token.astype(int), v.kind))]
-    layer = int(v.layer.iloc[0]) if len(v) else None
-    titles = [f"rollout from {_START_LABEL.get(k, k)} ({s})" for s, k in starts] + [
-        f"relevance of {_START_LABEL.get(k, k)} ({s})" for s, k in starts
-    ]
-    fig = make_subplots(rows=2, cols=len(starts), subplot_titles=titles, vertical_spacing=0.12)
-    for j, (s, k) in enumerate(starts, start=1):
-        for i, tab in enumerate(((r[r.start == s] if len(r) else r), (v[v.token == s] if len(v) else v)), 1):
-            if not len(tab):
-                continue
-            grid = _grid(tab)  # relevance: mean over heads
-            fig.add_trace(
-                go.Heatmap(
-                    z=grid.to_numpy(),
-                    x=grid.columns,
-                    y=grid.index,
-                    coloraxis="coloraxis" if i == 1 else "coloraxis2",
-                    meta={"role": "rollout" if i == 1 else "relevance", "start": s, "start_kind": k},
-                    hovertemplate="row %{y}, col %{x}<br>%{z:.4f}<extra></extra>",
-                ),
-                row=i,
-                col=j,
-            )
-            # the token's own grid cell: rollout rows list every patch as ``token`` (relevance rows
-            # name the probed token, not the key, so they cannot place the mark)
-            rc = _start_marker(r[r.start == s], s) if len(r) else None
-            if rc is not None:
-                fig.add_trace(_marker(rc, k), row=i, col=j)
-            fig.update_yaxes(autorange="reversed", row=i, col=j)
-    fig.update_xaxes(title_text=style.LABEL_PATCH_COL, row=2)
-    fig.update_yaxes(title_text=style.LABEL_PATCH_ROW, col=1)
-    style.apply_style(
-        fig,
-        title=(
-            f"Sink vs non-sink pathways - {image} - {_model_name(summary)}<br><sup>top: rollout from the token; "
-            f"bottom: attention its key receives at block {layer}, mean over heads; sinks: {_vit_rule(summary)}</sup>"
-        ),
-    )
-    # one colour scale per row, shared by its panels, so tokens compare by colour
-    fig.update_layout(
-        height=560,
-        margin={"t": 110},
-        coloraxis={
-            "colorscale": style.NORM_COLORSCALE,
-            "colorbar": {"title": "rollout weight", "y": 0.79, "len": 0.42},
-        },
-        coloraxis2={
-            "colorscale": "Magma",
-            "colorbar": {"title": "attention (fraction)", "y": 0.21, "len": 0.42},
-        },
-    )
-    return fig
-
-
-def vit_group_attention_figure(by_group: pd.DataFrame, summary: dict | None = None) -> go.Figure:
-    """Attention received per token (mean over images) by token group in every ViT block, with the
-    uniform share 1/N as a dotted line."""
-    d = by_group.dropna(subset=["mean_attention"])
-    if not len(d):
-        raise ValueError("the group-attention table has no values")
-    fig = go.Figure()
-    colors = {
-        "cls": style.kind_color("cls"),
-        "registers": style.kind_color("register"),
-        "sinks": style.SINK_COLOR,
-        "non-sinks": style.kind_color("patch"),
-    }
-    for g, dd in d.groupby("group", sort=False):
-        m = dd.groupby("layer")["mean_attention"].mean()
-        fig.add_trace(
-            go.Scatter(
-                x=m.index,
-                y=m.to_numpy() * 100,
-                mode="lines+markers",
-                name=str(g),
-                line={"color": colors.get(str(g), style.OTHER_COLOR)},
-                meta={"role": "group", "group": str(g)},
-                hovertemplate=f"{g}<br>block %{{x}}<br>%{{y:.3f}}% per token<extra></extra>",
-            )
-        )
-    u = float(d["uniform"].mean()) * 100
-    fig.add_hline(
-        y=u,
-        line={"dash": "dot", "color": style.THRESHOLD_COLOR},
-        annotation_text=f"uniform 1/N = {u:.2f}%",
-        annotation_position="top right",
-    )
-    style.apply_style(
-        fig,
-        title=f"ViT attention received by token group - {_model_name(summary)} - sinks: {_vit_rule(summary)}",
-        x_title="ViT block (index)",
-        y_title="attention received per token (%)",
-    )
-    if d.layer.nunique() <= 40:
-        fig.update_xaxes(dtick=1)
-    return fig
-
-
-def llm_group_attention_figure(visual_tokens: pd.DataFrame, summary: dict | None = None) -> go.Figure:
-    """LLM attention to the paper's groups of visual tokens, as a heat map: LLM layer (rows) x group
-    (columns), value = mean attention per token (%) from the text queries, head-averaged."""
-    vt = visual_tokens
-    cols = sorted((c for c in vt.columns if c.startswith("attn_L")), key=lambda c: int(c[6:]))
-    if not cols:
-        raise ValueError("visual_tokens has no per-layer attention columns (attn_L<i>)")
-    groups = {
-        "non-sink": (~vt.is_vit_sink) & (vt.llm_sink_layers == 0),
-        "vit-propagated sink": vt.is_vit_sink,
-        "llm-emerged sink": (~vt.is_vit_sink) & (vt.llm_sink_layers > 0),
-    }
-    z = np.full((len(cols), len(LLM_GROUPS)), np.nan)
-    counts = []
-    for j, g in enumerate(LLM_GROUPS):
-        sel = groups[g].to_numpy()
-        counts.append(int(sel.sum()))
-        if sel.any():
-            z[:, j] = vt.loc[sel, cols].to_numpy().mean(0) * 100
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=[f"{g} (n={n})" for g, n in zip(LLM_GROUPS, counts)],
-            y=[int(c[6:]) for c in cols],
-            colorscale="Magma",
-            colorbar={"title": "attention per token (%)"},
-            meta={"role": "llm_groups", "counts": counts},
-            hovertemplate="LLM layer %{y}<br>%{x}<br>%{z:.3f}%<extra></extra>",
-        )
-    )
-    prop = (summary or {}).get("propagation") or {}
-    llm_rule = (prop.get("llm_rule") or {}).get("description", "")
-    style.apply_style(
-        fig,
-        title=(
-            f"LLM attention to visual token groups - {_model_name(summary)}<br><sup>ViT sinks: {_vit_rule(summary)}; "
-            f"queries: {prop.get('queries', '')}<br>LLM sinks: {llm_rule}</sup>"
-        ),
-        x_title="visual token group",
-        y_title="LLM layer (block index)",
-    )
-    fig.update_layout(margin={"t": 110})
-    if len(cols) <= 16:
-        fig.update_yaxes(dtick=1)
-    return fig
-
-
-def norm_bin_figure(by_bin: pd.DataFrame, summary: dict) -> go.Figure:
-    """Paper Fig. 3A: mean attention received per visual token, LLM layer x ViT-norm bin."""
-    piv = by_bin.pivot(index="layer", columns="bin_lo", values="mean_attention")
-    fig = go.Figure(
-        go.Heatmap(
-            z=piv.to_numpy() * 100,
-            x=[f"{c:g}" for c in piv.columns],
-            y=piv.index,
-            colorscale="Magma",
-            colorbar={"title": "attention per token (%)"},
-            meta={"role": "norm_bins"},
-            hovertemplate="LLM layer %{y}<br>ViT norm bin %{x}<br>%{z:.3f}%<extra></extra>",
-        )
-    )
-    w = (summary.get("propagation") or {}).get("bin_width", "")
-    style.apply_style(
-        fig,
-        title=f"LLM attention by ViT norm (bins of {w}) - {_model_name(summary)} - ViT sinks: {_vit_rule(summary)}",
-        x_title="ViT L2 norm at the feature layer (bin start)",
-        y_title="LLM layer (block index)",
-    )
-    if len(piv.index) <= 40:
-        fig.update_yaxes(dtick=1)
-    return fig
-
-
-def _ko_window(summary: dict, ko: pd.DataFrame) -> str:
-    w = (summary.get("knockout") or {}).get("window")
-    if w is None and len(ko):
-        w = int((ko.window_end - ko.window_start).max()) + 1
-    return f"{w} layers" if w is not None else "window"
-
-
-def knockout_figure(ko: pd.DataFrame, summary: dict) -> go.Figure:
-    """Change in the answer's probability per knocked-out window, one curve per source -> target,
-    one point per window centre (``layer``; older tables without it: the window's first layer)."""
-    fig = go.Figure()
-    centred = "layer" in ko.columns
-    xcol = "layer" if centred else "window_start"
-    for (src, tgt), d in ko.groupby(["source", "target"], sort=False):
-        fig.add_trace(
-            go.Scatter(
-                x=d[xcol],
-                y=d.relative_change * 100,
-                mode="lines+markers",
-                name=f"{src} -> {tgt}",
-                meta={"role": "knockout", "source": src, "target": tgt},
-            )
-        )
-    fig.add_hline(y=0, line={"dash": "dot", "color": style.THRESHOLD_COLOR})
-    style.apply_style(
-        fig,
-        title=f"Attention knockout - {_model_name(summary)} - ViT sinks: {_vit_rule(summary)}",
-        x_title=(
-            f"LLM layer at the centre of the blocked window ({_ko_window(summary, ko)}, clipped at the edges)"
-            if centred
-            else "first LLM layer of the blocked window"
-        ),
-        y_title="change in answer probability (%)",
-    )
-    if ko[xcol].nunique() <= 40:
-        fig.update_xaxes(dtick=1)
-    return fig
-
-
-def flow_figures(
-    tables: dict[str, pd.DataFrame], summary: dict, max_images: int = 4
-) -> list[tuple[str, go.Figure]]:
-    """Every figure a flow run's tables support, as ``(section heading, figure)`` pairs in report
-    order (figures a table cannot support are left out, never drawn empty)."""
-    out: list[tuple[str, go.Figure]] = []
-    ro, rel = tables.get("rollout"), tables.get("relevance")
-    images = list(dict.fromkeys(ro.image)) if ro is not None and len(ro) else []
-    for image in images[:max_images]:
-        if rel is not None and len(rel):
-            out.append(
-                (f"Sink vs non-sink pathways in the ViT - {image}", sink_maps_figure(ro, rel, image, summary))
-            )
-        else:
-            out.append((f"Attention rollout - {image}", rollout_figure(ro, image, summary)))
-    g = tables.get("vit_attention_by_group")
-    if g is not None and len(g) and g["mean_attention"].notna().any():
-        out.append(("Attention received by token group in the ViT", vit_group_attention_figure(g, summary)))
-    if tables.get("attention_by_bin") is not None and len(tables["attention_by_bin"]):
+def flow_findings(tables: dict[str, pd.DataFrame], summary: dict) -> list[str]:
+    """What the flow tables say: ViT sinks among visual tokens, their LLM attention vs non-sinks,
+    the knockout window with the largest effect."""
+    prompt = f"; prompt: {summary['prompt']!r}" if summary.get("prompt") else ""
+    out = [f"{_name(summary)}{prompt}; ViT sinks: {(summary.get('vit_rule') or {}).get('description', '?')}."]
+    layer = summary.get("vit_layer")
+    if isinstance(layer, dict) and "layer" in layer:
         out.append(
-            (
-                "LLM attention by ViT norm (paper Fig. 3A)",
-                norm_bin_figure(tables["attention_by_bin"], summary),
+            f"The ViT analyses (sinks, rollout, relevance) stop at ViT layer {layer['layer']} of "
+            f"{layer.get('n_layers', '?')}: {layer.get('source', '')}."
+        )
+    queries = (summary.get("propagation") or {}).get("queries", "the text tokens")
+    vt = tables.get("visual_tokens")
+    if vt is not None and len(vt):
+        n_s = int(vt.is_vit_sink.sum())
+        out.append(f"{len(vt)} visual tokens reach the LLM; {n_s} of them are ViT sinks.")
+        if n_s and (~vt.is_vit_sink).any():
+            s = vt[vt.is_vit_sink].attention_received.mean()
+            o = vt[~vt.is_vit_sink].attention_received.mean()
+            out.append(
+                f"Averaged over LLM layers, a ViT sink receives {_pct(s)} of the attention of {queries}, "
+                f"{s / o:.2f}x a non-sink visual token ({_pct(o)})."
+            )
+        em = int(((~vt.is_vit_sink) & (vt.llm_sink_layers > 0)).sum())
+        out.append(f"{em} visual token(s) become sinks only inside the LLM (LLM-emerged).")
+        lr = (summary.get("propagation") or {}).get("llm_rule") or {}
+        if isinstance(lr, dict) and "sink_dims" in lr:
+            src = lr.get("sink_dims_source_description") or lr.get("sink_dims_source", "?")
+            dims = ", ".join(str(d) for d in lr["sink_dims"]) or "none"
+            out.append(f"LLM sink dims: {dims} (from {src}).")
+        note = (summary.get("propagation") or {}).get("llm_rule_note")
+        if note:
+            out.append("Caution: " + note + ".")
+    g = tables.get("vit_attention_by_group")
+    if g is not None and len(g) and g.mean_attention.notna().any():
+        last = g[g.layer == g.layer.max()].groupby("group")["mean_attention"].mean().dropna()
+        out.append(
+            f"ViT block {int(g.layer.max())} (the last one analysed), attention per token by group: "
+            + ", ".join(f"{k} {_pct(v)}" for k, v in last.items())
+            + f" (uniform {_pct(float(g.uniform.mean()))})."
+        )
+    ko = tables.get("knockout")
+    ko = ko.dropna(subset=["relative_change"]) if ko is not None and "relative_change" in ko else None
+    if ko is not None and len(ko):
+        worst = ko.loc[ko.relative_change.abs().idxmax()]
+        where = (
+            f"in the window centred on LLM layer {int(worst.layer)} (layers {int(worst.window_start)}-"
+            f"{int(worst.window_end)})"
+            if "layer" in ko.columns
+            else f"from LLM layer {int(worst.window_start)}"
+        )
+        out.append(
+            f"Largest knockout effect: blocking {worst.source} -> {worst.target} {where} changes the answer "
+            f"probability by {100 * worst.relative_change:+.1f}%."
+        )
+    red = summary.get("redundancy")
+    if isinstance(red, dict) and isinstance(red.get("mean_cos"), dict):
+        mc = red["mean_cos"]
+
+        def _cos(v):
+            return "n/a (no sink)" if v is None else f"{v:.2f}"
+
+        out.append(
+            f"Redundancy (Darcet et al.): mean cosine to grid neighbours at the input layer - sinks "
+            f"{_cos(mc.get('input_sink'))}, non-sinks {_cos(mc.get('input_nonsink'))}; at ViT layer "
+            f"{red.get('detection_layer')} - sinks {_cos(mc.get('detection_sink'))}, non-sinks "
+            f"{_cos(mc.get('detection_nonsink'))} ({red.get('n_sinks', 0)} sinks)."
+        )
+    rv = summary.get("relevancy")
+    if isinstance(rv, dict) and isinstance(rv.get("relevancy"), dict):
+        share = rv["relevancy"].get("sink_share")
+        out.append(
+            f"Relevancy (Chefer et al.) of the answer {rv.get('answer_token')!r} on the image patches: "
+            + (
+                f"{100 * share:.1f}% on the {rv.get('n_vit_sinks', 0)} ViT sink(s)."
+                if share is not None
+                else "n/a."
             )
         )
-    vt = tables.get("visual_tokens")
-    if vt is not None and len(vt) and any(c.startswith("attn_L") for c in vt.columns):
-        out.append(("LLM attention to visual token groups", llm_group_attention_figure(vt, summary)))
-    if tables.get("knockout") is not None and len(tables["knockout"]):
-        out.append(("Attention knockout", knockout_figure(tables["knockout"], summary)))
-    red = tables.get("redundancy")
-    if red is not None and len(red) and red["neighbour_cos"].notna().any():
-        from .redundancy import redundancy_figure
-
-        out.append(("Sinks on redundant patches (Darcet et al.)", redundancy_figure(red, summary)))
-    rv = tables.get("relevancy")
-    if rv is not None and len(rv):
-        from .relevancy import relevancy_figure
-
-        for image in list(dict.fromkeys(rv.image_name.astype(str)))[:max_images]:
-            out.append(
-                (f"Relevancy of the answer beside rollout - {image}", relevancy_figure(rv, image, summary))
-            )
+    ps = summary.get("paper_settings")
+    if isinstance(ps, dict):
+        out.append(
+            "Settings: the paper's Fig. 3A settings (generated tokens, ViT norm >= 100, bins of 5)."
+            if ps.get("matches")
+            else "Settings differ from the paper's Fig. 3A: " + "; ".join(ps.get("differences", [])) + "."
+        )
+    if summary.get("warning"):
+        out.append(str(summary["warning"]))
     return out
+
+
+def build_flow_section(tables: dict[str, pd.DataFrame], summary: dict, path: str | Path) -> RunSection:
+    """Findings, every figure the tables support and the small tables of a flow run."""
+    return RunSection(
+        "flow",
+        Path(path),
+        f"Information pathways - {_name(summary)}",
+        findings=flow_findings(tables, summary),
+        figures=flow_figures(tables, summary),
+        tables_html=flow_tables_html(tables),
+        warning=str(summary.get("warning") or ""),
+    )
+
+
+def flow_section(run_dir: str | Path) -> RunSection:
+    """The section of a saved flow run (``sinkscope report``)."""
+    tables, summary = load_flow(run_dir)
+    return build_flow_section(tables, summary, run_dir)
 
 
 def flow_tables_html(tables: dict[str, pd.DataFrame]) -> str:
@@ -435,22 +170,17 @@ def flow_tables_html(tables: dict[str, pd.DataFrame]) -> str:
 def write_flow_report(path: str | Path, tables: dict[str, pd.DataFrame], summary: dict) -> Path:
     """``flow.html``: the findings, every figure of :func:`flow_figures` and the small tables, as
     one self-contained page in the style of ``sinkscope report``."""
-    from .report import RunSection, flow_findings, write_report
-
-    sec = RunSection(
-        "flow",
-        Path(path).parent,
-        f"Information pathways - {_model_name(summary)}",
-        findings=flow_findings(tables, summary),
-        figures=flow_figures(tables, summary),
-        tables_html=flow_tables_html(tables),
-        warning=str(summary.get("warning") or ""),
-    )
-    return write_report([], path, title=f"sinkscope flow - {_model_name(summary)}", sections=[sec])
+    sec = build_flow_section(tables, summary, Path(path).parent)
+    return write_page([sec], path, title=f"sinkscope flow - {_name(summary)}")
 
 
 __all__ = [
+    "LLM_GROUPS",
+    "build_flow_section",
     "flow_figures",
+    "flow_findings",
+    "flow_section",
+    "flow_tables_html",
     "knockout_figure",
     "llm_group_attention_figure",
     "load_flow",

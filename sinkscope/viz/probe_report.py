@@ -1,4 +1,6 @@
-"""Probe figures: accuracy vs layer per token group, with error bands and the chance line."""
+"""A probe run's part of a report: accuracy vs layer per token group (error bands, chance line),
+the findings (best layer per group against chance and the shuffle control), its section and
+``probe.html``."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from ..runs import read_summary, read_table
 from . import style
+from .page import RunSection, write_page
+from .page import model_name as _name
 
 GROUP_COLORS = {
     "cls": style.KIND_COLORS.get("cls", "#E69F00"),
@@ -155,13 +160,65 @@ def nonsink_note(table: pd.DataFrame) -> str | None:
     return text + "."
 
 
+def probe_findings(table: pd.DataFrame, summary: dict) -> list[str]:
+    """Best layer and score per (label, group), against chance and the shuffle control."""
+    ds = summary.get("dataset", {}) or {}
+    out = [
+        f"{_name(summary)} on {ds.get('name', '?')} ({ds.get('n_images', '?')} images), "
+        f"{summary.get('folds', '?')}-fold held-out scores."
+    ]
+    for label, t in table.groupby("label", sort=False):
+        parts = []
+        for g, d in t.groupby("group", sort=False):
+            if not d["accuracy"].notna().any():
+                parts.append(f"{g} no score (no image had such tokens)")
+                continue
+            best = d.loc[d["accuracy"].idxmax()]
+            extra = []
+            if "chance" in d and pd.notna(best.get("chance")):
+                extra.append(f"chance {best['chance']:.2f}")  # per group: groups may use fewer images
+            if "shuffle_accuracy" in d and pd.notna(best.get("shuffle_accuracy")):
+                extra.append(f"shuffled labels {best['shuffle_accuracy']:.2f}")
+            parts.append(
+                f"{g} {best['accuracy']:.2f} at layer {int(best['layer'])}"
+                + (f" ({', '.join(extra)})" if extra else "")
+            )
+        kind = "R2" if "task" in t and (t["task"] == "regression").any() else "accuracy"
+        out.append(f"'{label}': best {kind} per group - " + "; ".join(parts) + ".")
+    return out + _probe_notes(table)
+
+
+def _probe_notes(table: pd.DataFrame) -> list[str]:
+    note = nonsink_note(table)
+    return [note] if note else []
+
+
+def _figures(table: pd.DataFrame, summary: dict) -> list:
+    return [
+        (f"Probe accuracy vs layer - '{label}'", probe_figure(table, label, summary))
+        for label in table.label.unique()
+    ]
+
+
+def probe_section(run_dir: str | Path) -> RunSection:
+    """The section of a saved probe run (``sinkscope report``): findings and one figure per label."""
+    d = Path(run_dir)
+    table = read_table(d / "probe.csv")
+    summary = read_summary(d)
+    return RunSection(
+        "probe",
+        d,
+        f"Linear probes - {_name(summary)}",
+        findings=probe_findings(table, summary),
+        figures=_figures(table, summary),
+    )
+
+
 def write_probe_report(path: str | Path, table: pd.DataFrame, summary: dict) -> Path:
     """``probe.html``: findings (best layer per group against chance and the shuffle control), the
     protocol, and one figure per label, as one self-contained page in the style of
     ``sinkscope report``."""
-    from .report import RunSection, probe_findings, write_report
-
-    model = (summary.get("model") or {}).get("name", "?")
+    model = _name(summary)
     miss = summary.get("images_without_sink", {}) or {}
     findings = probe_findings(table, summary)  # includes the nonsink_note
     if summary.get("protocol"):
@@ -175,9 +232,9 @@ def write_probe_report(path: str | Path, table: pd.DataFrame, summary: dict) -> 
         Path(path).parent,
         f"Linear probes - {model}",
         findings=findings,
-        figures=[
-            (f"Probe accuracy vs layer - '{label}'", probe_figure(table, label, summary))
-            for label in table.label.unique()
-        ],
+        figures=_figures(table, summary),
     )
-    return write_report([], path, title=f"sinkscope probe - {model}", sections=[sec])
+    return write_page([sec], path, title=f"sinkscope probe - {model}")
+
+
+__all__ = ["nonsink_note", "probe_figure", "probe_findings", "probe_section", "write_probe_report"]

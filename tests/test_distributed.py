@@ -1,0 +1,187 @@
+"""Data-parallel scans under ``accelerate launch``: each process scans its shard, the main one
+merges into the same ``tokens.parquet`` as one process, and a killed run resumes per shard.
+
+Two CPU processes on one machine: accelerate 1.x's ``--cpu`` launcher starts only one process
+there (several need MPI), so the GPUs are hidden and the multi-GPU launcher (torchrun) is used;
+sinkscope joins the process group through ``accelerate.PartialState`` (gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sinkscope import distributed
+from sinkscope.models.tiny import paint_markers
+from sinkscope.scan import scan
+
+from .conftest import CELLS, H, W, photo
+
+pytest.importorskip("accelerate")
+
+BIN = Path(sys.executable).parent
+N_IMAGES = 12
+KEY = ["image", "layer", "token"]
+# rank 1 dies (as if killed) right after logging its first batch; the launcher then ends rank 0
+DIE_AFTER_FIRST_BATCH = """
+import importlib, os, sys
+scan_module = importlib.import_module("sinkscope.scan")  # the module (sinkscope.scan is the function)
+real_log = scan_module._RunDir.log
+def log(self, records):
+    real_log(self, records)
+    if os.environ.get("RANK") == "1":
+        os._exit(3)
+scan_module._RunDir.log = log
+from sinkscope.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("imgs")
+    for i in range(N_IMAGES):
+        Image.fromarray(paint_markers(photo(i), CELLS[i % len(CELLS)])).save(d / f"im{i:02d}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def single(images, tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("single")
+    scan(
+        "tiny-dinov2+sinks",
+        images=[str(images)],
+        out=out,
+        image_size=(H, W),
+        batch_size=2,
+        progress=False,
+        report=False,
+    )
+    return _sorted(pd.read_parquet(out / "tokens.parquet"))
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(KEY).reset_index(drop=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script: list[str], images: Path, out: Path, *extra: str, timeout: int = 120):
+    cmd = [
+        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        *script, "scan", "--model", "tiny-dinov2+sinks", "--images", str(images), "--out", str(out),
+        "--image-size", f"{H}x{W}", "--batch-size", "2", "-q", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _logged(path: Path) -> list[list[str]]:
+    """Image names per line (batch) of a progress log."""
+    return [[r["image"] for r in json.loads(x)] for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_two_processes_scan_their_shards_and_merge_the_same_table(images, single, tmp_path):
+    out = tmp_path / "run"
+    r = _launch([str(BIN / "sinkscope")], images, out, "--no-report")
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in images.iterdir())
+    for rank in (0, 1):  # each process scanned exactly its shard (image i -> process i % 2), once
+        logged = [n for line in _logged(out / f"progress.rank{rank}.jsonl") for n in line]
+        assert logged == names[rank::2]
+        assert {p.name.split("-part-")[0] for p in (out / "parts").glob(f"rank{rank}-*")} == {f"rank{rank}"}
+    assert not list((out / "parts").glob("part-*"))
+    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "tokens.parquet")), single)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["distributed"]["num_processes"] == 2
+    assert s["distributed"]["images_per_process"] == [6, 6]
+    assert s["n_ok"] == N_IMAGES and len(s["images"]) == N_IMAGES
+    # the merged progress.jsonl makes the folder read like a single-process run (seen pictures too)
+    from sinkscope.scan import seen_pictures
+
+    assert len(seen_pictures(out)) == N_IMAGES
+
+
+def test_a_killed_two_process_scan_resumes_per_shard_without_duplicates(images, single, tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "die_after_first_batch.py"
+    script.write_text(DIE_AFTER_FIRST_BATCH)
+    r = _launch([str(script)], images, out, "--no-report")
+    assert r.returncode != 0
+    assert not (out / "tokens.parquet").exists()
+    first = _logged(out / "progress.rank1.jsonl")
+    assert len(first) == 1 and len(first[0]) == 2  # rank 1 logged one batch of 2, then died
+    r = _launch([str(BIN / "sinkscope")], images, out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert not tokens.duplicated(KEY).any()
+    pd.testing.assert_frame_equal(_sorted(tokens), single)
+    # the resumed rank 1 scanned the rest of its shard only: nothing of its first batch again
+    lines = _logged(out / "progress.rank1.jsonl")
+    again = [n for line in lines[1:] for n in line]
+    assert not set(again) & set(first[0]) and len(again) == N_IMAGES // 2 - 2
+    # the merged parts hold each image once
+    parts = pd.concat([pd.read_parquet(p) for p in (out / "parts").glob("*.parquet")])
+    logged = json.loads((out / "progress.jsonl").read_text().splitlines()[0])
+    assert sorted(r["image"] for r in logged) == sorted(p.name for p in images.iterdir())
+    assert set(parts.image) == set(tokens.image)
+    assert (out / "report.html").stat().st_size > 10_000  # drawn by the main process from every shard
+
+
+def test_a_process_with_an_empty_shard_returns_the_merged_run(images, tmp_path, monkeypatch):
+    """One image, two processes: process 1 has nothing to scan and returns what process 0 wrote
+    (played here in one process, one rank after the other; the barriers have no one to wait for)."""
+    out = tmp_path / "run"
+    kw = dict(images=[str(images / "im00.png")], out=out, image_size=(H, W), progress=False, report=False)
+    for rank in (0, 1):
+        ctx = distributed.DistContext(rank, 2, "cpu")
+        monkeypatch.setattr(distributed, "context", lambda ctx=ctx: ctx)
+        res = scan("tiny-dinov2+sinks", resume=rank == 1, **kw)
+        assert res.summary["distributed"]["images_per_process"] == [1, 0]
+        assert res.summary["n_ok"] == 1 and set(res.tokens.image) == {"im00.png"}
+    assert not (out / "progress.rank1.jsonl").exists()
+    assert len(pd.read_parquet(out / "tokens.parquet")) == len(res.tokens)
+
+
+def test_shards_are_disjoint_and_cover_every_item():
+    items = [f"im{i}" for i in range(11)]
+    shards = [distributed.shard_of(items, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == sorted(items)
+    assert [len(s) for s in shards] == distributed.images_per_process(11, 3) == [4, 4, 3]
+
+
+def test_a_single_process_under_accelerate_cpu_says_it_runs_alone(monkeypatch, caplog):
+    # accelerate launch --cpu on one machine starts one process without WORLD_SIZE
+    for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with caplog.at_level(logging.WARNING, logger="sinkscope"):
+        assert distributed.context() is None
+    assert "--multi_gpu --num_processes N" in caplog.text
+
+
+def test_a_fresh_scan_removes_the_progress_logs_of_an_earlier_distributed_run(images, tmp_path):
+    out = tmp_path / "run"
+    scan("tiny-dinov2+sinks", images=[str(images / "im00.png")], out=out, progress=False, report=False)
+    (out / "progress.rank1.jsonl").write_text(
+        json.dumps([{"image": "im01.png", "status": "ok", "part": "x"}]) + "\n"
+    )
+    res = scan("tiny-dinov2+sinks", images=[str(images / "im00.png")], out=out, progress=False, report=False)
+    assert not (out / "progress.rank1.jsonl").exists()
+    assert res.summary["n_ok"] == 1 and "distributed" not in res.summary
