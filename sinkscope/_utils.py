@@ -41,3 +41,18 @@ def package_versions(
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def check_out_folder(out: str | Path, name: str = "out") -> None:
+    """An output folder must not be a file, and it (or the nearest folder above it that exists)
+    must be writable - checked before any work, so nothing is computed and then lost. ``name``
+    is how the message calls the option.
+
+    >>> check_out_folder("runs/new")
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise SinkscopeError(f"{name}: {out} is a file, not a folder; choose a folder")
+    parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise SinkscopeError(f"{name}: {parent} is not writable; choose another folder")

@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ._utils import SinkscopeError
+from ._utils import SinkscopeError, check_out_folder
 
 #: Version of ``config.json`` (and of the typed summaries); bumped when a field changes meaning.
 SCHEMA_VERSION = 1
@@ -119,25 +118,20 @@ class RunConfig:
         out = getattr(self, "out", None)
         if out is not None:
             check_out_folder(out)
+        if not str(getattr(self, "layers", "all")).strip():
+            raise SinkscopeError("layers: empty selection; use 'all', '0,3,5', '4:9' or '-3:'")
+
+    def _check_norm_rule(self, threshold: float | None, relative: float | None, prefix: str = "") -> None:
+        """One absolute or one relative norm threshold (or neither: the default), each finite and > 0."""
+        if threshold is not None and relative is not None:
+            raise SinkscopeError(f"{prefix}threshold and {prefix}relative: give one norm rule, not both")
+        _positive(f"{prefix}threshold", threshold, " (an L2 norm is never negative)")
+        _positive(f"{prefix}relative", relative)
 
 
 def _positive(name: str, v: float | None, why: str = "") -> None:
     if v is not None and not (v > 0 and math.isfinite(v)):
         raise SinkscopeError(f"{name}: must be a finite number > 0{why}, got {v:g}")
-
-
-def check_out_folder(out: str | Path) -> None:
-    """An output folder must not be a file, and it (or the nearest folder above it that exists)
-    must be writable - checked before any work, so nothing is computed and then lost.
-
-    >>> check_out_folder("runs/new")
-    """
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise SinkscopeError(f"out: {out} is a file, not a folder; choose a folder")
-    parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise SinkscopeError(f"out: {parent} is not writable; choose another folder")
 
 
 def check_device(device: str | None, available: bool = False) -> None:
@@ -214,10 +208,7 @@ class ScanConfig(RunConfig):
         methods = ("norm", "attention", "dims", "all")
         if self.method not in methods:
             raise SinkscopeError(f"method: choose from {', '.join(methods)}, got {self.method!r}")
-        if self.threshold is not None and self.relative is not None:
-            raise SinkscopeError("threshold and relative: give one norm rule, not both")
-        _positive("threshold", self.threshold, " (an L2 norm is never negative)")
-        _positive("relative", self.relative)
+        self._check_norm_rule(self.threshold, self.relative)
         _positive("attn_factor", self.attn_factor)
         if self.attn_fraction is not None and not 0 < self.attn_fraction <= 1:
             raise SinkscopeError(f"attn_fraction: must be in (0, 1], got {self.attn_fraction:g}")
@@ -226,8 +217,6 @@ class ScanConfig(RunConfig):
         _positive("massive_ratio", self.massive_ratio)
         if self.dims_min_layer < 0:
             raise SinkscopeError(f"dims_min_layer: must be >= 0, got {self.dims_min_layer}")
-        if not str(self.layers).strip():
-            raise SinkscopeError("layers: empty selection; use 'all', '0,3,5', '4:9' or '-3:'")
         if self.save_dtype not in DTYPES:
             raise SinkscopeError(f"save_dtype: choose from {', '.join(DTYPES)}, got {self.save_dtype!r}")
         if self.save_layers is not None and self.out is None:
@@ -265,18 +254,13 @@ class ProbeConfig(RunConfig):
         bad = [g for g in self.groups if g not in GROUPS]
         if bad or not self.groups:
             raise SinkscopeError(f"groups: choose from {', '.join(GROUPS)}, got {', '.join(bad) or 'none'}")
-        if self.threshold is not None and self.relative is not None:
-            raise SinkscopeError("threshold and relative: give one norm rule, not both")
-        _positive("threshold", self.threshold, " (an L2 norm is never negative)")
-        _positive("relative", self.relative)
+        self._check_norm_rule(self.threshold, self.relative)
         if not isinstance(self.folds, int) or not 2 <= self.folds <= 20:
             raise SinkscopeError(f"folds: must be an integer in 2..20, got {self.folds!r}")
         if self.max_images is not None and self.max_images < self.folds:
             raise SinkscopeError(f"max_images: {self.max_images} images cannot fill {self.folds} folds")
         if self.n_jobs is not None and self.n_jobs == 0:
             raise SinkscopeError("n_jobs: must be >= 1 (or -1 for every core)")
-        if not str(self.layers).strip():
-            raise SinkscopeError("layers: empty selection; use 'all', '0,3,5', '4:9' or '-3:'")
         self._check_common()
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from . import distributed
-from ._utils import SinkscopeError, package_versions
+from ._utils import SinkscopeError, check_out_folder, package_versions
 from .capture import BatchCapture, Capture, parse_layers, uniform_share
 from .data import ImageItem, image_items, sample_images
 from .models import Adapter, load_model
@@ -194,13 +194,12 @@ class _RunDir:
         """Refuse (one line) an ``--out`` that is a file, or an existing non-empty folder that no
         scan wrote (no marker and no ``scan_config.json``) unless ``overwrite``: a scan removes its
         own earlier outputs when it starts afresh and must never remove a user's files. Creates
-        ``out`` when missing.
+        nothing.
 
         >>> _RunDir.check_owned(Path("README.md"))     # doctest: +SKIP
-        SinkscopeError: --out README.md is a file, not a folder; choose a folder
+        SinkscopeError: --out: README.md is a file, not a folder; choose a folder
         """
-        if out.exists() and not out.is_dir():
-            raise SinkscopeError(f"--out {out} is a file, not a folder; choose a folder")
+        check_out_folder(out, "--out")
         if out.is_dir() and any(out.iterdir()) and not overwrite:
             if not ((out / cls.MARKER).exists() or (out / "scan_config.json").exists()):
                 raise SinkscopeError(
@@ -208,9 +207,6 @@ class _RunDir:
                     f"it could remove {', '.join(cls.OUTPUTS)} there: choose another folder, or pass "
                     "--overwrite to replace those"
                 )
-        parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-        if not os.access(parent, os.W_OK):
-            raise SinkscopeError(f"--out {out}: {parent} is not writable")
 
     def done(self) -> dict[str, dict]:
         """Image name -> last record, over every progress log (those of all processes, newest file last)."""

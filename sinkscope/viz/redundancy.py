@@ -98,19 +98,7 @@ def redundancy_figure(
     )
     s = m[m.is_sink.astype(bool)]
     if len(s):
-        fig.add_trace(
-            go.Scatter(
-                x=s.col,
-                y=s.row,
-                mode="markers",
-                marker={"symbol": "x", "size": 11, "color": style.SINK_COLOR, "line": {"width": 1}},
-                name="sink (detection layer)",
-                meta={"role": "sink_marker"},
-                hovertemplate="sink at row %{y}, col %{x}<extra></extra>",
-            ),
-            row=1,
-            col=2,
-        )
+        fig.add_trace(style.sink_markers(s.row, s.col, "sink (detection layer)"), row=1, col=2)
     fig.update_yaxes(autorange="reversed", title_text=style.LABEL_PATCH_ROW, row=1, col=2)
     fig.update_xaxes(title_text=style.LABEL_PATCH_COL, row=1, col=2)
     fig.update_yaxes(title_text="mean cosine similarity to grid neighbours", row=1, col=1)

@@ -66,20 +66,7 @@ def relevancy_figure(table: pd.DataFrame, image: str | int, summary: dict | None
             col=j,
         )
         if len(sinks):
-            fig.add_trace(
-                go.Scatter(
-                    x=sinks.col,
-                    y=sinks.row,
-                    mode="markers",
-                    marker={"symbol": "x", "size": 11, "color": style.SINK_COLOR, "line": {"width": 1}},
-                    name="ViT sink",
-                    showlegend=j == 1,
-                    meta={"role": "sink_marker"},
-                    hovertemplate="ViT sink at row %{y}, col %{x}<extra></extra>",
-                ),
-                row=1,
-                col=j,
-            )
+            fig.add_trace(style.sink_markers(sinks.row, sinks.col, "ViT sink", showlegend=j == 1), row=1, col=j)
         fig.update_yaxes(autorange="reversed", row=1, col=j)
     fig.update_xaxes(title_text=style.LABEL_PATCH_COL)
     fig.update_yaxes(title_text=style.LABEL_PATCH_ROW, col=1)

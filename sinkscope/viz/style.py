@@ -52,6 +52,25 @@ LABEL_PATCH_COL = "patch column (index)"
 LABEL_PATCH_ROW = "patch row (index)"
 
 
+def sink_markers(rows, cols, name: str, **kwargs) -> go.Scatter:
+    """An x on each sink's grid cell of a patch map (``row``/``col`` sequences); ``kwargs`` go to
+    ``go.Scatter`` (e.g. ``showlegend``). Hover names the cell.
+
+    >>> sink_markers([1], [2], "ViT sink").marker.symbol
+    'x'
+    """
+    return go.Scatter(
+        x=cols,
+        y=rows,
+        mode="markers",
+        marker={"symbol": "x", "size": 11, "color": SINK_COLOR, "line": {"width": 1}},
+        name=name,
+        meta={"role": "sink_marker"},
+        hovertemplate=f"{name} at row %{{y}}, col %{{x}}<extra></extra>",
+        **kwargs,
+    )
+
+
 def kind_color(kind: str) -> str:
     """Colour of a token kind (grey for unknown kinds)."""
     return KIND_COLORS.get(kind, OTHER_COLOR)
