@@ -221,7 +221,7 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
     ``sinkscope``: ``Capture(layers="all", attention="all")`` on the SDPA model (the scan's
     forward path); ``hf``: the eager model with ``output_hidden_states`` + ``output_attentions``,
     reduced right away. Both keep only per-image reduced results (norms ``[L+1, N]`` and received
-    attention ``[L, N]``, ~25 KB an image). ``scan``: the full :func:`sinkscope.scan.scan` API.
+    attention ``[L, N]``, ~25 KB an image). ``scan``: the full :func:`sinkscope.scanning.scan` API.
     """
     from sinkscope import load_model
 
@@ -230,7 +230,7 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
     per_batch: list[float] = []  # ru_maxrss after each batch: flat = bounded memory
     extra: dict = {}
     if mode == "scan":
-        from sinkscope.scan import scan
+        from sinkscope.scanning import scan
 
         ad = load_model(MODEL)
         before = maxrss_mb()

@@ -22,9 +22,13 @@ from .config import DecodeConfig, FlowConfig, ProbeConfig, RunConfig, ScanConfig
 from .data import ImageItem, LabeledImages, image_items, load_dataset, sample_images
 from .models import Plant, TokenLayout, list_models, load_model, paint_markers
 from .neurons import RegisterNeurons, register_neurons
-from .probing import GroupFeatures, LinearProbe, ProbeResult, extract_group_features, probe, run_probes
-from .runs import FlowResult, load_run, run
-from .scan import ScanResult, build_rules, scan
+from .api import probe, run, scan
+from .flow.decoding import DecodeResult
+from .flow.run import FlowResult
+from .probing import GroupFeatures, LinearProbe, ProbeResult, extract_group_features, run_probes
+from .runs import load_run
+from .scanning import ScanResult, build_rules
+from .viz import write_report, write_result_page
 from .sinks import AttentionRule, Detection, DimsRule, NormRule, SinkReport, detect
 
 __version__ = "0.1.0"
@@ -34,6 +38,7 @@ __all__ = [
     "BatchCapture",
     "Capture",
     "DecodeConfig",
+    "DecodeResult",
     "Detection",
     "DimsRule",
     "FlowConfig",
@@ -71,4 +76,6 @@ __all__ = [
     "run_probes",
     "sample_images",
     "scan",
+    "write_report",
+    "write_result_page",
 ]

@@ -56,3 +56,24 @@ def check_out_folder(out: str | Path, name: str = "out") -> None:
     parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         raise SinkscopeError(f"{name}: {parent} is not writable; choose another folder")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int, enabled: bool, desc: str, unit: str = "img"):
+    """A ``tqdm`` bar over ``total`` items, or a silent stand-in when disabled or empty.
+
+    >>> bar = progress_bar(3, enabled=False, desc="scan")
+    >>> bar.update(1); bar.close()
+    """
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit)

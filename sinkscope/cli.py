@@ -516,7 +516,7 @@ def scan_config(a: argparse.Namespace):
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
-    from .runs import run
+    from .api import run
 
     res = run(_config(lambda: scan_config(a)), progress=not a.quiet)
     if (res.summary.get("distributed") or {}).get("rank", 0):
@@ -566,7 +566,7 @@ def probe_config(a: argparse.Namespace):
 
 
 def _cmd_probe(a: argparse.Namespace) -> int:
-    from .runs import run
+    from .api import run
 
     res = run(_config(lambda: probe_config(a)), progress=not a.quiet)
     t = res.table
@@ -606,7 +606,7 @@ def flow_config(a: argparse.Namespace):
 
 
 def _cmd_flow(a: argparse.Namespace) -> int:
-    from .runs import run
+    from .api import run
 
     res = run(_config(lambda: flow_config(a)), progress=not a.quiet)
     s = res["summary"]
@@ -659,7 +659,7 @@ def decode_config(a: argparse.Namespace):
 
 
 def _cmd_decode(a: argparse.Namespace) -> int:
-    from .runs import run
+    from .api import run
 
     res = run(_config(lambda: decode_config(a)), progress=not a.quiet)
     s = res.summary

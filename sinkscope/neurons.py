@@ -22,7 +22,8 @@ from ._utils import SinkscopeError
 from .capture import Capture, capture, parse_layers
 from .data import ImageItem
 from .models.base import Adapter
-from .scan import _progress, batch_rows
+from ._utils import progress_bar
+from .scanning import batch_rows
 from .sinks import NormRule, Rule, detect, rule_to_dict
 
 
@@ -77,7 +78,7 @@ def register_neurons(
     sums_s = {b: 0.0 for b in blocks}
     sums_o = {b: 0.0 for b in blocks}
     n_s = n_o = 0
-    bar = _progress(len(images), enabled=progress, desc="register neurons")
+    bar = progress_bar(len(images), enabled=progress, desc="register neurons")
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         arrays = [it.load() if isinstance(it, ImageItem) else it for it in chunk]

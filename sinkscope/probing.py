@@ -166,7 +166,7 @@ def extract_group_features(
     rule and seed, so a second call does not run the model; a path chooses the folder.
     Unreadable images are reported in one line each and skipped (they get no labels row).
     """
-    from .scan import _progress
+    from ._utils import progress_bar
 
     rule = rule or NormRule(relative=5.0)
     _check_rule(rule)
@@ -192,7 +192,7 @@ def extract_group_features(
     acc: dict[tuple[int, str], list[np.ndarray]] = {}
     keep_rows: list[int] = []
     failed: list[dict] = []
-    bar = _progress(n_all, enabled=progress, desc=f"features {adapter.name}")
+    bar = progress_bar(n_all, enabled=progress, desc=f"features {adapter.name}")
     with Capture(adapter, layers=layer_list, keep=layer_list) as cap:
         for start in range(0, n_all, batch_size):
             idx = list(range(start, min(start + batch_size, n_all)))
@@ -646,6 +646,3 @@ def write_probe_outputs(res: ProbeResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
     res.table.to_csv(out / "probe.csv", index=False, float_format="%.6f")
     (out / "summary.json").write_text(json.dumps(res.summary, indent=1, default=str))
-    from .viz.probe_report import write_probe_report
-
-    write_probe_report(out / "probe.html", res.table, res.summary)

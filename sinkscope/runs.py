@@ -1,19 +1,20 @@
 """Run any analysis from its config, and read any saved run back as a typed result.
 
-``run(config)`` dispatches on the config's type (:mod:`sinkscope.config`), runs the analysis and,
-when the config names an output folder, writes ``config.json`` beside the analysis' tables. A run
+``execute(config)`` dispatches on the config's type (:mod:`sinkscope.config`), runs the analysis
+and, when the config names an output folder, writes ``config.json`` beside the analysis' tables.
+This module is the one reader and writer of run folders; pages are drawn one layer up
+(:mod:`sinkscope.viz`), and ``sinkscope.run`` (:mod:`sinkscope.api`) does both. A run
 folder is read back by :func:`load_run`, whose result holds the config, the summary and the tables:
 ``run(load_run(DIR).config)`` reruns it (same tables for the same seed).
 
->>> res = run(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:2",), out="runs/tiny"))  # doctest: +SKIP
->>> load_run("runs/tiny").tokens.equals(res.tokens)                                          # doctest: +SKIP
+>>> res = execute(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:2",), out="runs/tiny"), progress=False)
+>>> load_run("runs/tiny").tokens.equals(res.tokens)
 True
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +26,12 @@ from .config import SCHEMA_VERSION, DecodeConfig, FlowConfig, ProbeConfig, RunCo
 CONFIG_FILE = "config.json"
 
 
-@dataclass
-class FlowResult:
-    """What a flow run produced: ``tables`` (name -> table), ``summary``, ``config``, ``out``.
+def execute(config: RunConfig, progress: bool = True):
+    """Run the analysis ``config`` describes and write its tables and ``config.json`` (no page:
+    ``sinkscope.run`` adds that); return its typed result (``ScanResult``, ``ProbeResult``,
+    ``FlowResult`` or ``DecodeResult``), each holding ``config``.
 
-    ``res["tables"]`` and ``res["summary"]`` still work, as with the plain dict of earlier versions.
-    """
-
-    tables: dict[str, pd.DataFrame]
-    summary: dict[str, Any]
-    config: FlowConfig | None = None
-    out: Path | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        if key in ("tables", "summary"):
-            return getattr(self, key)
-        raise KeyError(key)
-
-
-def run(config: RunConfig, progress: bool = True):
-    """Run the analysis ``config`` describes; return its typed result (``ScanResult``,
-    ``ProbeResult`` or :class:`FlowResult`), each holding ``config``.
-
-    >>> res = run(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:1",)), progress=False)
+    >>> res = execute(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:1",)), progress=False)
     >>> res.config.method, int(res.tokens.layer.max())
     ('norm', 4)
     """
@@ -73,7 +56,7 @@ def run(config: RunConfig, progress: bool = True):
 
 def _run_scan(c: ScanConfig, progress: bool):
     from .data import image_items
-    from .scan import scan
+    from .scanning import scan
 
     images = image_items(c.images) if c.images else None
     return scan(
@@ -90,7 +73,6 @@ def _run_scan(c: ScanConfig, progress: bool):
         dtype=c.dtype,
         image_size=c.image_size,
         progress=progress,
-        report=c.report,
         save_layers=c.save_layers,
         save_dtype=c.save_dtype,
         threshold=c.threshold,
@@ -131,10 +113,10 @@ def _run_probe(c: ProbeConfig, progress: bool):
     )
 
 
-def _run_flow(c: FlowConfig, progress: bool) -> FlowResult:
+def _run_flow(c: FlowConfig, progress: bool):
     from .flow.run import ANALYSES, run_flow
 
-    res = run_flow(
+    return run_flow(
         model=c.model,
         images=list(c.images) if c.images else None,
         prompt=c.prompt,
@@ -156,10 +138,6 @@ def _run_flow(c: FlowConfig, progress: bool) -> FlowResult:
         progress=progress,
         chat=c.chat,
         sink_dims_from=c.sink_dims_from,
-    )
-    summary = res["summary"]
-    return FlowResult(
-        res["tables"], summary, out=Path(c.out) if c.out else None, timings=dict(summary.get("timings", {}))
     )
 
 
@@ -265,7 +243,7 @@ def load_run(run_dir: str | Path):
     config = read_config(d)
     summary = read_summary(d)
     if kind == "scan":
-        from .scan import ScanResult
+        from .scanning import ScanResult
         from .sinks import SinkReport, rules_from_dicts
 
         tokens = read_table(d / "tokens.parquet")
@@ -276,6 +254,8 @@ def load_run(run_dir: str | Path):
 
         return ProbeResult(read_table(d / "probe.csv"), summary, None, out=d, config=config)
     if kind == "flow":
+        from .flow.run import FlowResult
+
         tables = {f.stem: read_table(f) for f in sorted(d.glob("*.csv"))}
         if (d / "visual_tokens.parquet").exists():
             tables["visual_tokens"] = read_table(d / "visual_tokens.parquet")
@@ -289,4 +269,4 @@ def load_run(run_dir: str | Path):
     raise SinkscopeError(f"{d}: a {kind!r} run cannot be loaded by this version of sinkscope")
 
 
-__all__ = ["CONFIG_FILE", "SCHEMA_VERSION", "FlowResult", "load_run", "read_summary", "read_table", "run", "run_kind"]
+__all__ = ["CONFIG_FILE", "SCHEMA_VERSION", "execute", "load_run", "read_summary", "read_table", "run_kind"]

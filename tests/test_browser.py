@@ -87,7 +87,7 @@ def _save(img: np.ndarray, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def scan_report(tmp_path_factory, marked_images):
-    from sinkscope.scan import scan, write_outputs
+    from sinkscope import scan, write_result_page
 
     d = tmp_path_factory.mktemp("browser-scan")
     # two images with planted sinks, one without, at a non-default size (6 x 5 patch grid)
@@ -103,13 +103,13 @@ def scan_report(tmp_path_factory, marked_images):
         report=False,
     )
     with counting_figures() as figs:
-        write_outputs(res, report=True)
+        write_result_page(res)
     return d / "out" / "report.html", res, figs
 
 
 @pytest.fixture(scope="module")
 def probe_report(tmp_path_factory):
-    from sinkscope.probing import probe
+    from sinkscope import probe
 
     d = tmp_path_factory.mktemp("browser-probe")
     for cls, color in (("a", (200, 30, 0)), ("b", (0, 30, 200))):

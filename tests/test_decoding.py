@@ -23,6 +23,7 @@ from sinkscope.flow.decoding import (
     rate_table,
 )
 from sinkscope.flow.knockout import decode_isolated
+from sinkscope.viz import write_result_page
 from sinkscope.models import load_model
 from sinkscope.models.tiny import paint_markers
 from sinkscope.sinks import NormRule
@@ -350,7 +351,7 @@ def test_mini_llava_lfw_and_digits(tmp_path):
         )
         assert words in s["words"]
         res.save(tmp_path / ds)
-        assert (tmp_path / ds / "decode.html").exists()
+        assert write_result_page(res) == tmp_path / ds / "decode.html"
     # on the real SmolLM2 too, one-token batched decoding equals the masked full-prompt forward
     kw = dict(rule=TopNormRule(2), max_images=2, nonsinks_per_image=1, progress=False)
     a, b = decode_rate(ad, "lfw-faces", **kw), decode_rate(ad, "lfw-faces", method="mask", **kw)

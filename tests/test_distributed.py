@@ -22,7 +22,7 @@ from PIL import Image
 
 from sinkscope import distributed
 from sinkscope.models.tiny import paint_markers
-from sinkscope.scan import scan
+from sinkscope import scan
 
 from .conftest import CELLS, H, W, photo
 
@@ -34,7 +34,7 @@ KEY = ["image", "layer", "token"]
 # rank 1 dies (as if killed) right after logging its first batch; the launcher then ends rank 0
 DIE_AFTER_FIRST_BATCH = """
 import importlib, os, sys
-scan_module = importlib.import_module("sinkscope.scan")  # the module (sinkscope.scan is the function)
+scan_module = importlib.import_module("sinkscope.scanning")  # the module (sinkscope.scan is the function)
 real_log = scan_module._RunDir.log
 def log(self, records):
     real_log(self, records)
@@ -112,7 +112,7 @@ def test_two_processes_scan_their_shards_and_merge_the_same_table(images, single
     assert s["distributed"]["images_per_process"] == [6, 6]
     assert s["n_ok"] == N_IMAGES and len(s["images"]) == N_IMAGES
     # the merged progress.jsonl makes the folder read like a single-process run (seen pictures too)
-    from sinkscope.scan import seen_pictures
+    from sinkscope.scanning import seen_pictures
 
     assert len(seen_pictures(out)) == N_IMAGES
 

@@ -372,7 +372,7 @@ def test_a_failed_rerun_keeps_the_previous_results(figdir, monkeypatch):
         (Path(config.out) / "parts").mkdir(parents=True)  # half-written results
         raise RuntimeError("killed mid-run")
 
-    monkeypatch.setattr("sinkscope.runs.run", boom)
+    monkeypatch.setattr("sinkscope.api.run", boom)
     rep2, _ = _regen(figdir, png=False, only=["tiny-counts"], force=True)
     assert rep2.figures[0].status == "failed" and "killed mid-run" in rep2.figures[0].error
     assert (run_dir / "run.json").read_text() == before and (run_dir / "tokens.parquet").exists()

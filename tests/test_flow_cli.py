@@ -128,4 +128,7 @@ def test_vit_only_rollout_relevance_and_group_attention(tmp_path):
     g = t["vit_attention_by_group"]
     assert g[(g.layer == 0) & (g.group == "sinks")].n_tokens.item() == 0  # sinks emerge at layer 2
     assert g[(g.layer == 3) & (g.group == "sinks")].n_tokens.item() == 2
-    assert (tmp_path / "v" / "flow.html").exists()
+    assert not (tmp_path / "v" / "flow.html").exists()  # the analysis writes tables; pages are viz's
+    from sinkscope.viz import write_result_page
+
+    assert write_result_page(res) == tmp_path / "v" / "flow.html"

@@ -144,7 +144,9 @@ def test_flow_groups_are_disjoint_and_question_excludes_the_last_position(tmp_pa
     assert {"source", "target", "layer", "window_start", "window_end", "p_answer", "p_base", "delta"} <= set(
         csv.columns
     )
-    assert "Attention knockout" in (tmp_path / "flow.html").read_text()
+    from sinkscope.viz import write_result_page
+
+    assert "Attention knockout" in write_result_page(res).read_text()  # the page, drawn one layer up
 
 
 def test_blocking_really_removes_the_edges(setup):

@@ -24,12 +24,7 @@ PKG = "sinkscope"
 #: Imports against the layers (an analysis writing its own report through viz) that other changes
 #: of issue 10 are removing; the cycle tests leave these edges out and fail on any other cycle.
 #: Empty this set as the fixes land: with it empty the tests hold for the whole package as it is.
-PENDING_EDGES: set[tuple[str, str]] = {
-    ("sinkscope.scan", "sinkscope.viz"),  # write_outputs -> write_scan_report
-    ("sinkscope.probing", "sinkscope.viz.probe_report"),  # probe -> write_probe_report
-    ("sinkscope.flow.run", "sinkscope.viz.flow_report"),  # run_flow -> write_flow_report
-    ("sinkscope.flow.decoding", "sinkscope.viz.decoding"),  # decode -> write_decode_report
-}
+PENDING_EDGES: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:
@@ -209,3 +204,54 @@ def test_only_the_entry_point_imports_the_cli():
 def test_no_viz_module_over_the_size_limit(limit):
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "viz").glob("*.py")}
     assert not {n: s for n, s in sizes.items() if s > limit}, sizes
+
+
+#: The layers, lowest first (issue 10): a module may import its own layer or one below, never above.
+#: ``sinkscope`` itself (the public facade) re-exports every layer and is left out.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("sinkscope._utils", "sinkscope.data")),
+    ("models", ("sinkscope.models",)),
+    ("capture", ("sinkscope.capture", "sinkscope.store")),
+    ("sinks", ("sinkscope.sinks",)),
+    ("analyses", ("sinkscope.distributed", "sinkscope.scanning", "sinkscope.probing", "sinkscope.neurons",
+                  "sinkscope.flow")),
+    ("config", ("sinkscope.config",)),
+    ("runs", ("sinkscope.runs",)),
+    ("viz", ("sinkscope.viz",)),
+    ("api", ("sinkscope.api",)),
+    ("figures", ("sinkscope.figures",)),
+    ("cli", ("sinkscope.cli",)),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in :data:`LAYERS` of ``module`` (by its longest matching prefix)."""
+    best = (-1, -1)
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best[1]:
+                best = (i, len(p))
+    return best[0]
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in module_graph() if m != PKG and layer_of(m) < 0)
+    assert not unplaced, f"modules in no layer (add them to LAYERS): {unplaced}"
+
+
+def test_layers_import_downward_only():
+    g = module_graph()
+    upward = sorted(
+        f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]}), line {n}"
+        for m, ts in g.items()
+        if m != PKG
+        for t, n in ts.items()
+        if t != PKG and layer_of(t) > layer_of(m)
+    )
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_catches_an_upward_import():
+    """Known answer: an analysis importing the page writer is reported (the edge this issue removed)."""
+    assert layer_of("sinkscope.scanning") < layer_of("sinkscope.viz.scan_report")
+    assert layer_of("sinkscope.flow.run") == layer_of("sinkscope.probing") < layer_of("sinkscope.runs")

@@ -8,7 +8,7 @@ import pytest
 
 from sinkscope import Plant, load_model
 from sinkscope.capture import capture
-from sinkscope.scan import batch_rows
+from sinkscope.scanning import batch_rows
 from sinkscope.sinks import DimsRule, NormRule, SinkReport
 
 from .conftest import CELLS, GRID, VISION_TINY, H, W

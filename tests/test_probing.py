@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sinkscope import Plant, SinkscopeError, load_model
+from sinkscope import Plant, SinkscopeError, load_model, probe  # the API's probe: tables + probe.html
 from sinkscope.capture import capture
 from sinkscope.data import ImageItem, LabeledImages, load_dataset
 from sinkscope.probing import (
@@ -16,7 +16,6 @@ from sinkscope.probing import (
     LinearProbe,
     extract_group_features,
     outer_splits,
-    probe,
     run_probes,
 )
 from sinkscope.sinks import NormRule

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sinkscope import load_model
-from sinkscope.scan import scan
+from sinkscope import scan
 
 pytestmark = pytest.mark.slow
 

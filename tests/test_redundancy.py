@@ -183,4 +183,6 @@ def test_flow_runs_redundancy_on_a_vit(tmp_path):
     assert t[t.is_sink & (t.layer == 4)][["row", "col"]].values.tolist() == [[1, 1]]
     s = json.loads((out / "summary.json").read_text())
     assert s["redundancy"]["detection_layer"] == 4 and "redundancy_s" in s["timings"]
-    assert "Sinks on redundant patches" in (out / "flow.html").read_text()
+    from sinkscope.viz import write_result_page
+
+    assert "Sinks on redundant patches" in write_result_page(res).read_text()

@@ -10,7 +10,7 @@ import pytest
 
 from sinkscope import SinkscopeError
 from sinkscope.config import FlowConfig, ProbeConfig, RunConfig, ScanConfig
-from sinkscope.runs import FlowResult, load_run, run
+from sinkscope import FlowResult, load_run, run
 
 
 def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from sinkscope import SinkscopeError, load_model
 from sinkscope.cli import main
-from sinkscope.scan import scan
+from sinkscope import scan
 
 from .conftest import CELLS, H, W
 
@@ -202,7 +202,7 @@ def test_saved_activations_equal_hf_hidden_states_and_survive_resume(tmp_path, i
 
 
 def test_kill_between_part_and_log_and_a_torn_log_line_do_not_duplicate(tmp_path, image_dir, monkeypatch):
-    from sinkscope.scan import _RunDir
+    from sinkscope.scanning import _RunDir
 
     out = tmp_path / "out"
     real_log = _RunDir.log

@@ -300,7 +300,7 @@ def test_gu_sink_rate_counts_heads_not_the_head_average():
 def test_gu_sink_rate_of_a_scan_equals_hf_eager_attentions():
     import torch
 
-    from sinkscope.scan import scan
+    from sinkscope import scan
     from sinkscope.sinks import gu_sink_rate, head_alpha
 
     ad = load_model("tiny-llama")
@@ -334,7 +334,7 @@ def test_gu_sink_rate_of_a_scan_equals_hf_eager_attentions():
 
 @pytest.mark.slow
 def test_smollm2_gu_sink_rate_is_about_088():
-    from sinkscope.scan import scan
+    from sinkscope import scan
 
     texts = [
         "The capital of France is Paris, and the capital of Germany is Berlin.",

@@ -65,7 +65,7 @@ def test_probe_on_digits_runs_with_the_default_model(tmp_path):
 
 
 def test_rule_options_beside_explicit_rules_are_refused_not_ignored():
-    from sinkscope.scan import scan
+    from sinkscope import scan
 
     with pytest.raises(SinkscopeError, match="not both"):
         scan("tiny-dinov2", images=["embedded:1"], rules=[NormRule(threshold=5.0)], threshold=7.0, progress=False)

@@ -92,7 +92,7 @@ class RunData:
 
     def picture(self, image: str) -> np.ndarray | None:
         """The (resized) picture a scan's model saw, from ``seen/`` via ``progress.jsonl``; None if not kept."""
-        from ..scan import seen_pictures
+        from ..scanning import seen_pictures
 
         f = seen_pictures(self.dir).get(str(image))
         if f is None:

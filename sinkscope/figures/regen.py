@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import api as _api
 from .. import runs as _runs
 from .._utils import SinkscopeError, package_versions
 from .render import PngExporter, draw, ensure_plotly_js, write_html
@@ -151,7 +152,7 @@ def execute_run(
     started = _now()
     try:
         config = run.config.replace(**changes)  # checked again, on the machine that runs it
-        _runs.run(config, progress=progress)
+        _api.run(config, progress=progress)
         if not (tmp / "summary.json").exists():
             raise SinkscopeError(f"sinkscope {run.analysis} wrote no summary.json")
         shutil.rmtree(tmp / "parts", ignore_errors=True)  # a scan's tokens.parquet holds every row

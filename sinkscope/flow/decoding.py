@@ -291,13 +291,13 @@ class DecodeResult:
     #: the ``DecodeConfig`` of a run made by (or loaded through) ``sinkscope.run``
     config: Any = None
 
-    def save(self, out: str | Path, page: bool = True, overwrite: bool = False) -> Path:
-        """Write ``decode_rate.csv``, ``decode_tokens.csv``, ``summary.json`` (and ``decode.html``);
-        see :func:`write_decode_outputs`.
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write ``decode_rate.csv``, ``decode_tokens.csv`` and ``summary.json``; see
+        :func:`write_decode_outputs` (``sinkscope.viz.write_page`` draws ``decode.html``).
 
         >>> res.save("runs/decode")                                     # doctest: +SKIP
         """
-        return write_decode_outputs(out, self, page=page, overwrite=overwrite)
+        return write_decode_outputs(out, self, overwrite=overwrite)
 
 
 class _Stop(StopForward):
@@ -415,7 +415,7 @@ def decode_rate(
     (['nonsink', 'sink'], 5)
     """
     from ..models import load_model
-    from ..scan import _progress
+    from .._utils import progress_bar
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -460,7 +460,7 @@ def decode_rate(
     failed: list[dict] = []
     patch_px = int(ad.vision.patch_size)
     upscaled = 1
-    bar = _progress(len(ds), enabled=progress, desc=f"decode {ad.name}")
+    bar = progress_bar(len(ds), enabled=progress, desc=f"decode {ad.name}")
     for start in range(0, len(ds), batch_size):
         batch = range(start, min(start + batch_size, len(ds)))
         arrays, idx = [], []
@@ -760,13 +760,10 @@ def check_decode_out(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_decode_outputs(
-    out: str | Path, res: DecodeResult, page: bool = True, overwrite: bool = False
-) -> Path:
-    """``decode_rate.csv`` (rates), ``decode_tokens.csv`` (per token), ``summary.json`` and, with
-    ``page``, ``decode.html`` (findings, the rate figure and the tables) into ``out``. A folder
-    holding such files from something else is refused unless ``overwrite``
-    (:func:`check_decode_out`).
+def write_decode_outputs(out: str | Path, res: DecodeResult, overwrite: bool = False) -> Path:
+    """``decode_rate.csv`` (rates), ``decode_tokens.csv`` (per token) and ``summary.json`` into
+    ``out``. A folder holding such files from something else is refused unless ``overwrite``
+    (:func:`check_decode_out`). The page (``decode.html``) is drawn by ``sinkscope.viz``.
 
     >>> write_decode_outputs("runs/decode", res)                      # doctest: +SKIP
     PosixPath('runs/decode')
@@ -776,10 +773,7 @@ def write_decode_outputs(
     res.rates.to_csv(out / "decode_rate.csv", index=False)
     res.per_token.to_csv(out / "decode_tokens.csv", index=False)
     (out / "summary.json").write_text(json.dumps(res.summary, indent=1, default=str))
-    if page:
-        from ..viz.decoding import write_decode_report
-
-        write_decode_report(out / "decode.html", res.rates, res.per_token, res.summary, overwrite=overwrite)
+    res.out = out
     return out
 
 

@@ -89,7 +89,7 @@ def text_only_sink_dims(ad: LlavaAdapter, input_ids: torch.Tensor, rule: DimsRul
     """LLM sink dims discovered on the text-only pass (``input_ids`` ``[1, seq]`` without its image
     tokens through the LLM alone), over the decoder-layer inputs ``hidden_states[i]``,
     ``rule.min_layer <= i < L``; most frequent first (:func:`~sinkscope.sinks.discover_sink_dims`)."""
-    from ..scan import batch_rows
+    from ..scanning import batch_rows
 
     ids = text_only_ids(input_ids, ad.image_token_id)
     n = ids.shape[1]
@@ -196,7 +196,7 @@ def propagation(
     vit_tab = pd.DataFrame(vit_rows)
     vit_tab["is_vit_sink"] = detect(vit_tab, vit_rule).is_sink.to_numpy()
     # LLM sinks (massive activations) on the prompt sequence
-    from ..scan import batch_rows
+    from ..scanning import batch_rows
 
     llm_inputs = ModelInputs({"input_ids": ids}, [TokenLayout(n_text=seq)], ["prompt"])
     lc.norms = lc.norms[:, :, :seq]

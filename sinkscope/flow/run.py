@@ -34,6 +34,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,30 @@ def _items(images) -> list[ImageItem]:
     return image_items(images)
 
 
+
+@dataclass
+class FlowResult:
+    """What a flow run produced: ``tables`` (name -> table), ``summary``, ``config``, ``out``.
+
+    ``res["tables"]`` and ``res["summary"]`` still work, as with the plain dict of earlier versions.
+
+    >>> res = FlowResult({"rollout": pd.DataFrame({"layer": [1]})}, {"model": "m"})
+    >>> res["summary"]["model"], list(res.tables)
+    ('m', ['rollout'])
+    """
+
+    tables: dict[str, pd.DataFrame]
+    summary: dict[str, Any]
+    config: Any = None
+    out: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("tables", "summary"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+
 def run_flow(
     model: str | Adapter,
     images=None,
@@ -83,7 +108,7 @@ def run_flow(
     progress: bool = True,
     chat: bool = False,
     sink_dims_from: str = "text",
-) -> dict[str, Any]:
+) -> FlowResult:
     """Run the chosen analyses on one prompt with its images; return (and write) the tables.
 
     ``progress`` shows a bar with one step per analysis (and per knockout pair). ``chat`` wraps
@@ -338,7 +363,7 @@ def run_flow(
     summary["versions"] = package_versions(("sinkscope", "torch", "transformers", "captum"))
     if out is not None:
         write_flow_outputs(Path(out), tables, summary)
-    return {"tables": tables, "summary": summary}
+    return FlowResult(tables, summary, out=Path(out) if out is not None else None, timings=summary["timings"])
 
 
 #: The paper's Fig. 3A settings (LLaVA-1.5-7B, CLIP-L/14-336): what each flow run is compared with.
@@ -500,6 +525,3 @@ def write_flow_outputs(out: Path, tables: dict[str, pd.DataFrame], summary: dict
         else:
             df.to_csv(out / f"{name}.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    from ..viz.flow_report import write_flow_report
-
-    write_flow_report(out / "flow.html", tables, summary)

@@ -5,6 +5,7 @@
 ``report`` assembles the sections of ``sinkscope report``.
 """
 
+from sinkscope.viz.report import write_report, write_result_page
 from sinkscope.viz.scan_report import write_scan_report
 
-__all__ = ["write_scan_report"]
+__all__ = ["write_report", "write_result_page", "write_scan_report"]

@@ -70,6 +70,52 @@ def write_report(
     return write_page(sections, out, title=title, overwrite=overwrite)
 
 
+#: the page each analysis' run folder gets, by the result's kind
+PAGE_NAMES = {"scan": "report.html", "probe": "probe.html", "flow": "flow.html", "decode": "decode.html"}
+
+
+def result_kind(res) -> str:
+    """``scan``, ``probe``, ``flow`` or ``decode`` for an analysis result (by its type)."""
+    from ..flow.decoding import DecodeResult
+    from ..flow.run import FlowResult
+    from ..probing import ProbeResult
+    from ..scanning import ScanResult
+
+    for cls, kind in ((ScanResult, "scan"), (ProbeResult, "probe"), (FlowResult, "flow"), (DecodeResult, "decode")):
+        if isinstance(res, cls):
+            return kind
+    raise SinkscopeError(f"no page for a {type(res).__name__}: not a sinkscope analysis result")
+
+
+def write_result_page(res, overwrite: bool = False) -> Path:
+    """Draw the page of an analysis result saved in ``res.out``: ``report.html`` (scan),
+    ``probe.html``, ``flow.html`` or ``decode.html``, from the result's tables and summary.
+
+    >>> res = sinkscope.scanning.scan("tiny-dinov2+sinks", out="runs/t", progress=False)  # doctest: +SKIP
+    >>> write_result_page(res).name                                                   # doctest: +SKIP
+    'report.html'
+    """
+    kind = result_kind(res)
+    if res.out is None:
+        raise SinkscopeError(f"this {kind} result has no output folder (out=None): nothing to draw the page into")
+    path = Path(res.out) / PAGE_NAMES[kind]
+    if kind == "scan":
+        from .scan_report import write_scan_report
+
+        return write_scan_report(path, res.tokens, res.summary, res.pixels)
+    if kind == "probe":
+        from .probe_report import write_probe_report
+
+        return write_probe_report(path, res.table, res.summary)
+    if kind == "flow":
+        from .flow_report import write_flow_report
+
+        return write_flow_report(path, res.tables, res.summary)
+    from .decoding import write_decode_report
+
+    return write_decode_report(path, res.rates, res.per_token, res.summary, overwrite=overwrite)
+
+
 def report_figure_count(run_dirs: list[str | Path]) -> int:
     """How many figures :func:`write_report` draws for ``run_dirs`` (for tests and progress)."""
     return sum(len(s.figures) for s in build_sections(run_dirs))
@@ -88,4 +134,5 @@ __all__ = [
     "scan_findings",
     "write_page",
     "write_report",
+    "write_result_page",
 ]

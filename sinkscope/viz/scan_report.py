@@ -62,7 +62,7 @@ def load_scan_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict, dict[str, np
     summary = read_summary(d)
     from PIL import Image
 
-    from ..scan import seen_pictures
+    from ..scanning import seen_pictures
 
     pixels = {}
     for name, f in seen_pictures(d).items():

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from . import distributed
-from ._utils import SinkscopeError, check_out_folder, package_versions
+from ._utils import SinkscopeError, check_out_folder, package_versions, progress_bar
 from .capture import BatchCapture, Capture, parse_layers, uniform_share
 from .data import ImageItem, image_items, sample_images
 from .models import Adapter, load_model
@@ -308,13 +308,15 @@ def scan(
     dtype: str | None = None,
     image_size: int | tuple[int, int] | None = None,
     progress: bool = True,
-    report: bool = True,
     save_layers: str | list[int] | None = None,
     save_dtype: str = "float32",
     overwrite: bool = False,
     **rule_kwargs,
 ) -> ScanResult:
-    """Scan a model for sinks and (with ``out``) write ``tokens.parquet``, ``summary.json``, ``report.html``.
+    """Scan a model for sinks and (with ``out``) write ``tokens.parquet`` and ``summary.json``.
+
+    The analysis writes no page: ``sinkscope.scan`` (this function plus ``report.html``),
+    ``sinkscope.run(ScanConfig(...))`` and the CLI draw the report through :mod:`sinkscope.viz`.
 
     ``images``: image items or paths (files, folders, manifests); default: the embedded images.
     ``texts``: prompts, for causal LMs. ``method``: norm, attention, dims or all (the first rule
@@ -437,7 +439,7 @@ def scan(
         keep=keep,
     )
     keep_seen = set(names[:MAX_SAVED_IMAGES])  # several processes: the pictures of the first items
-    bar = _progress(len(todo), enabled=progress, desc=f"scan {ad.name}")
+    bar = progress_bar(len(todo), enabled=progress, desc=f"scan {ad.name}")
     with Capture(ad, **cap_kw) as cap:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -557,7 +559,7 @@ def scan(
     if run and (dist is None or dist.is_main):
         if dist is not None:
             distributed.write_merged_progress(run.out, status)
-        write_outputs(result, report=report)
+        write_outputs(result)
     if dist is not None:  # the other processes return (with their shard) once the run is written
         dist.barrier()
     return result
@@ -584,8 +586,8 @@ def _layout_summary(ad: Adapter, first_ok: dict) -> dict[str, Any]:
     return d
 
 
-def write_outputs(result: ScanResult, report: bool = True) -> None:
-    """Write ``tokens.parquet``, ``summary.json`` and (optionally) ``report.html`` into ``result.out``."""
+def write_outputs(result: ScanResult) -> None:
+    """Write ``tokens.parquet`` and ``summary.json`` into ``result.out`` (each replaced atomically)."""
     out = result.out
     assert out is not None
     tmp = out / "tokens.parquet.tmp"
@@ -594,10 +596,6 @@ def write_outputs(result: ScanResult, report: bool = True) -> None:
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(result.summary, indent=1, default=_json_default))
     os.replace(tmp, out / "summary.json")
-    if report:
-        from .viz import write_scan_report
-
-        write_scan_report(out / "report.html", result.tokens, result.summary, result.pixels)
 
 
 def _json_default(o):
@@ -609,18 +607,3 @@ def _json_default(o):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled or total == 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img")
