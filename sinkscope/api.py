@@ -29,7 +29,7 @@ from . import probing as _probing
 from . import runs as _runs
 from . import scanning as _scanning
 from .config import RunConfig, ScanConfig
-from .viz.report import write_result_page
+from .viz.report import has_page, write_result_page
 
 
 def _is_main(res: Any) -> bool:
@@ -48,7 +48,7 @@ def run(config: RunConfig, progress: bool = True):
     ('norm', 4)
     """
     res = _runs.execute(config, progress=progress)
-    if config.out is not None and getattr(config, "report", True) and _is_main(res):
+    if config.out is not None and getattr(config, "report", True) and _is_main(res) and has_page(res):
         write_result_page(res, overwrite=bool(getattr(config, "overwrite", False)))
     return res
 

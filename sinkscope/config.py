@@ -362,4 +362,111 @@ class DecodeConfig(RunConfig):
         self._check_common()
 
 
-__all__ = ["CONFIGS", "SCHEMA_VERSION", "DecodeConfig", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]
+@_register
+@dataclass(frozen=True)
+class EvalConfig(RunConfig):
+    """``sinkscope eval``: accuracy per task type (Global / Local / Mixed) and per task.
+    ``tasks``: built-in sets (``shapes``, ``textile``, ``lfw-faces``, ``digits``), manifests
+    (``.jsonl`` / ``.csv``) or ``hf:NAME[:SPLIT]``; ``limit``: items per task (``None``: all);
+    ``variants``: ``default`` and/or ``no-image``; ``mode``: ``auto`` (choices by log-likelihood,
+    else generation), ``choice`` or ``generate``.
+
+    >>> EvalConfig(model="tiny-llava", tasks=("shapes",), limit=8).variants
+    ('default',)
+    """
+
+    analysis: ClassVar[str] = "eval"
+    model: str = "mini-llava"
+    tasks: tuple[str, ...] = ("shapes",)
+    split: str = "test"
+    limit: int | None = None
+    variants: tuple[str, ...] = ("default",)
+    mode: str = "auto"
+    chat: str = "auto"
+    seed: int = 0
+    n_boot: int = 1000
+    device: str | None = None
+    dtype: str | None = None
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        from .evaluation.items import SPLITS
+        from .evaluation.run import MODES, VARIANTS
+
+        for name in ("tasks", "variants"):  # JSON gives lists back; a string is one task
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        if not self.tasks:
+            raise SinkscopeError("tasks: give at least one (shapes, textile, lfw-faces, digits, a manifest or hf:NAME)")
+        if self.split not in SPLITS:
+            raise SinkscopeError(f"split: one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise SinkscopeError(f"limit: an integer >= 1 (items per task), got {self.limit!r}")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise SinkscopeError(f"variants: choose from {', '.join(VARIANTS)}, got {list(self.variants)}")
+        if self.mode not in MODES:
+            raise SinkscopeError(f"mode: one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.chat not in ("auto", "yes", "no"):
+            raise SinkscopeError(f"chat: auto, yes or no, got {self.chat!r}")
+        if not isinstance(self.n_boot, int) or self.n_boot < 100:
+            raise SinkscopeError(f"n_boot: an integer >= 100 (bootstrap resamples), got {self.n_boot!r}")
+        self._check_common()
+
+
+@_register
+@dataclass(frozen=True)
+class TrainProjectorConfig(RunConfig):
+    """``sinkscope train-projector``: a LLaVA projector trained with the LM loss on answer tokens
+    (:func:`sinkscope.training.train_projector`). ``stage``: ``align`` (captions) or ``vqa``
+    (questions); ``init``: a projector file to start from; ``real``: real-image training sets.
+
+    >>> TrainProjectorConfig(model="tiny-llava", steps=2).stage
+    'vqa'
+    """
+
+    analysis: ClassVar[str] = "train-projector"
+    model: str = "mini-llava"
+    stage: str = "vqa"
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup: float = 0.03
+    n_per_task: int = 200
+    turns: int = 4
+    real: tuple[str, ...] = ("textile", "lfw-faces", "digits")
+    real_limit: int | None = None
+    seed: int = 0
+    save_every: int = 50
+    init: str | None = None
+    cache_dir: str | None = None
+    device: str | None = None
+    out: str | None = "runs/projector"
+    resume: bool = False
+
+    def __post_init__(self):
+        from .training.projector import STAGES
+
+        object.__setattr__(self, "real", (self.real,) if isinstance(self.real, str) else tuple(self.real))
+        if self.stage not in STAGES:
+            raise SinkscopeError(f"stage: one of {', '.join(STAGES)}, got {self.stage!r}")
+        for name in ("steps", "batch_size", "n_per_task", "turns", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise SinkscopeError(f"{name}: must be an integer >= 1, got {v!r}")
+        _positive("lr", self.lr)
+        if self.real_limit is not None and (not isinstance(self.real_limit, int) or self.real_limit < 1):
+            raise SinkscopeError(f"real_limit: an integer >= 1 (questions per real-image set), got {self.real_limit!r}")
+        if not 0 <= self.warmup < 1:
+            raise SinkscopeError(f"warmup: a share of the steps in [0, 1), got {self.warmup!r}")
+        bad = [r for r in self.real if r not in ("textile", "lfw-faces", "digits")]
+        if bad:
+            raise SinkscopeError(f"real: choose from textile, lfw-faces, digits, got {bad[0]!r}")
+        if self.out is None:
+            raise SinkscopeError("out: training needs an output folder")
+        self._check_common()
+
+
+__all__ = ["CONFIGS", "SCHEMA_VERSION", "DecodeConfig", "EvalConfig", "TrainProjectorConfig", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]

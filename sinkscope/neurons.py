@@ -4,9 +4,13 @@ Over a set of images, take the positions that are sinks at a detection layer (by
 then rank the MLP neurons of the blocks before it by their mean |activation| at those positions.
 The neurons that write the sinks rank first.
 
->>> ad = load_model("tiny-dinov2+sinks")                                   # doctest: +SKIP
->>> rn = register_neurons(ad, images, detection_layer=-1, rule=NormRule(threshold=100))  # doctest: +SKIP
->>> rn.top(3)                                                              # doctest: +SKIP
+>>> from sinkscope import Plant, load_model
+>>> from sinkscope.models.tiny import paint_markers
+>>> ad = load_model("tiny-clip", plant=Plant(layer=2, dims=(7,), magnitude=600.0), image_size=(48, 40))
+>>> images = [paint_markers(np.full((48, 40, 3), 90, np.uint8), [(1, 2), (4, 0)])]
+>>> rn = register_neurons(ad, images, detection_layer=-1, rule=NormRule(threshold=100), progress=False)
+>>> rn.top(1)[["block", "neuron", "rank"]].values.tolist(), rn.n_sink_positions
+([[1, 0, 1]], 2)
 """
 
 from __future__ import annotations
@@ -18,12 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._utils import SinkscopeError
+from ._utils import SinkscopeError, progress_bar
 from .capture import Capture, capture, parse_layers
 from .data import ImageItem
 from .models.base import Adapter
-from ._utils import progress_bar
-from .scanning import batch_rows
+from .scanning.rows import batch_rows
 from .sinks import NormRule, Rule, detect, rule_to_dict
 
 
@@ -63,6 +66,35 @@ def register_neurons(
     ``"contribution"`` by that times the L2 norm of the neuron's output weights (what it writes).
     """
     rule = rule or NormRule(relative=5.0)
+    layer, blocks = _check_request(adapter, rule, detection_layer, blocks, score)
+    sums_s = {b: 0.0 for b in blocks}
+    sums_o = {b: 0.0 for b in blocks}
+    n_s = n_o = 0
+    bar = progress_bar(len(images), enabled=progress, desc="register neurons")
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        arrays = [it.load() if isinstance(it, ImageItem) else it for it in chunk]
+        inputs = adapter.prepare(arrays, [f"i{start + k}" for k in range(len(chunk))])
+        mask, other = _sink_positions(adapter, inputs, layer, rule)
+        n_s += int(mask.sum())
+        n_o += int(other.sum())
+        # pass 2: reduce every neuron's |activation| inside the hooks, in fp32, with the known masks
+        _accumulate(adapter, inputs, blocks, mask, other, sums_s, sums_o)
+        bar.update(len(chunk))
+    bar.close()
+    if n_s == 0:
+        raise SinkscopeError(
+            f"no sink positions at layer {layer} under rule '{rule.describe()}': nothing to rank neurons by"
+        )
+    table = _rank(adapter, blocks, sums_s, sums_o, n_s, n_o, score)
+    return RegisterNeurons(table, layer, rule_to_dict(rule), n_s, n_o)
+
+
+def _check_request(
+    adapter: Adapter, rule: Rule, detection_layer: int, blocks: list[int] | None, score: str
+) -> tuple[int, list[int]]:
+    """``(detection layer, blocks searched)``; refuses a batch-dependent rule, an unknown score,
+    layer 0 (no MLP before it) and blocks at or after the detection layer."""
     if isinstance(rule, NormRule) and rule.mode == "auto":
         raise SinkscopeError(
             "register neurons need a batch-independent rule: give NormRule(threshold=...) or NormRule(relative=...)"
@@ -75,36 +107,28 @@ def register_neurons(
     blocks = sorted(blocks) if blocks is not None else list(range(layer))
     if any(b >= layer for b in blocks):
         raise SinkscopeError(f"blocks {blocks} must come before the detection layer {layer}")
-    sums_s = {b: 0.0 for b in blocks}
-    sums_o = {b: 0.0 for b in blocks}
-    n_s = n_o = 0
-    bar = progress_bar(len(images), enabled=progress, desc="register neurons")
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        arrays = [it.load() if isinstance(it, ImageItem) else it for it in chunk]
-        inputs = adapter.prepare(arrays, [f"i{start + k}" for k in range(len(chunk))])
-        # pass 1: sink positions at the detection layer (the forward stops there)
-        bc = capture(adapter, inputs, layers=[layer])
-        rows = batch_rows(adapter, inputs, bc, causal=adapter.family == "causal-lm")
-        sink = detect(rows, rule).is_sink.to_numpy()
-        n_tok = bc.norms.shape[2]
-        mask = torch.zeros(len(chunk), n_tok, dtype=torch.bool)
-        valid = torch.zeros_like(mask)
-        for k, lay in enumerate(inputs.layouts):
-            sel = rows["image"].to_numpy() == inputs.names[k]
-            mask[k, : lay.n_tokens] = torch.from_numpy(sink[sel])
-            valid[k, : lay.n_tokens] = True
-        other = valid & ~mask
-        n_s += int(mask.sum())
-        n_o += int(other.sum())
-        # pass 2: reduce every neuron's |activation| inside the hooks, in fp32, with the known masks
-        _accumulate(adapter, inputs, blocks, mask, other, sums_s, sums_o)
-        bar.update(len(chunk))
-    bar.close()
-    if n_s == 0:
-        raise SinkscopeError(
-            f"no sink positions at layer {layer} under rule '{rule.describe()}': nothing to rank neurons by"
-        )
+    return layer, blocks
+
+
+def _sink_positions(adapter: Adapter, inputs, layer: int, rule: Rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 (the forward stops at ``layer``): ``[batch, tokens]`` masks of the sink positions at
+    the detection layer and of the other real tokens (padding in neither)."""
+    bc = capture(adapter, inputs, layers=[layer])
+    rows = batch_rows(adapter, inputs, bc, causal=adapter.family == "causal-lm")
+    sink = detect(rows, rule).is_sink.to_numpy()
+    n_tok = bc.norms.shape[2]
+    mask = torch.zeros(len(inputs.names), n_tok, dtype=torch.bool)
+    valid = torch.zeros_like(mask)
+    for k, lay in enumerate(inputs.layouts):
+        sel = rows["image"].to_numpy() == inputs.names[k]
+        mask[k, : lay.n_tokens] = torch.from_numpy(sink[sel])
+        valid[k, : lay.n_tokens] = True
+    return mask, valid & ~mask
+
+
+def _rank(adapter: Adapter, blocks, sums_s, sums_o, n_s: int, n_o: int, score: str) -> pd.DataFrame:
+    """The neurons of ``blocks`` ranked by mean |activation| at sink positions (``score``
+    ``"activation"``) or by that times their output weights' L2 norm (``"contribution"``)."""
     frames = []
     for b in blocks:
         ms = (sums_s[b] / n_s).cpu().numpy()
@@ -125,7 +149,7 @@ def register_neurons(
     key = "mean_abs_sink" if score == "activation" else "contribution"
     table = pd.concat(frames, ignore_index=True).sort_values(key, ascending=False, kind="stable")
     table["rank"] = np.arange(1, len(table) + 1)
-    return RegisterNeurons(table.reset_index(drop=True), layer, rule_to_dict(rule), n_s, n_o)
+    return table.reset_index(drop=True)
 
 
 @torch.no_grad()

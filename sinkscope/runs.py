@@ -21,7 +21,16 @@ from typing import Any
 import pandas as pd
 
 from ._utils import SinkscopeError
-from .config import SCHEMA_VERSION, DecodeConfig, FlowConfig, ProbeConfig, RunConfig, ScanConfig
+from .config import (
+    SCHEMA_VERSION,
+    DecodeConfig,
+    EvalConfig,
+    FlowConfig,
+    ProbeConfig,
+    RunConfig,
+    ScanConfig,
+    TrainProjectorConfig,
+)
 
 CONFIG_FILE = "config.json"
 
@@ -45,6 +54,10 @@ def execute(config: RunConfig, progress: bool = True):
         res = _run_flow(config, progress)
     elif isinstance(config, DecodeConfig):
         res = _run_decode(config, progress)
+    elif isinstance(config, EvalConfig):
+        res = _run_eval(config, progress)
+    elif isinstance(config, TrainProjectorConfig):
+        res = _run_train_projector(config, progress)
     else:
         raise SinkscopeError(f"run: not an analysis config: {type(config).__name__}")
     res.config = config
@@ -179,6 +192,46 @@ def _run_decode(c: DecodeConfig, progress: bool):
     return res
 
 
+def _run_eval(c: EvalConfig, progress: bool):
+    from .evaluation.run import evaluate
+
+    return evaluate(
+        c.model,
+        list(c.tasks),
+        out=c.out,
+        split=c.split,
+        limit=c.limit,
+        variants=c.variants,
+        mode=c.mode,
+        chat={"auto": "auto", "yes": True, "no": False}[c.chat],
+        resume=c.resume,
+        overwrite=c.overwrite,
+        device=c.device,
+        dtype=c.dtype,
+        seed=c.seed,
+        n_boot=c.n_boot,
+        progress=progress,
+    )
+
+
+def _run_train_projector(c: TrainProjectorConfig, progress: bool):
+    from .training import train_projector
+
+    fields = ("stage", "steps", "batch_size", "lr", "warmup", "n_per_task", "turns", "seed", "save_every")
+    return train_projector(
+        c.model,
+        out=c.out,
+        real=c.real,
+        real_limit=c.real_limit,
+        resume=c.resume,
+        init=c.init,
+        cache_dir=c.cache_dir,
+        device=c.device,
+        progress=progress,
+        **{k: getattr(c, k) for k in fields},
+    )
+
+
 # -- reading run folders back ---------------------------------------------------------------------
 
 
@@ -191,6 +244,8 @@ def run_kind(run_dir: str | Path) -> str:
         return "scan"
     if (d / "decode_rate.csv").exists():
         return "decode"
+    if (d / "predictions.jsonl").exists():
+        return "eval"
     if (d / "probe.csv").exists():
         return "probe"
     if (d / "summary.json").exists() and any(d.glob("*.csv")) or (d / "visual_tokens.parquet").exists():
@@ -232,9 +287,10 @@ def read_config(run_dir: str | Path) -> RunConfig | None:
 def load_run(run_dir: str | Path):
     """The typed result of a saved run (scan, probe, flow or decode), with its config when saved.
 
-    >>> res = load_run("runs/tiny")          # doctest: +SKIP
-    >>> res.config.analysis, len(res.tokens) # doctest: +SKIP
-    ('scan', 500)
+    >>> res = execute(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:2",), out="runs/load"), progress=False)
+    >>> back = load_run("runs/load")
+    >>> back.config.analysis, len(back.tokens), back.config == res.config
+    ('scan', 170, True)
     """
     d = Path(run_dir)
     if not d.is_dir():
@@ -266,6 +322,11 @@ def load_run(run_dir: str | Path):
         res = DecodeResult(read_table(d / "decode_tokens.csv"), read_table(d / "decode_rate.csv"), summary)
         res.config, res.out = config, d
         return res
+    if kind == "eval":
+        from .evaluation.run import EvalResult
+
+        pred = pd.read_json(d / "predictions.jsonl", lines=True, dtype=False)
+        return EvalResult(pred, read_table(d / "results.csv"), summary, out=d, config=config)
     raise SinkscopeError(f"{d}: a {kind!r} run cannot be loaded by this version of sinkscope")
 
 

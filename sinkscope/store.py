@@ -10,10 +10,21 @@ A shard is written before the manifest that names it (both atomically), so a cra
 worst an unnamed shard that the next write replaces. Writing an item that is already stored
 replaces its entry: items are never duplicated.
 
->>> st = ActivationStore("runs/x/activations", layers=[4, 12], model="dinov2-small")   # doctest: +SKIP
->>> st.add(batch.names, batch.layouts, cap.hidden)                                     # doctest: +SKIP
->>> st.load("astronaut", 12).shape                                                     # doctest: +SKIP
-torch.Size([257, 384])
+>>> import numpy as np
+>>> from sinkscope.capture import Capture
+>>> from sinkscope.models import load_model
+>>> ad = load_model("tiny-dinov2")                                  # 4 blocks, width 64, 8 px patches
+>>> batch = ad.prepare([np.zeros((32, 32, 3), np.uint8), np.full((48, 40, 3), 200, np.uint8)],
+...                    names=["black", "grey"])
+>>> with Capture(ad, keep=[2, 4]) as c:                             # full hidden states of layers 2 and 4
+...     cap = c.run(batch)
+>>> st = ActivationStore("runs/x/activations", layers=[2, 4], model="tiny-dinov2")
+>>> st.add(batch.names, batch.layouts, cap.hidden)
+'shard-00000.safetensors'
+>>> st.load("grey", 4).shape                                         # resized to 32 px: CLS + 4 x 4 patches
+torch.Size([17, 64])
+>>> ActivationStore.open("runs/x/activations").info()["n_items"]
+2
 """
 
 from __future__ import annotations

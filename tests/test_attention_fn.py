@@ -21,7 +21,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import sinkscope.capture as capture_mod
+import sinkscope.capture.attention as capture_mod
 from sinkscope.capture import Capture, count_hooks
 from sinkscope.models.base import ModelInputs, TokenLayout
 from sinkscope.models.text import CausalLMAdapter

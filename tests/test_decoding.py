@@ -23,10 +23,10 @@ from sinkscope.flow.decoding import (
     rate_table,
 )
 from sinkscope.flow.knockout import decode_isolated
-from sinkscope.viz import write_result_page
 from sinkscope.models import load_model
 from sinkscope.models.tiny import paint_markers
 from sinkscope.sinks import NormRule
+from sinkscope.viz import write_result_page
 
 from .conftest import photo
 

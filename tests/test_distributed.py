@@ -20,9 +20,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sinkscope import distributed
+from sinkscope import distributed, scan
 from sinkscope.models.tiny import paint_markers
-from sinkscope import scan
 
 from .conftest import CELLS, H, W, photo
 

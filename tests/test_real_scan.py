@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sinkscope import load_model
-from sinkscope import scan
+from sinkscope import load_model, scan
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,8 @@ import json
 import pandas as pd
 import pytest
 
-from sinkscope import SinkscopeError
+from sinkscope import FlowResult, SinkscopeError, load_run, run
 from sinkscope.config import FlowConfig, ProbeConfig, RunConfig, ScanConfig
-from sinkscope import FlowResult, load_run, run
 
 
 def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:

@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sinkscope import SinkscopeError, load_model
+from sinkscope import SinkscopeError, load_model, scan
 from sinkscope.cli import main
-from sinkscope import scan
 
 from .conftest import CELLS, H, W
 

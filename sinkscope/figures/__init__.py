@@ -18,9 +18,14 @@ Example::
 
 From Python::
 
-    >>> from sinkscope.figures import regenerate, register_kind, KINDS     # doctest: +SKIP
-    >>> rep = regenerate("figures/figures.toml", tier="ci", png=False)       # doctest: +SKIP
-    >>> rep.ok, [(f.name, f.status) for f in rep.figures][:2]               # doctest: +SKIP
+    >>> from sinkscope.figures.spec import write_example_spec
+    >>> _ = write_example_spec("figs.toml")  # two figures of one tiny scan
+    >>> from sinkscope.figures import regenerate
+    >>> rep = regenerate("figs.toml", tier="ci", png=False, progress=False, echo=None)   # a small list
+    >>> rep.ok, [(f.name, f.status) for f in rep.figures], sorted(p.name for p in rep.out.glob("*.html"))
+    (True, [('tiny-norms', 'rendered'), ('tiny-counts', 'rendered')], ['tiny-counts.html', 'tiny-norms.html'])
+    >>> [f.status for f in regenerate("figs.toml", png=False, progress=False, echo=None).figures]  # nothing changed
+    ['fresh', 'fresh']
 
 A new figure kind is one :func:`register_kind` call (see :mod:`sinkscope.figures.kinds`).
 """

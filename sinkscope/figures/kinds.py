@@ -11,7 +11,12 @@ after which ``kind = "umap"`` (with ``options = { layer = 6 }``) may appear in t
 The list is validated against the render function's signature, so keep options as keyword
 arguments with defaults.
 
->>> fig = KINDS["sink_count"].render(RunData("figures/out/runs/scan-dinov2"))   # doctest: +SKIP
+>>> import sinkscope
+>>> _ = sinkscope.run(sinkscope.ScanConfig(model="tiny-dinov2+sinks", images=("embedded:2",), out="runs/scan"),
+...                   progress=False)
+>>> fig = KINDS["sink_count"].render(RunData("runs/scan"))
+>>> sorted(k for k, kind in KINDS.items() if kind.analysis == "scan")
+['attention_norm', 'norm_distribution', 'patch_heatmap', 'sink_count', 'text_norm', 'umap']
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ class RunData:
     probe, ``rollout``/``attention_by_bin``/``knockout``/... of a flow); ``summary`` is
     ``summary.json``; ``picture(image)`` is the image a scan's model saw (``seen/``).
 
-    >>> run = RunData("figures/out/runs/scan-dinov2")           # doctest: +SKIP
-    >>> run.table("tokens").columns[:3].tolist()                # doctest: +SKIP
-    ['image', 'layer', 'token']
+    >>> from sinkscope.scanning import scan
+    >>> _ = scan("tiny-dinov2+sinks", images=["embedded:1"], out="runs/scan-tiny", progress=False)
+    >>> run = RunData("runs/scan-tiny")
+    >>> run.tables(), run.table("tokens").columns[:3].tolist(), run.summary["model"]["name"]
+    (['tokens'], ['image', 'layer', 'token'], 'tiny-dinov2+sinks')
     """
 
     def __init__(self, path: str | Path):
@@ -122,7 +129,11 @@ def register_kind(
 ) -> FigureKind:
     """Register (or replace) the figure kind ``name`` drawing ``analysis`` results with ``render``.
 
-    >>> register_kind("counts", "scan", lambda run: sink_count_figure(run.table("tokens"), run.summary))  # doctest: +SKIP
+    >>> from sinkscope.viz.scan_figures import sink_count_figure
+    >>> kind = register_kind("counts", "scan", lambda run: sink_count_figure(run.table("tokens"), run.summary))
+    >>> KINDS["counts"] is kind, kind.analysis
+    (True, 'scan')
+    >>> del KINDS["counts"]                                     # (leave the registry as it was)
     """
     doc = doc if doc is not None else (inspect.getdoc(render) or "").split("\n")[0]
     KINDS[name] = FigureKind(analysis, render, width, height, doc)

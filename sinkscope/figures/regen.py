@@ -15,9 +15,14 @@ files exist and are newer than the run's ``run.json``. Runs write into ``runs/.t
 and are renamed into place only when they succeed, so a failed or killed run leaves the previous
 results (or nothing), never half of a run.
 
->>> report = regenerate("figures/figures.toml", tier="ci")    # doctest: +SKIP
->>> [f.status for f in report.figures]                        # doctest: +SKIP
-['rendered', 'fresh', ...]
+>>> from sinkscope.figures.spec import write_example_spec
+>>> _ = write_example_spec("figs.toml")  # two figures of one tiny scan
+>>> report = regenerate("figs.toml", tier="ci", png=False, progress=False, echo=None)
+>>> [f.status for f in report.figures], [r.status for r in report.runs.values()]
+(['rendered', 'rendered'], ['ran'])
+>>> report = regenerate("figs.toml", tier="ci", png=False, progress=False, echo=None)
+>>> [f.status for f in report.figures], [r.status for r in report.runs.values()]   # fresh: no work
+(['fresh', 'fresh'], ['cached'])
 """
 
 from __future__ import annotations
@@ -264,9 +269,11 @@ def regenerate(
     see :attr:`RegenReport.failed`. One regeneration at a time may write to ``out`` (a second one
     fails at once with a clear error instead of removing the first one's work in progress).
 
-    >>> rep = regenerate("figures/figures.toml", only=["dinov2-norms"], png=False)   # doctest: +SKIP
-    >>> rep.ok, rep.figures[0].files                                                  # doctest: +SKIP
-    (True, ['dinov2-norms.html'])
+    >>> from sinkscope.figures.spec import write_example_spec
+    >>> _ = write_example_spec("figs.toml")  # two figures of one tiny scan
+    >>> rep = regenerate("figs.toml", out="figs-out", only=["tiny-norms"], png=False, progress=False, echo=None)
+    >>> rep.ok, rep.figures[0].files
+    (True, ['tiny-norms.html'])
     """
     import fcntl
 

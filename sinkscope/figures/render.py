@@ -5,8 +5,16 @@ they work offline without repeating 4.6 MB per figure; ``self_contained=True`` e
 PNGs are exported by kaleido (>= 1) with the system Chromium; :class:`PngExporter` keeps one
 kaleido browser open for all figures (about 0.2 s a figure instead of 2.5 s).
 
->>> fig = draw(spec.figure("dinov2-norms"), "figures/out/runs/scan-dinov2")       # doctest: +SKIP
->>> write_html(fig, "figures/out/dinov2-norms.html", spec.figure("dinov2-norms"))  # doctest: +SKIP
+>>> from sinkscope.figures.spec import write_example_spec
+>>> _ = write_example_spec("figs.toml")  # two figures of one tiny scan
+>>> import sinkscope
+>>> from sinkscope.figures.spec import load_figure_list
+>>> spec = load_figure_list("figs.toml")
+>>> run = spec.runs["tiny-scan"]
+>>> _ = sinkscope.run(run.config, progress=False)            # into out/runs/tiny-scan next to the list
+>>> fig = draw(spec.figure("tiny-norms"), run.config.out)
+>>> write_html(fig, "out/tiny-norms.html", spec.figure("tiny-norms"))
+PosixPath('out/tiny-norms.html')
 """
 
 from __future__ import annotations

@@ -21,8 +21,12 @@ Each run becomes one analysis config (:class:`~sinkscope.config.ScanConfig`,
 when the list is read (:mod:`sinkscope.figures.params`: ``params`` are the config's fields), and
 is executed by ``sinkscope.run(config)``. Relative data and model paths are relative to the list's folder.
 
->>> spec = load_figure_list("figures/figures.toml")          # doctest: +SKIP
->>> [f.name for f in spec.select(tier="ci")][:2]              # doctest: +SKIP
+>>> _ = write_example_spec("figs.toml")  # two figures of one tiny scan
+>>> spec = load_figure_list("figs.toml")
+>>> [f.name for f in spec.select(tier="ci")], type(spec.runs["tiny-scan"].config).__name__
+(['tiny-norms', 'tiny-counts'], 'ScanConfig')
+>>> spec.runs["tiny-scan"].config.images, spec.runs["tiny-scan"].config.method
+(('embedded:2',), 'attention')
 """
 
 from __future__ import annotations
@@ -49,19 +53,20 @@ DEFAULT_SIZE = (1000, 600)
 #: an analysis's fingerprint: editing them reruns the analysis. ``config.py`` (the defaults) and
 #: ``runs.py`` (config -> analysis call) are in; the CLI is not (it only builds configs).
 ANALYSIS_SOURCES: dict[str, tuple[str, ...]] = {
-    "scan": ("scan.py",),
-    "probe": ("probing.py", "scan.py"),
-    "flow": ("flow/", "scan.py"),
+    "scan": ("scanning/", "distributed.py"),
+    "probe": ("probing/", "scanning/"),
+    "flow": ("flow/", "scanning/"),
 }
 COMMON_SOURCES = (
     "_utils.py",
-    "capture.py",
-    "sinks.py",
+    "capture/",
+    "sinks/",
     "data.py",
     "store.py",
     "models/",
     "config.py",
     "runs.py",
+    "api.py",
 )
 #: Sources whose content is part of every figure's render key: editing them re-renders.
 RENDER_SOURCES = ("viz/", "figures/kinds.py", "figures/render.py")
@@ -459,16 +464,46 @@ def data_digest(run: RunSpec) -> str:
     return _hash(entries)[:16]
 
 
+#: A small spec (one tiny scan, two figures) for examples and tests.
+EXAMPLE_SPEC = """version = 1
+[runs.tiny-scan]
+analysis = "scan"
+model = "tiny-dinov2+sinks"
+data = "samples:2"
+params = { method = "attention" }
+
+[[figures]]
+name = "tiny-norms"
+run = "tiny-scan"
+kind = "norm_distribution"
+
+[[figures]]
+name = "tiny-counts"
+run = "tiny-scan"
+kind = "sink_count"
+"""
+
+
+def write_example_spec(path: str | Path = "figs.toml") -> Path:
+    """Write :data:`EXAMPLE_SPEC` to ``path`` (for examples: ``regenerate(write_example_spec())``)."""
+    p = Path(path)
+    p.write_text(EXAMPLE_SPEC)
+    return p
+
+
 def source_digest(patterns: tuple[str, ...]) -> str:
-    """Hash of the content of the named sinkscope source files/folders."""
+    """Hash of the content of the named sinkscope source files/folders (a name matching no
+    file is an error, so a moved module cannot silently drop out of the fingerprints)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for pat in sorted(set(patterns)):
         p = root / pat
         files = sorted(p.rglob("*.py")) if pat.endswith("/") else [p]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise SinkscopeError(f"figures: source {pat!r} names no sinkscope file (update ANALYSIS_SOURCES)")
         for f in files:
-            if f.is_file():
-                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -8,9 +8,20 @@ what a window can change (layers from the window's start, positions from the fir
 The model is not modified: hooks are removed and the attention implementation restored
 afterwards, also on error.
 
+>>> from sinkscope.models import load_model
+>>> ad = load_model("tiny-llava")                                   # 4 LLM layers
+>>> inp = ad.build_inputs([np.zeros((32, 32, 3), np.uint8)], "<image> What is in the picture?")
+>>> inputs = {k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+>>> image_positions = ad.image_token_positions(inputs["input_ids"])[0].tolist()
+>>> seq = inputs["input_ids"].shape[1]
 >>> run = lambda: ad.model(**inputs)
->>> knockout(run, ad.llm, source=image_positions, target=[seq - 1], window=9,
-...          head=ad.model.get_output_embeddings())   # doctest: +SKIP
+>>> ko = knockout(run, ad.llm, source=image_positions, target=[seq - 1], window=3,
+...               head=ad.model.get_output_embeddings())           # image -> last position blocked
+>>> ko[["layer", "window_start", "window_end"]].values.tolist()     # one window per layer, clipped
+[[0, 0, 1], [1, 0, 2], [2, 1, 3], [3, 2, 3]]
+>>> ref = knockout(run, ad.llm, source=image_positions, target=[seq - 1], window=3, method="reference")
+>>> bool(np.allclose(ko.p_answer, ref.p_answer, atol=1e-6))         # the fast route = one forward per window
+True
 """
 
 from __future__ import annotations

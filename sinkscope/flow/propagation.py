@@ -22,8 +22,12 @@ Then tokens are binned by ViT norm (width 5 by default) and the mean attention e
 is reported per LLM layer, and the mean attention per token is reported for non-sinks,
 ViT-propagated sinks (sinks in the ViT) and LLM-emerged sinks (sinks in the LLM only).
 
->>> res = propagation(load_model("tiny-llava+sinks"), [img], "What is this?")   # doctest: +SKIP
->>> res.by_bin.head()                                                          # doctest: +SKIP
+>>> from sinkscope.data import sample_images
+>>> from sinkscope.models import load_model
+>>> img = sample_images(1)[0].load()
+>>> res = propagation(load_model("tiny-llava+sinks"), [img], "What is this?", vit_rule=NormRule(relative=5.0))
+>>> list(res.by_bin.columns), list(res.by_group.group)
+(['layer', 'bin_lo', 'bin_hi', 'n_tokens', 'mean_attention'], ['non-sink', 'vit-propagated sink', 'llm-emerged sink'])
 """
 
 from __future__ import annotations
@@ -135,6 +139,56 @@ def propagation(
     last row, output token ``t > 1`` is produced by decoding step ``t - 1``. ``chat``: wrap the
     prompt in the tokenizer's chat template (see :meth:`LlavaAdapter.build_inputs`).
     """
+    vit_rule, llm_rule = _check_rules(ad, vit_rule, llm_rule, sink_dims_from)
+    inp = ad.build_inputs(images, prompt, chat=chat)
+    ids, lay = inp["input_ids"], inp["layout"]
+    topk = llm_topk(ad.llm.hidden_size, llm_rule.tau)
+    vc, lc, qmask, n_out = _capture_pass(ad, inp, generate, topk)
+    vit_tab = _vit_sink_table(vc.norms[:, 0, : lay.n_tokens].numpy(), lay, ad.feature_layer, vit_rule)
+    llm = _llm_sinks(ad, ids, lc, llm_rule, sink_dims_from, topk)
+    vt = _visual_token_table(ad, ids, lay, vit_tab, llm, lc)
+    L = ad.llm.n_layers
+    by_bin = norm_bins(vt, bin_width, L)
+    by_group = attention_by_token_group(vt)
+    summary = {
+        "model": ad.describe(),
+        "prompt": prompt,
+        "chat_template": chat,
+        "n_images": len(images),
+        "queries": _queries(generate, n_out),
+        "n_query_tokens": n_out if generate else int(qmask.sum()),
+        "feature_layer": ad.feature_layer,
+        "select_strategy": ad.select_strategy,
+        "vit_rule": rule_to_dict(vit_rule),
+        "llm_rule": _llm_rule_summary(ad, llm_rule, llm, topk),
+        "bin_width": bin_width,
+        "n_visual_tokens": len(vt),
+        "n_vit_sinks": int(vt.is_vit_sink.sum()),
+        "n_llm_sink_tokens": int((vt.llm_sink_layers > 0).sum()),
+    }
+    note = _llm_rule_note(vt, llm_rule.tau, ad.llm.hidden_size)
+    if note:
+        summary["llm_rule_note"] = note
+    return Propagation(vt, by_bin, by_group, summary)
+
+
+@dataclass
+class _LlmSinks:
+    """The LLM sink rule on the prompt sequence: ``table`` (one row per token and layer, with
+    ``is_llm_sink``), the sink dims found (``dims``) and those detection used (``sink_dims``), and
+    where they came from (``source``, ``source_desc``)."""
+
+    table: pd.DataFrame
+    dims: list[int]
+    sink_dims: list[int]
+    source: str
+    source_desc: str
+
+
+def _check_rules(
+    ad: LlavaAdapter, vit_rule: NormRule | None, llm_rule: DimsRule | None, sink_dims_from: str
+) -> tuple[NormRule, DimsRule]:
+    """The ViT and LLM rules, defaults filled in; a clear error for a bad model or setting."""
     if not isinstance(ad, LlavaAdapter):
         raise SinkscopeError(f"model {ad.name!r} is not a LLaVA-style model (family {ad.family!r})")
     if sink_dims_from not in SINK_DIMS_SOURCES:
@@ -145,15 +199,21 @@ def propagation(
     llm_rule = llm_rule or DimsRule(tau=20.0, min_layer=2)
     if vit_rule.mode == "auto":
         raise SinkscopeError("the ViT sink rule needs an absolute or relative threshold here")
-    inp = ad.build_inputs(images, prompt, chat=chat)
-    ids, pv, am = inp["input_ids"], inp["pixel_values"], inp["attention_mask"]
-    lay: TokenLayout = inp["layout"]
+    return vit_rule, llm_rule
+
+
+def _capture_pass(ad: LlavaAdapter, inp: ModelInputs, generate: int, topk: int):
+    """One forward (or ``generate`` call) with two bounded-memory captures at once: the vision
+    tower at its feature layer and every decoder-layer input of the LLM (received attention from
+    the query tokens, top ``topk`` channels). ``-> (vision capture, LLM capture, query mask,
+    number of generated tokens)``."""
+    ids, am = inp["input_ids"], inp["attention_mask"]
     dev = ad.device
-    model_kw = {"input_ids": ids.to(dev), "pixel_values": pv.to(dev, ad.dtype), "attention_mask": am.to(dev)}
-    fl = ad.feature_layer
-    L = ad.llm.n_layers
-    seq = ids.shape[1]
-    topk = llm_topk(ad.llm.hidden_size, llm_rule.tau)
+    model_kw = {
+        "input_ids": ids.to(dev),
+        "pixel_values": inp["pixel_values"].to(dev, ad.dtype),
+        "attention_mask": am.to(dev),
+    }
     generated: dict[str, torch.Tensor] = {}
     if generate > 0:
         # output token 1 comes from the prefill's last row; later steps have one query each and
@@ -173,55 +233,87 @@ def propagation(
             ad.model(**model_kw)
 
     with (
-        Capture(ad.vision, layers=[fl], stop_early=False) as vcap,
+        Capture(ad.vision, layers=[ad.feature_layer], stop_early=False) as vcap,
         # decoder-layer inputs only (hidden_states[0..L-1]): the final norm's output feeds no layer
         Capture(
-            ad.llm, layers=list(range(L)), attention="all", dims=True, topk=topk, stop_early=False
+            ad.llm,
+            layers=list(range(ad.llm.n_layers)),
+            attention="all",
+            dims=True,
+            topk=topk,
+            stop_early=False,
         ) as lcap,
     ):
         vcap.reset()
         lc = lcap.run_fn(run, attention_mask=am.to(dev), query_mask=qmask)
         vc = vcap.collect()
-    n_out = int(generated["ids"].shape[1] - seq) if generate > 0 else 0
-    n_vit = lay.n_tokens
-    vit_norms = vc.norms[:, 0, :n_vit].numpy()  # [images, vit tokens]
-    mapping = pd.DataFrame(ad.vit_to_llm_positions(ids, n_vit_tokens=n_vit))
-    # ViT sinks at the feature layer, per image
+    n_out = int(generated["ids"].shape[1] - ids.shape[1]) if generate > 0 else 0
+    return vc, lc, qmask, n_out
+
+
+def _vit_sink_table(vit_norms: np.ndarray, lay: TokenLayout, fl: int, vit_rule: NormRule) -> pd.DataFrame:
+    """One row per (image, ViT token) at the feature layer ``fl`` (``vit_norms``: ``[images,
+    tokens]``), with ``is_vit_sink`` by ``vit_rule``."""
     vit_rows = []
     for i in range(vit_norms.shape[0]):
-        for t in range(n_vit):
+        for t in range(lay.n_tokens):
             vit_rows.append(
                 {"image": i, "layer": fl, "token": t, "kind": lay.kind(t), "norm": float(vit_norms[i, t])}
             )
     vit_tab = pd.DataFrame(vit_rows)
     vit_tab["is_vit_sink"] = detect(vit_tab, vit_rule).is_sink.to_numpy()
-    # LLM sinks (massive activations) on the prompt sequence
+    return vit_tab
+
+
+def _llm_sinks(
+    ad: LlavaAdapter, ids: torch.Tensor, lc, llm_rule: DimsRule, sink_dims_from: str, topk: int
+) -> _LlmSinks:
+    """LLM sinks (massive activations) on the prompt sequence, by ``llm_rule`` with its sink dims
+    from :func:`_sink_dims`."""
     from ..scanning import batch_rows
 
+    seq = ids.shape[1]
     llm_inputs = ModelInputs({"input_ids": ids}, [TokenLayout(n_text=seq)], ["prompt"])
     lc.norms = lc.norms[:, :, :seq]
     ltab = batch_rows(ad.llm, llm_inputs, lc, causal=True)
+    dims, source, source_desc = _sink_dims(ad, ids, ltab, llm_rule, sink_dims_from, topk)
+    ldet = detect(ltab, replace(llm_rule, dims=tuple(dims)))
+    ltab["is_llm_sink"] = ldet.is_sink.to_numpy()
+    return _LlmSinks(ltab, dims, [int(d) for d in ldet.sink_dims], source, source_desc)
+
+
+def _sink_dims(
+    ad: LlavaAdapter,
+    ids: torch.Tensor,
+    ltab: pd.DataFrame,
+    llm_rule: DimsRule,
+    sink_dims_from: str,
+    topk: int,
+) -> tuple[list[int], str, str]:
+    """The LLM sink dims, their source (``"given"`` or a :data:`SINK_DIMS_SOURCES` entry) and a
+    description of it."""
     if llm_rule.dims is not None:
-        dims, source = [int(d) for d in llm_rule.dims], "given"
-        source_desc = "given with the rule"
-    elif sink_dims_from == "text":
-        dims, source = text_only_sink_dims(ad, ids, llm_rule, topk), "text"
+        return [int(d) for d in llm_rule.dims], "given", "given with the rule"
+    if sink_dims_from == "text":
+        dims = text_only_sink_dims(ad, ids, llm_rule, topk)
         n_text = int((ids[0] != ad.image_token_id).sum())
-        source_desc = f"text-only pass: the prompt without its image tokens ({n_text} tokens) through the LLM"
-    elif sink_dims_from == "first_text_token":
+        return (
+            dims,
+            "text",
+            f"text-only pass: the prompt without its image tokens ({n_text} tokens) through the LLM",
+        )
+    if sink_dims_from == "first_text_token":
         is_text = ids[0] != ad.image_token_id
         if not is_text.any():
             raise SinkscopeError("the prompt has no text token to find the LLM sink dims on")
         first = int(torch.nonzero(is_text).min())
-        dims, source = discover_sink_dims(ltab[ltab.token == first], llm_rule), "first_text_token"
-        source_desc = f"first text token of the multimodal sequence (position {first})"
-    else:
-        dims, source = discover_sink_dims(ltab, llm_rule), "multimodal"
-        source_desc = "multimodal sequence (visual tokens included)"
-    ldet = detect(ltab, replace(llm_rule, dims=tuple(dims)))
-    ltab["is_llm_sink"] = ldet.is_sink.to_numpy()
-    sink_layers = ltab.groupby("token")["is_llm_sink"].sum()
-    # the hidden dims a visual token lights up where it is an LLM sink (its largest channel there)
+        dims = discover_sink_dims(ltab[ltab.token == first], llm_rule)
+        return dims, "first_text_token", f"first text token of the multimodal sequence (position {first})"
+    return discover_sink_dims(ltab, llm_rule), "multimodal", "multimodal sequence (visual tokens included)"
+
+
+def _lit_dims(ltab: pd.DataFrame) -> dict[int, list[int]]:
+    """Token -> the hidden dims it lights up where it is an LLM sink (its largest channel there)."""
     flagged = (
         ltab.loc[ltab.is_llm_sink, ["token", "top_dim_0"]]
         .drop_duplicates()
@@ -230,9 +322,19 @@ def propagation(
     lit: dict[int, list[int]] = {}
     for tok, dim in zip(flagged["token"].to_numpy(), flagged["top_dim_0"].to_numpy()):
         lit.setdefault(int(tok), []).append(int(dim))
+    return lit
+
+
+def _visual_token_table(
+    ad: LlavaAdapter, ids: torch.Tensor, lay: TokenLayout, vit_tab: pd.DataFrame, llm: _LlmSinks, lc
+) -> pd.DataFrame:
+    """One row per visual token fed to the LLM (vectorised: no per-token DataFrame lookups)."""
+    n_vit, L, seq = lay.n_tokens, ad.llm.n_layers, ids.shape[1]
+    mapping = pd.DataFrame(ad.vit_to_llm_positions(ids, n_vit_tokens=n_vit))
+    sink_layers = llm.table.groupby("token")["is_llm_sink"].sum()
+    lit = _lit_dims(llm.table)
     # attention received per LLM block, head-averaged, from the chosen queries
     att = np.stack([lc.attn_received[b][0, :seq].numpy() for b in range(L)])  # [blocks, seq]
-    # one row per visual token, vectorised (no per-token DataFrame lookups)
     img_i = mapping["image_index"].to_numpy()
     vit_t = mapping["vit_token"].to_numpy()
     pos = mapping["llm_position"].to_numpy()
@@ -253,57 +355,51 @@ def propagation(
     }
     for b in range(L):
         cols[f"attn_L{b}"] = att[b, pos]
-    rows = cols
-    vt = pd.DataFrame(rows)
+    vt = pd.DataFrame(cols)
     vt["row"] = pd.array(vt["row"], dtype="Int32")
     vt["col"] = pd.array(vt["col"], dtype="Int32")
-    by_bin = norm_bins(vt, bin_width, L)
-    by_group = attention_by_token_group(vt)
-    summary = {
-        "model": ad.describe(),
-        "prompt": prompt,
-        "chat_template": chat,
-        "n_images": len(images),
-        "queries": (
-            f"{n_out} generated tokens" + (f" (stopped early; {generate} asked)" if n_out < generate else "")
-            if generate
-            else "text tokens after the first image (prefill)"
-        ),
-        "n_query_tokens": n_out if generate else int(qmask.sum()),
-        "feature_layer": fl,
-        "select_strategy": ad.select_strategy,
-        "vit_rule": rule_to_dict(vit_rule),
-        "llm_rule": {
-            **rule_to_dict(llm_rule),
-            "sink_dims": [int(d) for d in ldet.sink_dims],
-            "sink_dims_source": source,
-            "sink_dims_source_description": source_desc,
-            "topk_channels": topk,
-            "topk_exact": topk >= exact_topk(ad.llm.hidden_size, llm_rule.tau),
-            "layers": list(range(llm_rule.min_layer, L)),
-            "layers_description": "decoder-layer inputs hidden_states[i], min_layer <= i < L "
-            "(the final norm's output is no layer input)",
-        },
-        "bin_width": bin_width,
-        "n_visual_tokens": len(vt),
-        "n_vit_sinks": int(vt.is_vit_sink.sum()),
-        "n_llm_sink_tokens": int((vt.llm_sink_layers > 0).sum()),
+    return vt
+
+
+def _queries(generate: int, n_out: int) -> str:
+    """What the attention is averaged over, in words."""
+    if not generate:
+        return "text tokens after the first image (prefill)"
+    return f"{n_out} generated tokens" + (f" (stopped early; {generate} asked)" if n_out < generate else "")
+
+
+def _llm_rule_summary(ad: LlavaAdapter, llm_rule: DimsRule, llm: _LlmSinks, topk: int) -> dict[str, Any]:
+    """The LLM rule as run: its sink dims and their source, the channels kept, the layers checked."""
+    out = {
+        **rule_to_dict(llm_rule),
+        "sink_dims": llm.sink_dims,
+        "sink_dims_source": llm.source,
+        "sink_dims_source_description": llm.source_desc,
+        "topk_channels": topk,
+        "topk_exact": topk >= exact_topk(ad.llm.hidden_size, llm_rule.tau),
+        "layers": list(range(llm_rule.min_layer, ad.llm.n_layers)),
+        "layers_description": "decoder-layer inputs hidden_states[i], min_layer <= i < L "
+        "(the final norm's output is no layer input)",
     }
-    if not dims:
-        summary["llm_rule"]["sink_dims_note"] = (
-            f"no massive activation on the {source_desc}: no LLM sink dims, so no visual token is "
+    if not llm.dims:
+        out["sink_dims_note"] = (
+            f"no massive activation on the {llm.source_desc}: no LLM sink dims, so no visual token is "
             "called an LLM sink (give dims with the rule, or use sink_dims_from='multimodal')"
         )
+    return out
+
+
+def _llm_rule_note(vt: pd.DataFrame, tau: float, width: int) -> str | None:
+    """A warning when over a quarter of the visual tokens pass the LLM sink rule: a rule that calls
+    a quarter of the image "sinks" has stopped separating anything."""
     frac = float((vt.llm_sink_layers > 0).mean()) if len(vt) else 0.0
-    if frac > 0.25:
-        # a sink rule that calls a quarter of the image "sinks" has stopped separating anything
-        width = ad.llm.hidden_size
-        summary["llm_rule_note"] = (
-            f"{frac:.0%} of the visual tokens pass the LLM sink rule (tau={llm_rule.tau:g}; the largest "
-            f"possible max|x|/RMS at width {width} is sqrt({width}) = {width**0.5:.0f}): the 'LLM-emerged sink' "
-            "group is not a small set of outliers here - check the projector, or raise tau"
-        )
-    return Propagation(vt, by_bin, by_group, summary)
+    if frac <= 0.25:
+        return None
+    return (
+        f"{frac:.0%} of the visual tokens pass the LLM sink rule (tau={tau:g}; the largest "
+        f"possible max|x|/RMS at width {width} is sqrt({width}) = {width**0.5:.0f}): the 'LLM-emerged sink' "
+        "group is not a small set of outliers here - check the projector, or raise tau"
+    )
 
 
 def norm_bins(vt: pd.DataFrame, bin_width: float, n_llm_layers: int) -> pd.DataFrame:

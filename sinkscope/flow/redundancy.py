@@ -218,8 +218,15 @@ def redundancy(
     (``vision_feature_layer``, -2 for LLaVA-1.5) or a ViT's last layer. The neighbour cosine
     similarity is measured at layer 0 (input) and at the detection layer.
 
-    >>> res = redundancy(load_model("tiny-dinov2+sinks"), [img])          # doctest: +SKIP
-    >>> res.by_group                                                       # doctest: +SKIP
+    >>> from sinkscope.models import load_model, paint_markers
+    >>> img = paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])   # one planted sink
+    >>> res = redundancy(load_model("tiny-dinov2+sinks"), [img])
+    >>> res.by_group[["layer", "layer_role", "group", "n", "mean_cos"]].round(2)   # the red marker vs grey patches
+       layer layer_role     group   n  mean_cos
+    0      0      input  non-sink  15      0.91
+    1      0      input      sink   1     -0.15
+    2      4  detection  non-sink  15      0.92
+    3      4  detection      sink   1     -0.02
     """
     from ..capture import Capture
 

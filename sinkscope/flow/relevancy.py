@@ -29,7 +29,8 @@ numpy in, numpy (float64) out; torch in, torch out (float32, or float64 for floa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,20 +151,57 @@ def vlm_relevancy(
     answer row of the LLM's relevancy / rollout at the token's image position: the feature-layer
     token), ``relevancy`` / ``rollout`` (chained through the ViT down to its input patches).
 
-    >>> res = vlm_relevancy(load_model("tiny-llava+sinks"), [img], "What is this?")  # doctest: +SKIP
-    >>> res.table.groupby("is_vit_sink").relevancy.mean()                            # doctest: +SKIP
+    >>> from sinkscope.data import sample_images
+    >>> from sinkscope.models import load_model
+    >>> img = sample_images(1)[0].load()
+    >>> res = vlm_relevancy(load_model("tiny-llava+sinks"), [img], "What is this?")
+    >>> bool((res.table.relevancy >= 0).all()), sorted(res.summary["relevancy"])
+    (True, ['mean_per_nonsink', 'mean_per_sink', 'sink_share'])
     """
     if not isinstance(ad, LlavaAdapter):
         raise SinkscopeError(f"relevancy needs a LLaVA-style model; {ad.name!r} is {ad.family!r}")
     vit_rule = vit_rule or NormRule(relative=5.0)
     names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
     inp = ad.build_inputs(list(images), prompt, chat=chat)
-    model = ad.model
-    dev = ad.device
-    kw = {k: inp[k].to(dev) for k in ("input_ids", "attention_mask")}
-    kw["pixel_values"] = inp["pixel_values"].to(dev, ad.dtype)
+    kw = {k: inp[k].to(ad.device) for k in ("input_ids", "attention_mask")}
+    kw["pixel_values"] = inp["pixel_values"].to(ad.device, ad.dtype)
+    llm_f, vit_f, ans, logit_value = _answer_gradients(ad, kw, answer_id)
+    feat_norm = _feature_norms(ad, images)  # [images, N]
+    seq = llm_f[0][0].shape[-1]
+    r_llm = _accumulate([ab[0] for ab, _ in llm_f], np.eye(seq))[-1]  # the answer position's row
+    ro_llm = rollout([m[0] for _, m in llm_f])[-1]
+    is_sink = _feature_sinks(feat_norm, inp["layout"], ad.feature_layer, vit_rule)
+    table = _relevancy_table(ad, inp, names, feat_norm, is_sink, (r_llm, ro_llm), vit_f)
+    patches = table[table.kind == "patch"]
     fl = ad.feature_layer
-    n_llm = ad.llm.n_layers
+    tokzr = ad.tokenizer
+    summary = {
+        "answer_id": ans,
+        "answer_token": tokzr.decode([ans]) if tokzr is not None else None,
+        "answer_logit": logit_value,
+        "explained": "logit of the answer token at the last position (pre-softmax)",
+        "method": "Chefer et al. 2021 rules 5-6: Abar = mean_heads(max(0, grad * A)), R = I, "
+        "R <- R + Abar @ R; LLM answer row at image positions -> ViT feature-layer tokens -> @ R_vit",
+        "feature_layer": fl,
+        "vit_blocks": [0, fl - 1] if fl > 0 else [],
+        "llm_layers": ad.llm.n_layers,
+        "answer_position": int(inp["input_ids"].shape[1]) - 1,
+        "vit_rule": rule_to_dict(vit_rule),
+        "n_vit_sinks": int(patches.is_vit_sink.sum()),
+        "relevancy": _share(patches, "relevancy"),
+        "rollout": _share(patches, "rollout"),
+        "relevancy_llm": _share(patches, "relevancy_llm"),
+    }
+    return RelevancyResult(table, summary)
+
+
+@contextmanager
+def _kept_attention(ad: LlavaAdapter, n_vit_blocks: int) -> Iterator[dict[tuple[str, int], Any]]:
+    """Eager attention for the pass, and temporary hooks keeping the attention maps (still in the
+    autograd graph) of every LLM block and of the first ``n_vit_blocks`` ViT blocks, in a dict
+    ``("llm" | "vit", block) -> map``. The hooks are removed and the attention implementation
+    restored after, also on error."""
+    model = ad.model
     maps: dict[tuple[str, int], Any] = {}
 
     def keep(key):
@@ -178,12 +216,27 @@ def vlm_relevancy(
         model.set_attn_implementation("eager")
         # the eager modules return their weights, still in the autograd graph; temporary hooks
         # keep them (``output_attentions=True`` would make transformers install permanent hooks)
-        for b in range(n_llm):
+        for b in range(ad.llm.n_layers):
             handles.append(ad.llm.attention(b).register_forward_hook(keep(("llm", b))))
-        for b in range(fl):
+        for b in range(n_vit_blocks):
             handles.append(ad.vision.attention(b).register_forward_hook(keep(("vit", b))))
+        yield maps
+    finally:
+        for h in handles:
+            h.remove()
+        maps.clear()
+        model.set_attn_implementation({k: v for k, v in prev.items() if v is not None})
+
+
+def _answer_gradients(ad: LlavaAdapter, kw: dict[str, Any], answer_id: int | None):
+    """One forward with the attention maps kept, and the gradient of the answer logit (``answer_id``,
+    default the greedy next token at the last position) with respect to each map, fused per block
+    (:func:`_fuse_on_device`). ``-> (LLM blocks' (Abar, mean attention), ViT blocks' (same) below
+    the feature layer, answer id, answer logit)``."""
+    fl, n_llm = ad.feature_layer, ad.llm.n_layers
+    with _kept_attention(ad, fl) as maps:
         with torch.enable_grad():
-            out = model(**kw, use_cache=False)
+            out = ad.model(**kw, use_cache=False)
             llm_att = [maps.get(("llm", b)) for b in range(n_llm)]
             vit_att = [maps.get(("vit", b)) for b in range(fl)]
             if any(a is None or not a.requires_grad for a in llm_att + vit_att):
@@ -195,29 +248,23 @@ def vlm_relevancy(
             ans = int(logits.argmax()) if answer_id is None else int(answer_id)
             grads = torch.autograd.grad(logits[ans], llm_att + vit_att, allow_unused=True)
         logit_value = float(logits[ans].detach())
-    finally:
-        for h in handles:
-            h.remove()
-        maps.clear()
-        model.set_attn_implementation({k: v for k, v in prev.items() if v is not None})
-    # the ViT's feature-layer norms (for the sink rule), from the pixels the model saw
+    fused = [_fuse_on_device(a, g) for a, g in zip(llm_att + vit_att, grads)]
+    return fused[:n_llm], fused[n_llm:], ans, logit_value
+
+
+def _feature_norms(ad: LlavaAdapter, images: Sequence[Any]) -> torch.Tensor:
+    """The ViT's feature-layer norms ``[images, tokens]`` (for the sink rule), from the pixels the
+    model saw."""
     from ..capture import Capture
 
-    with Capture(ad.vision, layers=[fl]) as cap:
+    with Capture(ad.vision, layers=[ad.feature_layer]) as cap:
         vis_cap = cap.run(ad.vision.prepare(list(images)))
-    feat_norm = vis_cap.norms[:, 0]  # [images, N]
-    fused = [_fuse_on_device(a, g) for a, g in zip(llm_att + vit_att, grads)]
-    del out, llm_att, vit_att, grads, logits
-    llm_f, vit_f = fused[:n_llm], fused[n_llm:]
-    seq = llm_f[0][0].shape[-1]
-    r_llm = _accumulate([ab[0] for ab, _ in llm_f], np.eye(seq))[-1]  # the answer position's row
-    ro_llm = rollout([m[0] for _, m in llm_f])[-1]
+    return vis_cap.norms[:, 0]
 
-    lay = inp["layout"]
-    n_vit = lay.n_tokens
-    rows = ad.vit_to_llm_positions(inp["input_ids"], n_vit)
-    n_img = int(inp["pixel_values"].shape[0])
-    # sinks at the feature layer, by the ViT rule over patch tokens
+
+def _feature_sinks(feat_norm: torch.Tensor, lay, fl: int, vit_rule: NormRule) -> np.ndarray:
+    """``[images, tokens]`` bool: the sinks at the feature layer, by the ViT rule over patch tokens."""
+    n_img, n_vit = feat_norm.shape[0], lay.n_tokens
     tok = pd.DataFrame(
         {
             "image": np.repeat(np.arange(n_img), n_vit),
@@ -227,9 +274,26 @@ def vlm_relevancy(
             "norm": feat_norm.numpy().reshape(-1),
         }
     )
-    is_sink = detect(tok, vit_rule).is_sink.to_numpy().reshape(n_img, n_vit)
+    return detect(tok, vit_rule).is_sink.to_numpy().reshape(n_img, n_vit)
+
+
+def _vit_chain(vit_f, k: int, n_vit: int, fl: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``k``'s relevancy and rollout accumulated over the ViT blocks below the feature layer
+    (the identity when there is none)."""
+    if fl == 0:
+        return np.eye(n_vit), np.eye(n_vit)
+    return _accumulate([ab[k] for ab, _ in vit_f], np.eye(n_vit)), rollout([m[k] for _, m in vit_f])
+
+
+def _relevancy_table(ad, inp, names, feat_norm, is_sink, llm_rows, vit_f) -> pd.DataFrame:
+    """One row per ViT token of each image: the LLM answer rows ``llm_rows`` (relevancy, rollout)
+    at the token's image position, and chained through the ViT down to its input patches."""
+    lay, fl = inp["layout"], ad.feature_layer
+    n_vit = lay.n_tokens
+    rows = ad.vit_to_llm_positions(inp["input_ids"], n_vit)
+    r_llm, ro_llm = llm_rows
     frames = []
-    for k in range(n_img):
+    for k in range(int(inp["pixel_values"].shape[0])):
         pos = np.full(n_vit, -1)
         for row in rows:
             if row["image_index"] == k:
@@ -237,11 +301,7 @@ def vlm_relevancy(
         fed = pos >= 0
         r_tok = np.where(fed, r_llm[np.maximum(pos, 0)], 0.0)
         ro_tok = np.where(fed, ro_llm[np.maximum(pos, 0)], 0.0)
-        if fl > 0:
-            R_vit = _accumulate([ab[k] for ab, _ in vit_f], np.eye(n_vit))
-            Ro_vit = rollout([m[k] for _, m in vit_f])
-        else:
-            R_vit = Ro_vit = np.eye(n_vit)
+        R_vit, Ro_vit = _vit_chain(vit_f, k, n_vit, fl)
         rc = [lay.row_col(t) for t in range(n_vit)]
         frames.append(
             pd.DataFrame(
@@ -262,38 +322,19 @@ def vlm_relevancy(
                 }
             )
         )
-    table = pd.concat(frames, ignore_index=True)
-    patches = table[table.kind == "patch"]
+    return pd.concat(frames, ignore_index=True)
 
-    def share(col: str) -> dict[str, Any]:
-        tot = float(patches[col].sum())
-        s = patches[patches.is_vit_sink][col]
-        ns = patches[~patches.is_vit_sink][col]
-        return {
-            "sink_share": float(s.sum()) / tot if tot > 0 else None,
-            "mean_per_sink": float(s.mean()) if len(s) else None,
-            "mean_per_nonsink": float(ns.mean()) if len(ns) else None,
-        }
 
-    tokzr = ad.tokenizer
-    summary = {
-        "answer_id": ans,
-        "answer_token": tokzr.decode([ans]) if tokzr is not None else None,
-        "answer_logit": logit_value,
-        "explained": "logit of the answer token at the last position (pre-softmax)",
-        "method": "Chefer et al. 2021 rules 5-6: Abar = mean_heads(max(0, grad * A)), R = I, "
-        "R <- R + Abar @ R; LLM answer row at image positions -> ViT feature-layer tokens -> @ R_vit",
-        "feature_layer": fl,
-        "vit_blocks": [0, fl - 1] if fl > 0 else [],
-        "llm_layers": ad.llm.n_layers,
-        "answer_position": int(inp["input_ids"].shape[1]) - 1,
-        "vit_rule": rule_to_dict(vit_rule),
-        "n_vit_sinks": int(patches.is_vit_sink.sum()),
-        "relevancy": share("relevancy"),
-        "rollout": share("rollout"),
-        "relevancy_llm": share("relevancy_llm"),
+def _share(patches: pd.DataFrame, col: str) -> dict[str, Any]:
+    """The sinks' share of ``col`` over the patches, and its mean per sink and per non-sink."""
+    tot = float(patches[col].sum())
+    s = patches[patches.is_vit_sink][col]
+    ns = patches[~patches.is_vit_sink][col]
+    return {
+        "sink_share": float(s.sum()) / tot if tot > 0 else None,
+        "mean_per_sink": float(s.mean()) if len(s) else None,
+        "mean_per_nonsink": float(ns.mean()) if len(ns) else None,
     }
-    return RelevancyResult(table, summary)
 
 
 __all__ = ["RelevancyResult", "head_mean_positive", "relevancy", "vlm_relevancy"]

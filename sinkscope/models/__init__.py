@@ -82,8 +82,9 @@ def load_model(
     processor decides. Attention stays SDPA; captures switch the blocks that need attention
     weights to eager for their duration.
 
+    >>> import numpy as np
     >>> ad = load_model("tiny-clip", image_size=(48, 40))
-    >>> ad.prepare([np.zeros((60, 60, 3), np.uint8)]).layouts[0].grid       # doctest: +SKIP
+    >>> ad.prepare([np.zeros((60, 60, 3), np.uint8)]).layouts[0].grid       # 48 x 40 px, 8 px patches
     (6, 5)
     """
     name = str(name_or_path)

@@ -5,8 +5,9 @@ It pairs a :class:`~sinkscope.models.vision.VisionAdapter` over the vision tower
 reach the LLM: the vision feature layer (LLaVA-1.5: ``-2``), the select strategy (``default``
 drops CLS, ``full`` keeps it), the projector, and the positions of image tokens in the LLM input.
 
->>> ad = load_model("tiny-llava")                      # doctest: +SKIP
->>> ad.vision.n_layers, ad.llm.n_layers, ad.feature_layer, ad.select_strategy  # doctest: +SKIP
+>>> from sinkscope.models import load_model
+>>> ad = load_model("tiny-llava")
+>>> ad.vision.n_layers, ad.llm.n_layers, ad.feature_layer, ad.select_strategy
 (4, 4, 3, 'default')
 """
 
@@ -132,8 +133,18 @@ class LlavaAdapter(Adapter):
         assistant's opening), so text - not an image token - starts the sequence, as in training;
         without it, a tokenizer that adds no BOS (SmolLM2) starts the sequence with image tokens.
 
-        >>> inp = ad.build_inputs([img], "<image> What is in the picture?")     # doctest: +SKIP
-        >>> inp = ad.build_inputs([img], "What is in the picture?", chat=True)  # doctest: +SKIP
+        >>> import numpy as np
+        >>> from sinkscope.models import load_model
+        >>> ad, img = load_model("tiny-llava"), np.zeros((32, 32, 3), np.uint8)
+        >>> inp = ad.build_inputs([img], "<image> What is in the picture?")
+        >>> inp["input_ids"].shape, inp["pixel_values"].shape, inp["layout"].grid
+        (torch.Size([1, 23]), torch.Size([1, 3, 32, 32]), (4, 4))
+        >>> [p["llm_position"] for p in ad.vit_to_llm_positions(inp["input_ids"], inp["layout"].n_tokens)][:3]
+        [1, 2, 3]
+        >>> ad.build_inputs([img], "What is in the picture?", chat=True)  # tiny-llava's tokenizer has none
+        Traceback (most recent call last):
+        ...
+        sinkscope._utils.SinkscopeError: model 'tiny-llava': its tokenizer has no chat template; write the template into the prompt
         """
         if self.tokenizer is None:
             raise SinkscopeError(f"model {self.name!r} has no tokenizer to build a prompt with")

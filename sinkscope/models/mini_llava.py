@@ -21,9 +21,12 @@ resize the short side to 256, centre-crop 224), so 256 image tokens per image. T
 tokenizer gets a new special token ``<image>`` (id 49152); the embedding matrix (tied with
 ``lm_head``) grows by one row, set to the mean of the existing rows.
 
->>> ad = build_mini_llava()                                             # doctest: +SKIP
+Skipped in the doctests: the example builds the real mini-llava (DINOv2-S + SmolLM2-135M,
+about 40 s on first use), too slow for CI.
+
+>>> ad = build_mini_llava()  # skipped in the doctests: builds the real mini-llava   # doctest: +SKIP
 >>> inp = mini_llava_inputs(ad, [image], "What is in the picture?")     # doctest: +SKIP
->>> ad.model.generate(**inp, max_new_tokens=8)                          # doctest: +SKIP
+>>> ad.model.generate(**inp, max_new_tokens=8)  # skipped in the doctests   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -125,6 +128,44 @@ def build_mini_llava(seed: int = 0, projector: str | Path | None = None) -> Llav
 def _build(vision_dir: Path, llm_dir: Path, seed: int, projector: str | Path | None) -> LlavaAdapter:
     import transformers as T
 
+    vision, llm, image_processor, tokenizer = _load_parts(vision_dir, llm_dir)
+    image_token_id = _add_image_token(tokenizer, llm)
+    config, text_config = _llava_config(vision, llm, image_token_id)
+    with _no_init():
+        model = T.LlavaForConditionalGeneration(config)
+    model.eval()
+    _load_weights(model, vision, llm, seed, projector)
+    del vision, llm
+
+    trained = projector is not None
+    config.projector_trained = trained
+    config.projector_seed = None if trained else int(seed)
+    model.generation_config = T.GenerationConfig.from_model_config(text_config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.suppress_tokens = [image_token_id]  # never generate a placeholder
+
+    processor = T.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=SELECT_STRATEGY,
+        num_additional_image_tokens=1,  # DINOv2's CLS
+        image_token=IMAGE_TOKEN,
+    )
+    adapter = LlavaAdapter(model, MINI_LLAVA_NAME, processor)
+    adapter.projector_trained = trained
+    adapter.projector_seed = config.projector_seed
+    adapter.projector_source = None if projector is None else str(Path(projector).expanduser())
+    adapter.planted = None
+    return adapter
+
+
+def _load_parts(vision_dir: Path, llm_dir: Path) -> tuple[Any, Any, Any, Any]:
+    """The real DINOv2 and SmolLM2 models (in eval mode), the image processor and the tokenizer,
+    loaded without transformers' load reports and progress bars."""
+    import transformers as T
+
     verbosity, bar = T.logging.get_verbosity(), T.logging.is_progress_bar_enabled()
     T.logging.set_verbosity_error()  # no load reports
     T.logging.disable_progress_bar()  # no "Loading weights" bars
@@ -137,20 +178,31 @@ def _build(vision_dir: Path, llm_dir: Path, seed: int, projector: str | Path | N
         T.logging.set_verbosity(verbosity)
         if bar:
             T.logging.enable_progress_bar()
+    return vision, llm, image_processor, tokenizer
 
-    # the <image> placeholder: one new special token after SmolLM2's 49152
+
+def _add_image_token(tokenizer: Any, llm: nn.Module) -> int:
+    """Add the ``<image>`` placeholder to ``tokenizer``: one new special token after SmolLM2's
+    49152 (checked against the LLM's embedding rows). Returns its id."""
     n_vocab = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    old_emb = llm.model.embed_tokens.weight.detach()
-    if image_token_id != n_vocab or old_emb.shape[0] != n_vocab or len(tokenizer) != n_vocab + 1:
+    n_rows = llm.model.embed_tokens.weight.shape[0]
+    if image_token_id != n_vocab or n_rows != n_vocab or len(tokenizer) != n_vocab + 1:
         raise SinkscopeError(
-            f"SmolLM2 tokenizer/vocabulary mismatch: {n_vocab} tokens, {old_emb.shape[0]} embedding rows, "
+            f"SmolLM2 tokenizer/vocabulary mismatch: {n_vocab} tokens, {n_rows} embedding rows, "
             f"<image> got id {image_token_id}"
         )
+    return image_token_id
+
+
+def _llava_config(vision: nn.Module, llm: nn.Module, image_token_id: int) -> tuple[Any, Any]:
+    """The ``LlavaConfig`` - both towers' configs and LLaVA-1.5's vision settings - and the text
+    config it was given (its vocabulary grown by ``<image>``, the last id)."""
+    import transformers as T
 
     text_config = T.LlamaConfig.from_dict(llm.config.to_dict())
-    text_config.vocab_size = n_vocab + 1
+    text_config.vocab_size = image_token_id + 1
     config = T.LlavaConfig(
         vision_config=T.Dinov2Config.from_dict(vision.config.to_dict()),
         text_config=text_config,
@@ -161,11 +213,15 @@ def _build(vision_dir: Path, llm_dir: Path, seed: int, projector: str | Path | N
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
     )
-    with _no_init():
-        model = T.LlavaForConditionalGeneration(config)
-    model.eval()
+    return config, text_config
 
-    # all weights: the real towers, the grown embedding, a seeded (or loaded) projector
+
+def _load_weights(
+    model: nn.Module, vision: nn.Module, llm: nn.Module, seed: int, projector: str | Path | None
+) -> None:
+    """Load all of ``model``'s weights: the real towers, the embedding grown by one mean row (tied
+    with ``lm_head``) and a seeded (or loaded) projector; every key must match."""
+    old_emb = llm.model.embed_tokens.weight.detach()
     state: dict[str, torch.Tensor] = {}
     state.update({f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()})
     lm_state = llm.model.state_dict()
@@ -190,30 +246,6 @@ def _build(vision_dir: Path, llm_dir: Path, seed: int, projector: str | Path | N
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
         raise SinkscopeError("mini-llava: lm_head is not tied to the input embeddings")
-    del vision, llm, state
-
-    trained = projector is not None
-    config.projector_trained = trained
-    config.projector_seed = None if trained else int(seed)
-    model.generation_config = T.GenerationConfig.from_model_config(text_config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.suppress_tokens = [image_token_id]  # never generate a placeholder
-
-    processor = T.LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=SELECT_STRATEGY,
-        num_additional_image_tokens=1,  # DINOv2's CLS
-        image_token=IMAGE_TOKEN,
-    )
-    adapter = LlavaAdapter(model, MINI_LLAVA_NAME, processor)
-    adapter.projector_trained = trained
-    adapter.projector_seed = config.projector_seed
-    adapter.projector_source = None if projector is None else str(Path(projector).expanduser())
-    adapter.planted = None
-    return adapter
 
 
 def mini_llava_inputs(

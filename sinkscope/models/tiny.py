@@ -19,8 +19,15 @@ Language models (``tiny-llama``): token ids in ``plant.token_ids`` carry the mar
 their embedding row; the trigger neuron of the block before ``plant.layer`` writes the massive
 value, like the first-token massive activation of real LLMs.
 
->>> ad = load_tiny("tiny-dinov2", plant=Plant(layer=2))      # doctest: +SKIP
->>> img = paint_markers(np.zeros((48, 40, 3), np.uint8), [(1, 2)], patch=8)   # doctest: +SKIP
+>>> from sinkscope.capture import Capture
+>>> ad = load_tiny("tiny-dinov2", plant=Plant(layer=2), image_size=(48, 40))
+>>> img = paint_markers(np.zeros((48, 40, 3), np.uint8), [(1, 2)], patch=8)   # a 6 x 5 patch grid
+>>> batch = ad.prepare([img])
+>>> with Capture(ad) as c:
+...     cap = c.run(batch)
+>>> sink = batch.layouts[0].patch_token(1, 2)
+>>> [int(cap.norms[0, layer].argmax()) == sink for layer in cap.layers]     # the top norm from layer 2 on
+[False, False, True, True, True]
 """
 
 from __future__ import annotations

@@ -156,7 +156,15 @@ class VisionAdapter(Adapter):
         Each source image must be at least one patch wide and high, or ``min_side`` px when given
         (a data set of small pictures, such as the 8 x 8 ``digits``, that the resize enlarges).
 
-        >>> inp = ad.prepare([np.zeros((40, 50, 3), np.uint8)])  # doctest: +SKIP
+        >>> from sinkscope.models import load_model
+        >>> ad = load_model("tiny-siglip", image_size=(40, 48))
+        >>> inp = ad.prepare([np.zeros((40, 50, 3), np.uint8)], names=["black"])
+        >>> inp.tensors["pixel_values"].shape, inp.layouts[0].grid, inp.names
+        (torch.Size([1, 3, 40, 48]), (5, 6), ['black'])
+        >>> ad.prepare([np.zeros((4, 50, 3), np.uint8)], names=["strip"])
+        Traceback (most recent call last):
+        ...
+        sinkscope._utils.SinkscopeError: image 'strip' is 50x4 px, smaller than one 8 px patch
         """
         from PIL import Image
 

@@ -6,8 +6,13 @@
 - :func:`write_decode_report` - ``decode.html``: findings, the figure, the rate table and the
   decoded words of the sink tokens, one self-contained page in the style of ``sinkscope report``.
 
->>> rates = pd.read_csv("runs/decode/decode_rate.csv")                # doctest: +SKIP
->>> decode_rate_figure(rates, summary).show()                         # doctest: +SKIP
+>>> from sinkscope.flow.decoding import decode_rate
+>>> decode_rate("tiny-llava+sinks", "lfw-faces", max_images=4, progress=False).save("runs/decode")
+PosixPath('runs/decode')
+>>> rates, summary = read_table("runs/decode/decode_rate.csv"), read_summary("runs/decode")
+>>> fig = decode_rate_figure(rates, summary)
+>>> [t.name for t in fig.data]
+['sink tokens', 'non-sink tokens']
 """
 
 from __future__ import annotations
@@ -131,8 +136,11 @@ def decode_findings(rates: pd.DataFrame, summary: dict) -> list[str]:
     """A few sentences on a decoding run: the two headline rates with their intervals, the
     difference, the control, the rule and the caveats.
 
-    >>> decode_findings(rates, summary)[0]                                # doctest: +SKIP
-    'Sink tokens: 12.0% (6 / 50 tokens, 95% wilson CI 5.6% - 23.8%) ...'
+    >>> from sinkscope.flow.decoding import decode_rate
+    >>> res = decode_rate("tiny-llava+sinks", "lfw-faces", max_images=4, progress=False)
+    >>> decode_findings(res.rates, res.summary)[:2]       # lfw faces carry no planted marker: no sink
+    ['Sink tokens: none decoded (no such token in the labelled images).',
+     'Non-sink tokens: 0.0% decode to the object word (0 / 16 tokens from 2 images; 95% wilson CI 0.0% - 19.4%).']
     """
     out = []
     r = summary.get("rates") or {}
@@ -239,7 +247,10 @@ def write_decode_report(
     one self-contained page (plotly.js inline). An existing page sinkscope did not write is
     refused unless ``overwrite``.
 
-    >>> write_decode_report("runs/decode/decode.html", res.rates, res.per_token, res.summary)  # doctest: +SKIP
+    >>> from sinkscope.flow.decoding import decode_rate
+    >>> res = decode_rate("tiny-llava+sinks", "lfw-faces", max_images=4, progress=False)
+    >>> write_decode_report("runs/decode/decode.html", res.rates, res.per_token, res.summary)
+    PosixPath('runs/decode/decode.html')
     """
     sec = build_decode_section(rates, per_token, summary, Path(path).parent)
     return write_page([sec], path, title=f"sinkscope decode - {_model_name(summary)}", overwrite=overwrite)

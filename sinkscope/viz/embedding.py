@@ -3,8 +3,19 @@
 The embeddings come from a scan run saved with ``--save-layers`` (the activation store in
 ``RUN/activations``); roles come from the same run's ``tokens.parquet`` (its rule's ``is_sink``).
 
->>> X, meta = token_embeddings("runs/scan", layer=12)                   # doctest: +SKIP
->>> umap_figure(X, meta, color="role", title_info="dinov2-small, layer 12").show()   # doctest: +SKIP
+>>> from PIL import Image
+>>> from sinkscope.models import paint_markers
+>>> from sinkscope.scanning import scan
+>>> for i in range(4):                                      # one planted sink per image, in row i
+...     Image.fromarray(paint_markers(np.full((32, 32, 3), 60 * i, np.uint8), [(i, 1)])).save(f"img{i}.png")
+>>> _ = scan("tiny-dinov2+sinks", images=[f"img{i}.png" for i in range(4)], save_layers=[4],
+...          out="runs/scan", progress=False)
+>>> X, meta = token_embeddings("runs/scan", layer=4)
+>>> X.shape, meta.role.value_counts().to_dict()
+((68, 64), {'non-sink': 60, 'CLS': 4, 'sink': 4})
+>>> fig = umap_figure(X, meta, color="role", title_info="tiny-dinov2+sinks, layer 4")
+>>> [t.name for t in fig.data]
+['non-sink (60)', 'CLS (4)', 'sink (4)']
 
 UMAP is seeded (``seed``, default 0): the same tokens give the same picture. Non-sink patch and text tokens
 are subsampled (``max_tokens``) while every sink, CLS and register token is kept.

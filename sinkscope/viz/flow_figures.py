@@ -9,8 +9,21 @@
 - :func:`llm_group_attention_figure` - LLM attention to visual token groups, layer x group;
 - :func:`knockout_figure` - knockout curves.
 
->>> tables, summary = load_flow("runs/flow")                     # doctest: +SKIP
->>> sink_maps_figure(tables["rollout"], tables["relevance"], "cat.png", summary).show()  # doctest: +SKIP
+>>> from PIL import Image
+>>> from sinkscope.models import paint_markers
+>>> Image.fromarray(paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])).save("cat.png")  # a planted sink
+>>> from sinkscope.flow.run import run_flow
+>>> from sinkscope.viz.flow_report import load_flow
+>>> _ = run_flow("tiny-llava+sinks", images=["cat.png"], out="runs/flow", progress=False)
+>>> tables, summary = load_flow("runs/flow")
+>>> fig = sink_maps_figure(tables["rollout"], tables["relevance"], "cat.png", summary)
+>>> [a.text for a in fig.layout.annotations]
+['rollout from CLS (0)', 'rollout from sink (7)', 'rollout from non-sink (9)',
+ 'relevance of CLS (0)', 'relevance of sink (7)', 'relevance of non-sink (9)']
+>>> [heading for heading, _ in flow_figures(tables, summary)]
+['Sink vs non-sink pathways in the ViT - cat.png', 'Attention received by token group in the ViT',
+ 'LLM attention by ViT norm (paper Fig. 3A)', 'LLM attention to visual token groups', 'Attention knockout',
+ 'Sinks on redundant patches (Darcet et al.)', 'Relevancy of the answer beside rollout - cat.png']
 """
 
 from __future__ import annotations

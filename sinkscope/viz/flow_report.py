@@ -2,8 +2,19 @@
 :func:`~sinkscope.viz.flow_figures.flow_figures`, re-exported here, and the small tables) and
 ``flow.html``. Tables are read through :mod:`sinkscope.runs`.
 
->>> tables, summary = load_flow("runs/flow")                     # doctest: +SKIP
->>> sink_maps_figure(tables["rollout"], tables["relevance"], "cat.png", summary).show()  # doctest: +SKIP
+>>> import numpy as np
+>>> from PIL import Image
+>>> from sinkscope.models import paint_markers
+>>> Image.fromarray(paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])).save("cat.png")  # a planted sink
+>>> from sinkscope.flow.run import run_flow
+>>> _ = run_flow("tiny-llava+sinks", images=["cat.png"], analyses=("rollout", "propagation"),
+...              out="runs/flow", progress=False)
+>>> tables, summary = load_flow("runs/flow")
+>>> flow_findings(tables, summary)[2:4]
+['16 visual tokens reach the LLM; 1 of them are ViT sinks.',
+ 'Averaged over LLM layers, a ViT sink receives 4.62% of the attention of text tokens after the first image (prefill), 1.00x a non-sink visual token (4.61%).']
+>>> write_flow_report("runs/flow/flow.html", tables, summary)
+PosixPath('runs/flow/flow.html')
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ def load_flow(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict]:
     """The tables (``*.csv``, ``visual_tokens.parquet``) and ``summary.json`` of a flow run; a
     missing or corrupt file fails in one line naming it.
 
-    >>> tables, summary = load_flow("runs/flow")                 # doctest: +SKIP
-    >>> sorted(tables)                                           # doctest: +SKIP
-    ['attention_by_bin', 'attention_by_group', 'knockout', 'rollout', ...]
+    >>> from sinkscope.flow.run import run_flow
+    >>> _ = run_flow("tiny-llava+sinks", analyses=("rollout", "knockout"), out="runs/ko", progress=False)
+    >>> tables, summary = load_flow("runs/ko")
+    >>> sorted(tables), summary["model"]["name"]
+    (['knockout', 'relevance', 'rollout', 'vit_attention_by_group'], 'tiny-llava+sinks')
     """
     d = Path(run_dir)
     summary = read_summary(d)

@@ -7,8 +7,15 @@ from the network, and it carries :data:`GENERATOR_META`, so sinkscope replaces a
 never a file it did not write unless asked (:func:`check_report_target`).
 
 >>> sec = RunSection("scan", Path("runs/scan"), "Scan - dinov2-small", findings=["No sink token."])
->>> write_page([sec], "report.html")                                # doctest: +SKIP
+>>> write_page([sec], "report.html")
 PosixPath('report.html')
+>>> GENERATOR_META in Path("report.html").read_text()       # so a later write may replace it
+True
+>>> _ = Path("notes.html").write_text("<p>mine</p>")
+>>> write_page([sec], "notes.html")                         # never a page sinkscope did not write
+Traceback (most recent call last):
+...
+sinkscope._utils.SinkscopeError: --out notes.html exists and is not a sinkscope report; choose another name or pass --overwrite
 """
 
 from __future__ import annotations

@@ -38,7 +38,12 @@ def probe_figure(table: pd.DataFrame, label: str, summary: dict | None = None) -
     """Accuracy (R2 for regression) vs layer, one line per group with a +-1 std band over folds,
     the shuffle control dotted, and the chance level dashed.
 
-    >>> fig = probe_figure(pd.read_csv("runs/p/probe.csv"), "label")     # doctest: +SKIP
+    >>> from sinkscope.probing import probe
+    >>> _ = probe("tiny-dinov2+sinks", "digits", groups=["cls", "mean"], max_images=30, folds=3,
+    ...           out="runs/p", cache=False, progress=False, n_jobs=1)
+    >>> fig = probe_figure(read_table("runs/p/probe.csv"), "label", read_summary("runs/p"))
+    >>> [t.name for t in fig.data if t.name]
+    ['cls', 'cls (shuffled labels)', 'mean', 'mean (shuffled labels)']
     """
     t = table[table.label == label].sort_values(["group", "layer"])
     fig = go.Figure()

@@ -3,8 +3,17 @@
 Drawn from the ``redundancy.csv`` table of a ``sinkscope flow`` run (or
 :func:`sinkscope.flow.redundancy.redundancy`), never from the model.
 
->>> tables, summary = load_flow("runs/flow")                              # doctest: +SKIP
->>> redundancy_figure(tables["redundancy"], summary).show()               # doctest: +SKIP
+>>> import numpy as np
+>>> from PIL import Image
+>>> from sinkscope.models import paint_markers
+>>> Image.fromarray(paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])).save("cat.png")  # a planted sink
+>>> from sinkscope.flow.run import run_flow
+>>> from sinkscope.viz.flow_report import load_flow
+>>> _ = run_flow("tiny-dinov2+sinks", images=["cat.png"], analyses=("redundancy",), out="runs/flow", progress=False)
+>>> tables, summary = load_flow("runs/flow")
+>>> fig = redundancy_figure(tables["redundancy"], summary)
+>>> [a.text for a in fig.layout.annotations]
+['sinks vs non-sinks, all images', 'cat.png: input (layer 0)']
 """
 
 from __future__ import annotations
@@ -39,7 +48,14 @@ def redundancy_figure(
     detection layer (box plots over all images). Right: the input-layer similarity map of one
     ``image`` (default the first with a sink) on the patch grid, sinks marked with x.
 
-    >>> fig = redundancy_figure(res.table, {"redundancy": res.summary})      # doctest: +SKIP
+    >>> import numpy as np
+    >>> from sinkscope.flow.redundancy import redundancy
+    >>> from sinkscope.models import load_model, paint_markers
+    >>> img = paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])
+    >>> res = redundancy(load_model("tiny-dinov2+sinks"), [img], names=["marked"])
+    >>> fig = redundancy_figure(res.table, {"redundancy": res.summary})
+    >>> fig.layout.annotations[1].text
+    'marked: input (layer 0)'
     """
     t = table.dropna(subset=["neighbour_cos"])
     if not len(t):

@@ -3,8 +3,17 @@
 Drawn from the ``relevancy.csv`` table of a ``sinkscope flow`` run (or
 :func:`sinkscope.flow.relevancy.vlm_relevancy`), never from the model.
 
->>> tables, summary = load_flow("runs/flow")                                    # doctest: +SKIP
->>> relevancy_figure(tables["relevancy"], "cat.png", summary).show()            # doctest: +SKIP
+>>> from PIL import Image
+>>> from sinkscope.models import paint_markers
+>>> Image.fromarray(paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])).save("cat.png")  # a planted sink
+>>> from sinkscope.flow.run import run_flow
+>>> from sinkscope.viz.flow_report import load_flow
+>>> _ = run_flow("tiny-llava+sinks", images=["cat.png"], analyses=("relevancy",), out="runs/flow", progress=False)
+>>> tables, summary = load_flow("runs/flow")
+>>> fig = relevancy_figure(tables["relevancy"], "cat.png", summary)
+>>> [a.text for a in fig.layout.annotations]
+['relevancy: LLM + ViT, at the ViT input patches', 'relevancy in the LLM only (feature-layer tokens)',
+ 'attention rollout: LLM + ViT, at the ViT input patches']
 """
 
 from __future__ import annotations
@@ -34,7 +43,13 @@ def relevancy_figure(table: pd.DataFrame, image: str | int, summary: dict | None
     beside the LLM-only relevancy and attention rollout from the same pass. Each map is shown
     relative to its own maximum (hover gives the raw value); ViT sinks are marked with x.
 
-    >>> fig = relevancy_figure(res.table, "image0", {"relevancy": res.summary})   # doctest: +SKIP
+    >>> from sinkscope.flow.relevancy import vlm_relevancy
+    >>> from sinkscope.models import load_model, paint_markers
+    >>> img = paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])
+    >>> res = vlm_relevancy(load_model("tiny-llava+sinks"), [img], "What is in the picture?")
+    >>> fig = relevancy_figure(res.table, "image0", {"relevancy": res.summary})
+    >>> len(fig.data), res.table.query("is_vit_sink")[["row", "col"]].values.tolist()
+    (6, [[1.0, 2.0]])
     """
     patches = table[table.kind == "patch"]
     t = patches[patches.image_name.astype(str) == str(image)]

@@ -7,8 +7,17 @@ probe (``probe.csv``) or a flow run - and contributes the section its analysis' 
 findings computed from the same tables. This module only assembles them; the page is written by
 :func:`sinkscope.viz.page.write_page` (plotly.js embedded once, works offline).
 
->>> write_report(["runs/scan", "runs/probe", "runs/flow"], "report.html")     # doctest: +SKIP
+>>> from sinkscope.flow.run import run_flow
+>>> from sinkscope.probing import probe
+>>> from sinkscope.scanning import scan
+>>> _ = scan("tiny-dinov2+sinks", out="runs/scan", progress=False)
+>>> _ = probe("tiny-dinov2+sinks", "digits", groups=["cls"], max_images=20, folds=2, out="runs/probe",
+...           cache=False, progress=False, n_jobs=1)
+>>> _ = run_flow("tiny-llava+sinks", analyses=("rollout",), out="runs/flow", progress=False)
+>>> write_report(["runs/scan", "runs/probe", "runs/flow"], "report.html")
 PosixPath('report.html')
+>>> [s.kind for s in build_sections(["runs/scan", "runs/probe", "runs/flow"])]
+['scan', 'probe', 'flow']
 """
 
 from __future__ import annotations
@@ -18,12 +27,19 @@ from pathlib import Path
 from .. import runs as _runs
 from .._utils import SinkscopeError
 from .decoding import decode_section
+from .eval_report import eval_section
 from .flow_report import flow_findings, flow_section
 from .page import GENERATOR_META, RunSection, check_report_target, write_page
 from .probe_report import probe_findings, probe_section
 from .scan_report import load_scan_run, scan_findings, scan_section
 
-_SECTIONS = {"scan": scan_section, "probe": probe_section, "flow": flow_section, "decode": decode_section}
+_SECTIONS = {
+    "scan": scan_section,
+    "probe": probe_section,
+    "flow": flow_section,
+    "decode": decode_section,
+    "eval": eval_section,
+}
 
 
 def run_kind(run_dir: str | Path) -> str:
@@ -63,7 +79,10 @@ def write_report(
     existing file is replaced only when sinkscope wrote it or ``overwrite`` (see
     :func:`check_report_target`).
 
-    >>> write_report(["runs/scan"], "scan-report.html")                 # doctest: +SKIP
+    >>> from sinkscope.scanning import scan
+    >>> _ = scan("tiny-dinov2+sinks", out="runs/one", progress=False)
+    >>> write_report(["runs/one"], "scan-report.html")
+    PosixPath('scan-report.html')
     """
     check_report_target(out, overwrite)  # before reading any run
     sections = sections if sections is not None else build_sections(run_dirs)
@@ -71,28 +90,47 @@ def write_report(
 
 
 #: the page each analysis' run folder gets, by the result's kind
-PAGE_NAMES = {"scan": "report.html", "probe": "probe.html", "flow": "flow.html", "decode": "decode.html"}
+PAGE_NAMES = {
+    "scan": "report.html",
+    "probe": "probe.html",
+    "flow": "flow.html",
+    "decode": "decode.html",
+    "eval": "eval.html",
+}
 
 
 def result_kind(res) -> str:
-    """``scan``, ``probe``, ``flow`` or ``decode`` for an analysis result (by its type)."""
+    """``scan``, ``probe``, ``flow``, ``decode`` or ``eval`` for an analysis result (by its type)."""
+    from ..evaluation.run import EvalResult
     from ..flow.decoding import DecodeResult
     from ..flow.run import FlowResult
     from ..probing import ProbeResult
     from ..scanning import ScanResult
 
-    for cls, kind in ((ScanResult, "scan"), (ProbeResult, "probe"), (FlowResult, "flow"), (DecodeResult, "decode")):
+    for cls, kind in ((ScanResult, "scan"), (ProbeResult, "probe"), (FlowResult, "flow"), (DecodeResult, "decode"), (EvalResult, "eval")):
         if isinstance(res, cls):
             return kind
     raise SinkscopeError(f"no page for a {type(res).__name__}: not a sinkscope analysis result")
+
+
+def has_page(res) -> bool:
+    """Whether ``res`` is a result with a page (a training run, for one, has none)."""
+    try:
+        result_kind(res)
+    except SinkscopeError:
+        return False
+    return True
 
 
 def write_result_page(res, overwrite: bool = False) -> Path:
     """Draw the page of an analysis result saved in ``res.out``: ``report.html`` (scan),
     ``probe.html``, ``flow.html`` or ``decode.html``, from the result's tables and summary.
 
-    >>> res = sinkscope.scanning.scan("tiny-dinov2+sinks", out="runs/t", progress=False)  # doctest: +SKIP
-    >>> write_result_page(res).name                                                   # doctest: +SKIP
+    >>> from sinkscope.scanning import scan
+    >>> res = scan("tiny-dinov2+sinks", out="runs/t", progress=False)     # the analysis: tables only
+    >>> (res.out / "report.html").exists()
+    False
+    >>> write_result_page(res).name
     'report.html'
     """
     kind = result_kind(res)
@@ -111,6 +149,10 @@ def write_result_page(res, overwrite: bool = False) -> Path:
         from .flow_report import write_flow_report
 
         return write_flow_report(path, res.tables, res.summary)
+    if kind == "eval":
+        from .eval_report import write_eval_report
+
+        return write_eval_report(path, res.results, res.summary, overwrite=overwrite)
     from .decoding import write_decode_report
 
     return write_decode_report(path, res.rates, res.per_token, res.summary, overwrite=overwrite)
@@ -135,4 +177,5 @@ __all__ = [
     "write_page",
     "write_report",
     "write_result_page",
+    "has_page",
 ]

@@ -2,8 +2,14 @@
 section, computed from its token table and summary only. Shared by a scan's ``report.html`` and
 ``sinkscope report``, so both summarise a run the same way.
 
->>> scan_findings(tokens, summary)[0]                         # doctest: +SKIP
-'dinov2-small on 8 item(s); sink rule: norm: automatic ...'
+>>> from PIL import Image
+>>> from sinkscope.models import paint_markers
+>>> from sinkscope.scanning import scan
+>>> Image.fromarray(paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])).save("cat.png")  # a planted sink
+>>> res = scan("tiny-dinov2+sinks", images=["cat.png"], progress=False)
+>>> scan_findings(res.tokens, res.summary)[:2]
+["tiny-dinov2+sinks on 1 item(s); sink rule: norm: automatic - widest gap in each layer's log-norms, gap >= 2x, upper group <= 10% of tokens and >= 4x median, patch/text tokens.",
+ 'Sinks appear from layer 2 on; at the last layer (4) 1 sink token(s) in 1 of 1 item(s) (at most 1 per layer over all items).']
 """
 
 from __future__ import annotations

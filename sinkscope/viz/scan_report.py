@@ -6,7 +6,13 @@ folder), so both summarise a run with the same findings. The figures live in
 :mod:`sinkscope.viz.scan_figures` and :mod:`sinkscope.viz.scan_heatmaps` (re-exported here), the
 sentences in :mod:`sinkscope.viz.scan_findings`, the page writer in :mod:`sinkscope.viz.page`.
 
->>> write_scan_report("runs/scan/report.html", res.tokens, res.summary, res.pixels)   # doctest: +SKIP
+>>> from sinkscope.scanning import scan
+>>> res = scan("tiny-dinov2+sinks", out="runs/scan", progress=False)
+>>> write_scan_report("runs/scan/report.html", res.tokens, res.summary, res.pixels)
+PosixPath('runs/scan/report.html')
+>>> tokens, summary, pixels = load_scan_run("runs/scan")      # the same section, from the saved folder
+>>> scan_section("runs/scan").title
+'Scan - tiny-dinov2+sinks'
 """
 
 from __future__ import annotations

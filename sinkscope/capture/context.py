@@ -1,234 +1,37 @@
-"""Hook contexts and in-hook reducers: bounded-memory capture of the residual stream and attention.
+"""The :class:`Capture` context: reducing hooks on a model, installed and always removed.
 
-The hooks reduce inside the forward pass - L2 norms in fp32, the largest |activations| and their
-channels, the attention each key token receives - so memory is bounded by the batch, never by the
-number of layers x tokens x tokens. Full tensors are kept only for layers you name.
+Hooks on the blocks reduce the residual stream inside the forward pass - fp32 L2 norms, and with
+``dims`` the largest |activations|, their channels, the RMS and the median - and keep full tensors
+only for the layers named in ``keep``. Blocks whose attention is wanted get a query selection and
+run :func:`~sinkscope.capture.attention.sinkscope_attention`, whose reduction the block's hook
+collects. With ``stop_early`` the forward ends once the last needed layer is recorded.
 
-Layer convention: layer ``i`` is ``hidden_states[i]`` of the Hugging Face model (``0`` = input of
-the first block). Attention statistics are indexed by *block*: block ``i`` reads layer ``i``, so
-``attention_received`` at layer ``i`` is what block ``i``'s attention gives each token (the last
-layer has none). This is HF's ``attentions[i]``.
-
+>>> import numpy as np
 >>> from sinkscope import load_model
 >>> ad = load_model("tiny-dinov2")
->>> batch = ad.prepare([np.zeros((32, 32, 3), np.uint8)])
->>> cap = capture(ad, batch, attention="all")
->>> cap.norms.shape, sorted(cap.attn_received)[:2]            # [batch, layers, tokens]
-(torch.Size([1, 5, 17]), [0, 1])
-
-Attention statistics come from :func:`sinkscope_attention`, registered with transformers'
-attention interface: SDPA computes the block's output and the softmax is evaluated only for the
-query rows whose attention is averaged, so the full ``tokens x tokens`` map of every head is never
-kept. Hooks are always removed, also when the forward raises; model settings changed for the
-capture (the attention implementation of the blocks that need statistics) are restored.
+>>> cap = capture(ad, ad.prepare([np.zeros((32, 32, 3), np.uint8)]), layers=[0, 1])
+>>> cap.layers, cap.norms.shape
+([0, 1], torch.Size([1, 2, 17]))
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._utils import SinkscopeError
-from .models.base import Adapter, ModelInputs
-
-#: Name under which sinkscope's attention function is registered with transformers.
-ATTN_IMPL = "sinkscope"
-# keyword arguments an eager attention function ignores (the mask already encodes them)
-_IGNORED_KW = {
-    "position_ids",
-    "cache_position",
-    "output_attentions",
-    "use_cache",
-    "past_key_values",
-    "past_key_value",
-    "is_causal",
-    "sliding_window",
-    "layer_idx",
-    "position_embeddings",
-}
-
-
-def _eager_of(module: nn.Module):
-    """The eager attention function of ``module``'s own modeling file (the reference path)."""
-    import sys
-
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if fn is None:
-        raise SinkscopeError(f"{type(module).__name__}: no eager attention function to fall back to")
-    return fn
-
-
-def sinkscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention that also reduces the attention each key receives, without materialising it all.
-
-    Registered with transformers' attention interface as ``"sinkscope"`` (with the eager, additive
-    float mask). A block whose attention :class:`Capture` wants carries ``_sinkscope_sel``: the
-    output then comes from SDPA and the softmax is computed only for the chosen query rows, reduced
-    to ``sum over chosen queries`` per key and stored on the module (``_sinkscope_out``); when most
-    rows are wanted, one eager pass gives both. Blocks without a selection run plain SDPA.
-    Extras an eager function does not ignore (soft-capping, learned sinks, head masks) fall back
-    to the module's own eager function, reduced the same way.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    sel = getattr(module, "_sinkscope_sel", None)
-    extras = {k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KW}
-    if sel is None and not extras:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    B, H, Q, D = query.shape
-    keep = getattr(module, "_sinkscope_keep", False)
-    qm = sel(B, Q) if sel is not None else None  # [batch, query] weights (1 = this query counts)
-    if extras or qm is None or keep or (qm > 0).any(0).float().mean() > 0.5:
-        out, w = _eager_of(module)(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-        if qm is not None:
-            if module.training and dropout > 0 and not extras:
-                # the eager weights are after dropout: reduce the softmax itself, as the row path does
-                module._sinkscope_out = (*_row_stats(query, key, attention_mask, scaling, qm), Q)
-            else:
-                module._sinkscope_out = ((w.float() * qm[:, None, :, None]).sum(2), qm.sum(1), Q)
-        return out, (w if keep else None)
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
-    module._sinkscope_out = (*_row_stats(query, key, attention_mask, scaling, qm), Q)
-    return out, None
-
-
-def _row_stats(query, key, attention_mask, scaling, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum over the chosen queries of softmax(q k^T), query count)`` ``([B, H, K], [B])``,
-    computed in fp32 for the rows any item chose only (dropout never applies)."""
-    H, D = query.shape[1], query.shape[-1]
-    rows = torch.nonzero((qm > 0).any(0)).flatten()
-    k = key.float()
-    if k.shape[1] != H:  # grouped-query attention
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-    s = torch.matmul(query[:, :, rows].float(), k.transpose(2, 3)) * (
-        scaling if scaling is not None else D**-0.5
-    )
-    if attention_mask is not None:
-        s = s + attention_mask[:, :, rows].float()
-    p = torch.softmax(s, dim=-1)  # [batch, head, rows, key]
-    w = qm[:, rows].to(p.dtype)
-    return (p * w[:, None, :, None]).sum(2), w.sum(1)
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(ATTN_IMPL, sinkscope_attention)
-    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)
-
-
-_register_attention()
+from .._utils import SinkscopeError
+from ..models.base import Adapter, ModelInputs
+from .attention import ATTN_IMPL, _set_attn_impl
+from .result import BatchCapture
+from .selection import _resolve, parse_layers
 
 
 class StopForward(Exception):
     """Raised inside a hook to end the forward once every requested layer is captured."""
-
-
-def _resolve(sel, n: int, what: str) -> list[int]:
-    """Turn ``None``/``"all"``/int/list (negatives allowed) into sorted indices in ``[0, n)``."""
-    if sel is None or sel == "all":
-        return list(range(n))
-    if isinstance(sel, int):
-        sel = [sel]
-    out = set()
-    for i in sel:
-        j = int(i) + n if int(i) < 0 else int(i)
-        if not 0 <= j < n:
-            raise SinkscopeError(f"{what} {i} is out of range: the model has {what}s 0..{n - 1}")
-        out.add(j)
-    return sorted(out)
-
-
-def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """Parse a layer selection such as ``"all"``, ``"0,3,5"``, ``"4:9"``, ``"-1"`` or ``[1, 2]``.
-
-    Layers run ``0..n_layers`` (``0`` = embeddings).
-
-    >>> parse_layers("1:4,-1", 12)
-    [1, 2, 3, 12]
-    """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return list(range(n_layers + 1))
-    if isinstance(spec, str) and not spec.strip():
-        raise SinkscopeError("empty layer selection: use 'all', '0,3,5', '4:9' or '-3:'")
-    if not isinstance(spec, str):
-        return _resolve(list(spec), n_layers + 1, "layer")
-    out: list[int] = []
-    n = n_layers + 1
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if ":" in part:
-                a, b = part.split(":", 1)
-                lo = int(a) if a.strip() else 0
-                hi = int(b) if b.strip() else n
-                lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
-                if not (0 <= lo < n and 0 <= hi <= n):
-                    # like a single layer out of range: an error, not silently cut to the model's depth
-                    raise SinkscopeError(
-                        f"layer range {part!r} reaches outside the model's layers 0..{n_layers} "
-                        f"(a range end is exclusive: '{max(lo, 0)}:' runs to the last layer)"
-                    )
-                out.extend(range(lo, hi))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise SinkscopeError(
-                f"bad layer selection {spec!r}: use e.g. 'all', '0,3,5', '4:9' or '-3:'"
-            ) from None
-    if not out:
-        raise SinkscopeError(
-            f"layer selection {spec!r} selects no layer (the model has layers 0..{n_layers})"
-        )
-    return _resolve(out, n_layers + 1, "layer")
-
-
-@dataclass
-class BatchCapture:
-    """What one forward produced, reduced. Shapes name ``B`` items, ``Lc`` captured layers, ``N`` tokens.
-
-    - ``layers``: the captured layers, in order (``Lc`` of them)
-    - ``norms``: ``[B, Lc, N]`` fp32 L2 norms of the residual stream
-    - ``max_abs`` / ``top_dims`` / ``top_vals``: ``[B, Lc, N]`` largest |activation|;
-      ``[B, Lc, N, k]`` the channels holding the k largest |activations| and their |values|
-    - ``rms``: ``[B, Lc, N]`` RMS of each token vector (no learned weight), for ``max|x|/RMS``
-    - ``median_abs``: ``[B, Lc]`` median |activation| over the item's valid tokens and channels
-    - ``attn_received``: block -> ``[B, N]`` head- and query-averaged attention each key receives
-    - ``attn_received_heads``: block -> ``[B, H, N]`` the same per head
-    - ``hidden``: layer -> ``[B, N, D]`` full residual stream (only layers asked for with ``keep``)
-    - ``mlp_abs``: block -> ``[B, N, F]`` |MLP neuron activations| (only blocks asked for)
-    - ``attn_maps``: block -> ``[B, H, Q, K]`` full attention maps (only blocks asked for with
-      ``keep_attention``)
-    """
-
-    layers: list[int]
-    norms: torch.Tensor
-    max_abs: torch.Tensor | None = None
-    top_dims: torch.Tensor | None = None
-    top_vals: torch.Tensor | None = None
-    rms: torch.Tensor | None = None
-    median_abs: torch.Tensor | None = None
-    attn_received: dict[int, torch.Tensor] = field(default_factory=dict)
-    attn_received_heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    mlp_abs: dict[int, torch.Tensor] = field(default_factory=dict)
-    attn_maps: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def layer_index(self, layer: int) -> int:
-        return self.layers.index(layer)
 
 
 class Capture:
@@ -250,8 +53,14 @@ class Capture:
         keeping them: an analysis reduces over a dataset here without installing hooks of its own.
     stop_early: end the forward after the last layer needed.
 
-    >>> with Capture(ad, layers=[0, 2], attention=[1]) as cap:      # doctest: +SKIP
+    >>> import numpy as np
+    >>> from sinkscope import load_model
+    >>> ad = load_model("tiny-dinov2")
+    >>> batch = ad.prepare([np.zeros((32, 32, 3), np.uint8)])
+    >>> with Capture(ad, layers=[0, 2], attention=[1]) as cap:
     ...     result = cap.run(batch)
+    >>> result.layers, result.norms.shape, sorted(result.attn_received)
+    ([0, 2], torch.Size([1, 2, 17]), [1])
     """
 
     def __init__(
@@ -492,8 +301,13 @@ class Capture:
         Calls whose query length differs from the masks (generation steps) count every query,
         and attention received is averaged over all queries of all calls.
 
-        >>> with Capture(ad.llm, layers=None, attention="all") as c:          # doctest: +SKIP
-        ...     cap = c.run_fn(lambda: ad.model.generate(**inputs, max_new_tokens=4))
+        >>> from sinkscope import load_model
+        >>> lm = load_model("tiny-llama")
+        >>> inputs = lm.prepare(["hello world"]).tensors
+        >>> with Capture(lm, layers=None, attention="all") as c:
+        ...     cap = c.run_fn(lambda: lm.model.generate(**inputs, max_new_tokens=4, do_sample=False))
+        >>> sorted(cap.attn_received), cap.attn_received[0].shape   # keys: the prompt + 3 new tokens
+        ([0, 1, 2, 3], torch.Size([1, 6]))
         """
         if not self._handles and (self.layers or self.keep or self.attn_blocks or self.mlp_blocks):
             raise SinkscopeError("Capture.run() must be called inside `with Capture(...) as cap:`")
@@ -564,59 +378,16 @@ def _lower_median(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _set_attn_impl(model: nn.Module, impl: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:  # a bare sub-module: set it on its config
-        model.config._attn_implementation = impl
-
-
 def capture(adapter: Adapter, inputs: ModelInputs, **kwargs) -> BatchCapture:
     """One-shot :class:`Capture` over a single prepared batch (hooks removed afterwards).
 
-    >>> cap = capture(ad, ad.prepare(images), layers="all", attention="all")   # doctest: +SKIP
+    >>> import numpy as np
+    >>> from sinkscope import load_model
+    >>> ad = load_model("tiny-dinov2")
+    >>> images = [np.zeros((32, 32, 3), np.uint8)] * 2
+    >>> cap = capture(ad, ad.prepare(images), layers="all", attention="all")
+    >>> cap.norms.shape, len(cap.attn_received)
+    (torch.Size([2, 5, 17]), 4)
     """
     with Capture(adapter, **kwargs) as cap:
         return cap.run(inputs)
-
-
-def count_hooks(module: nn.Module) -> int:
-    """Number of forward (pre-)hooks registered anywhere under ``module`` (for leak checks)."""
-    n = 0
-    for m in module.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-    return n
-
-
-@contextmanager
-def hooks(pairs: Iterable[tuple[nn.Module, object]], pre: bool = False):
-    """Register plain forward (or pre-) hooks for the duration of a ``with`` block.
-
-    >>> with hooks([(ad.blocks()[0], lambda m, a, o: print(o[0].shape))]):   # doctest: +SKIP
-    ...     ad.forward(batch)
-    """
-    handles = []
-    try:
-        for mod, fn in pairs:
-            handles.append(mod.register_forward_pre_hook(fn) if pre else mod.register_forward_hook(fn))
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def uniform_share(n_tokens: int, causal: bool) -> np.ndarray:
-    """Expected query-averaged attention per key under uniform attention.
-
-    Bidirectional: ``1/N`` for every key. Causal: query ``i`` spreads ``1/(i+1)`` over keys
-    ``0..i``, so key ``k`` expects ``mean_i [i >= k] / (i + 1)``.
-
-    >>> uniform_share(3, causal=False).round(3).tolist()
-    [0.333, 0.333, 0.333]
-    >>> uniform_share(2, causal=True).tolist()
-    [0.75, 0.25]
-    """
-    if not causal:
-        return np.full(n_tokens, 1.0 / n_tokens)
-    inv = 1.0 / np.arange(1, n_tokens + 1)
-    return np.cumsum(inv[::-1])[::-1] / n_tokens

@@ -1,74 +1,37 @@
-"""The ``sinkscope`` command line.
+"""The argument parser of ``sinkscope``: one small function per subcommand.
 
-Examples::
+:func:`build_parser` makes the top-level parser and calls ``_add_scan``, ``_add_probe``,
+``_add_flow``, ``_add_decode``, ``_add_report``, ``_add_figures`` and ``_add_models`` in turn, each
+adding its subparser with its options (the longer ones in two or three parts, in the order
+``--help`` lists them). The examples each ``--help`` ends with live in :mod:`sinkscope.cli.examples`.
 
-    sinkscope scan                                   # dinov2-small on the embedded images
-    sinkscope scan --model tiny-dinov2+sinks --method all --out runs/tiny
-    sinkscope scan --model openai/clip-vit-large-patch14-336 --images photos/ --threshold 100 \\
-                   --device cuda --dtype float16 --out runs/clip
-    sinkscope scan --model smollm2-135m --text "The capital of France is" --method dims
-    sinkscope scan --images photos/ --out runs/x --resume   # continue an interrupted scan
-    sinkscope probe --dataset lfw-faces --out runs/probe    # linear probes per layer and token group
-    sinkscope flow --out runs/flow                   # information pathways on mini-llava
-    sinkscope decode --out runs/decode               # sink vs non-sink tokens decoding to the object word
-    sinkscope report runs/x runs/probe runs/flow --out report.html   # one offline HTML page
-    sinkscope figures                                # regenerate figures/out from figures/figures.toml
-    sinkscope models                                 # embedded model names
+>>> a = build_parser().parse_args(["scan", "--model", "tiny-dinov2+sinks", "--method", "all"])
+>>> a.command, a.model, a.method, a.batch_size
+('scan', 'tiny-dinov2+sinks', 'all', 8)
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from ._utils import SinkscopeError
-
-SCAN_EXAMPLES = """examples:
-  sinkscope scan
-  sinkscope scan --model tiny-dinov2+sinks --method all --out runs/tiny
-  sinkscope scan --model openai/clip-vit-large-patch14-336 --images photos/ --threshold 100 \\
-                 --layers 23 --device cuda --dtype float16 --out runs/clip
-  sinkscope scan --model llava-hf/llava-1.5-7b-hf --images list.csv --method all --out runs/llava
-  sinkscope scan --model smollm2-135m --text "The capital of France is" --method dims --tau 20
-  sinkscope scan --images photos/ --out runs/x --resume
-"""
-
-
-PROBE_EXAMPLES = """examples:
-  sinkscope probe                                       # dinov2-small on lfw-faces, all layers
-  sinkscope probe --dataset textile --max-images 600 --groups cls,mean,random --out runs/textile
-  sinkscope probe --model openai/clip-vit-large-patch14-336 --dataset photos.csv --label object \\
-                  --label lighting --threshold 100 --groups sink,nonsink,cls,matched --device cuda
-  sinkscope probe --dataset digits --label col --groups random,sink   # position regression (R2)
-"""
-
-
-FLOW_EXAMPLES = """examples:
-  sinkscope flow                                     # mini-llava (untrained projector) on one embedded photo
-  sinkscope flow --model tiny-llava+sinks --analysis propagation --analysis knockout --stride 2
-  sinkscope flow --model llava-hf/llava-1.5-7b-hf --images cat.jpg --prompt "What animal is this?" \\
-                 --vit-threshold 100 --generate 8 --device cuda --dtype float16 --out runs/llava-flow
-  sinkscope flow --model dinov2-small --analysis rollout    # ViT only
-"""
-
-
-DECODE_EXAMPLES = """examples:
-  sinkscope decode                                   # mini-llava on 40 lfw-faces images (top-2-norm surrogate sinks)
-  sinkscope decode --dataset digits --max-images 100 --out runs/decode-digits
-  sinkscope decode --model llava-hf/llava-1.5-7b-hf --dataset cats_people.csv --word cat=cat,cats,kitten \\
-                   --word person=person,man,woman --vit-threshold 100 --max-images 0 --device cuda
-"""
-
-
-REPORT_EXAMPLES = """examples:
-  sinkscope report sinkscope-out                             # the default scan's run folder
-  sinkscope report runs/scan runs/probe runs/flow --out report.html
-  sinkscope report runs/clip --title "CLIP ViT-L/14-336 sinks" --out clip.html
-"""
+from .eval_cmd import add_eval
+from .examples import (
+    DECODE_EXAMPLES,
+    FLOW_EXAMPLES,
+    MAIN_EXAMPLES,
+    PROBE_EXAMPLES,
+    REPORT_EXAMPLES,
+    SCAN_EXAMPLES,
+)
+from .train_cmd import add_train
 
 
 def _image_size(s: str):
+    """``--image-size``: ``224`` -> 224, ``336x448`` (or ``336,448``) -> (height, width).
+
+    >>> _image_size("224"), _image_size("336x448")
+    (224, (336, 448))
+    """
     try:
         parts = [int(x) for x in s.lower().replace("x", ",").split(",")]
     except ValueError:
@@ -79,15 +42,29 @@ def _image_size(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sinkscope`` parser: ``-v`` and one subcommand (``dest="command"``; None when omitted).
+
+    >>> p = build_parser()
+    >>> p.parse_args(["probe", "--dataset", "digits", "--label", "col"]).label
+    ['col']
+    >>> p.parse_args([]).command is None
+    True
+    """
     p = argparse.ArgumentParser(
         prog="sinkscope",
         description="Find and measure attention sinks in vision transformers, LVLMs and LLMs.",
-        epilog=__doc__.split("Examples::", 1)[1],
+        epilog=MAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_scan, _add_probe, _add_flow, _add_decode, add_eval, add_train, _add_report, _add_figures, _add_models):
+        add(sub)
+    return p
 
+
+def _add_scan(sub) -> None:
+    """``sinkscope scan``: the inputs here, then the sink rules and the run options."""
     s = sub.add_parser(
         "scan",
         help="locate sinks: tokens.parquet, summary.json, report.html",
@@ -115,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="norm",
         help="detection rule; 'all' applies every rule, norm first (default: %(default)s)",
     )
+    _add_scan_rules(s)
+    _add_scan_run_options(s)
+
+
+def _add_scan_rules(s: argparse.ArgumentParser) -> None:
+    """The option groups of the three sink rules of ``scan``: norm, attention, dims."""
     g = s.add_argument_group("norm rule (default: automatic gap detection)")
     x = g.add_mutually_exclusive_group()
     x.add_argument(
@@ -160,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first layer the dims rule checks (default: %(default)s)",
     )
+
+
+def _add_scan_run_options(s: argparse.ArgumentParser) -> None:
+    """``scan``: layers, batching, device and dtype, stored activations, the output folder."""
     s.add_argument(
         "--layers", default="all", help="layers to scan: all, 0,3,5 or 4:9 (0 = embeddings; default: all)"
     )
@@ -199,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-report", action="store_true", help="skip report.html")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+
+def _add_probe(sub) -> None:
+    """``sinkscope probe``: model, dataset, labels, token groups, folds, sink rule, output."""
     pr = sub.add_parser(
         "probe",
         help="linear probes on sink / non-sink / CLS / pooled tokens: probe.csv, summary.json, probe.html",
@@ -257,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="sinkscope-probe", help="output folder (default: %(default)s)")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+
+def _add_flow(sub) -> None:
+    """``sinkscope flow``: model, images, prompt and analyses here, then the other options."""
     fl = sub.add_parser(
         "flow",
         help="attention flow: rollout, ViT->LLM propagation, knockout, decoding, attribution -> tables + flow.html",
@@ -296,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         ],
         help="analyses to run (repeatable; default: all)",
     )
+    _add_flow_options(fl)
+
+
+def _add_flow_options(fl: argparse.ArgumentParser) -> None:
+    """``flow``: the ViT and LLM sink rules, generation, knockout, bins, device, output."""
     x = fl.add_mutually_exclusive_group()
     x.add_argument(
         "--vit-threshold", type=float, help="ViT sink rule: absolute norm threshold (paper: 100 for CLIP-L)"
@@ -326,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fl.add_argument("--bin-width", type=float, default=5.0, help="ViT-norm bin width (default: %(default)s)")
     fl.add_argument(
-        "--attribution-steps", type=int, default=64, help="integrated-gradients steps to start from, doubled (up to 256) until the attributions add up to the logit difference within 5%% (default: %(default)s)"
+        "--attribution-steps",
+        type=int,
+        default=64,
+        help="integrated-gradients steps to start from, doubled (up to 256) until the attributions add up "
+        "to the logit difference within 5%% (default: %(default)s)",
     )
     fl.add_argument("--device", default=None)
     fl.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -345,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default), its first text token, or the whole multimodal sequence",
     )
 
+
+def _add_decode(sub) -> None:
+    """``sinkscope decode``: model, dataset, object words and sink rule, then the other options."""
     dc = sub.add_parser(
         "decode",
         help="word-distribution decoding: share of sink vs non-sink visual tokens decoding to the object word",
@@ -377,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="surrogate sink rule: the N highest-norm patches per image (default on mini-llava: 2, since "
         "DINOv2-S has no norm outliers; elsewhere the default is --vit-relative 5)",
     )
+    _add_decode_options(dc)
+
+
+def _add_decode_options(dc: argparse.ArgumentParser) -> None:
+    """``decode``: top-k, subsets, decoding method, interval, batching, device, output."""
     dc.add_argument(
         "--top-k", type=int, default=5, help="decoded tokens checked per token (default: %(default)s)"
     )
@@ -411,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+
+def _add_report(sub) -> None:
+    """``sinkscope report RUN_DIR...``: one HTML page from saved runs."""
     r = sub.add_parser(
         "report",
         help="one self-contained HTML report from saved runs",
@@ -427,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace --out even when sinkscope did not write it"
     )
 
+
+def _add_figures(sub) -> None:
+    """``sinkscope figures``: listed for ``--help`` only; ``main`` hands its arguments to
+    ``python -m sinkscope.figures`` before parsing (hence ``add_help=False``)."""
     sub.add_parser(
         "figures",
         help="regenerate every figure of figures/figures.toml (python -m sinkscope.figures)",
@@ -437,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
+
+
+def _add_models(sub) -> None:
+    """``sinkscope models``: the embedded model names."""
     sub.add_parser(
         "models",
         help="list the embedded models",
@@ -444,278 +465,3 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  sinkscope models\n  sinkscope scan --model tiny-clip+sinks   # a listed name",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    return p
-
-
-def _cmd_report(a: argparse.Namespace) -> int:
-    from .viz.report import build_sections, check_report_target, write_report
-
-    _config(lambda: check_report_target(a.out, a.overwrite))  # a usage error, before reading any run
-    secs = []
-    for d in a.runs:
-        print(f"reading {d} ...", flush=True)
-        secs += build_sections([d])
-    for s in secs:
-        print(f"{s.kind:6s} {s.path}: {len(s.figures)} figures")
-        for f in s.findings:
-            print(f"  - {f}")
-    path = write_report(a.runs, a.out, title=a.title, sections=secs, overwrite=a.overwrite)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
-    return 0
-
-
-class UsageError(SinkscopeError):
-    """A bad option value: reported in one line with exit status 2, before any work."""
-
-
-def _config(make):
-    """Build a run config from parsed options; a refused value is a usage error (exit 2)."""
-    try:
-        cfg = make()
-        if hasattr(cfg, "check_runnable"):
-            cfg.check_runnable()  # e.g. --device cuda on a machine without CUDA
-        return cfg
-    except SinkscopeError as e:
-        raise UsageError(str(e)) from None
-
-
-def _tuple(values) -> tuple | None:
-    return tuple(values) if values else None
-
-
-def scan_config(a: argparse.Namespace):
-    """``sinkscope scan`` options -> :class:`~sinkscope.config.ScanConfig`."""
-    from .config import ScanConfig
-
-    return ScanConfig(
-        model=a.model,
-        images=_tuple(a.images),
-        texts=_tuple(a.text),
-        method=a.method,
-        threshold=a.threshold,
-        relative=a.relative,
-        auto_per_image=a.auto_per_image,
-        attn_factor=a.attn_factor,
-        attn_fraction=a.attn_fraction,
-        tau=a.tau,
-        massive_abs=a.massive_abs,
-        massive_ratio=a.massive_ratio,
-        dims_min_layer=a.dims_min_layer,
-        layers=a.layers,
-        batch_size=a.batch_size,
-        device=a.device,
-        dtype=a.dtype,
-        image_size=a.image_size,
-        save_layers=a.save_layers,
-        save_dtype=a.save_dtype,
-        out=a.out,
-        resume=a.resume,
-        overwrite=a.overwrite,
-        report=not a.no_report,
-    )
-
-
-def _cmd_scan(a: argparse.Namespace) -> int:
-    from .api import run
-
-    res = run(_config(lambda: scan_config(a)), progress=not a.quiet)
-    if (res.summary.get("distributed") or {}).get("rank", 0):
-        return 0  # under accelerate / torchrun only the main process reports the merged run
-    s = res.summary
-    print(
-        f"model: {s['model']['name']} ({s['model']['family']}), {s['n_ok']} scanned, {s['n_failed']} failed"
-    )
-    for r in s["rules"]:
-        print(f"rule: {r['description']} -> {r['n_sinks']} sink token-layers")
-    sinks = res.report.sinks()
-    print(
-        f"sink tokens (main rule): {len(sinks)}; emergence layer: {s['emergence_layer']}; sink dims: {s['sink_dims']}"
-    )
-    if len(sinks):
-        print(sinks.head(10).to_string(index=False))
-    print(
-        f"wrote {res.out / 'tokens.parquet'}, {res.out / 'summary.json'}"
-        + ("" if a.no_report else f", {res.out / 'report.html'}")
-    )
-    return 0
-
-
-def probe_config(a: argparse.Namespace):
-    """``sinkscope probe`` options -> :class:`~sinkscope.config.ProbeConfig`."""
-    from .config import ProbeConfig
-
-    return ProbeConfig(
-        model=a.model,
-        dataset=a.dataset,
-        labels=_tuple(a.label),
-        groups=tuple(g.strip() for g in a.groups.split(",") if g.strip()),
-        layers=a.layers,
-        folds=a.folds,
-        seed=a.seed,
-        threshold=a.threshold,
-        relative=a.relative,
-        max_images=a.max_images,
-        batch_size=a.batch_size,
-        image_size=a.image_size,
-        device=a.device,
-        dtype=a.dtype,
-        cache=not a.no_cache,
-        n_jobs=a.jobs,
-        out=a.out,
-    )
-
-
-def _cmd_probe(a: argparse.Namespace) -> int:
-    from .api import run
-
-    res = run(_config(lambda: probe_config(a)), progress=not a.quiet)
-    t = res.table
-    for label in t.label.unique():
-        piv = t[t.label == label].pivot(index="layer", columns="group", values="accuracy").round(3)
-        print(f"label {label!r} (chance {t[t.label == label].chance.max():.3f}):")
-        print(piv.to_string())
-    print(f"sink rule: {res.summary['rule']['description']}")
-    print(f"wrote {res.out / 'probe.csv'}, {res.out / 'summary.json'}, {res.out / 'probe.html'}")
-    return 0
-
-
-def flow_config(a: argparse.Namespace):
-    """``sinkscope flow`` options -> :class:`~sinkscope.config.FlowConfig`."""
-    from .config import FlowConfig
-
-    analyses = None if not a.analysis or "all" in a.analysis else tuple(dict.fromkeys(a.analysis))
-    return FlowConfig(
-        model=a.model,
-        images=_tuple(a.images),
-        prompt=a.prompt,
-        analyses=analyses,
-        vit_threshold=a.vit_threshold,
-        vit_relative=a.vit_relative,
-        llm_tau=a.llm_tau,
-        generate=a.generate,
-        window=a.window,
-        stride=a.stride,
-        bin_width=a.bin_width,
-        attribution_steps=a.attribution_steps,
-        device=a.device,
-        dtype=a.dtype,
-        chat=a.chat,
-        sink_dims_from=a.sink_dims_from,
-        out=a.out,
-    )
-
-
-def _cmd_flow(a: argparse.Namespace) -> int:
-    from .api import run
-
-    res = run(_config(lambda: flow_config(a)), progress=not a.quiet)
-    s = res["summary"]
-    if s.get("warning"):
-        print(f"note: {s['warning']}")
-    for name, why in (s.get("analyses_skipped") or {}).items():
-        print(f"skipped: {name} ({why})")
-    note = (s.get("propagation") or {}).get("llm_rule_note")
-    if note:
-        print(f"caution: {note}")
-    for name, df in res["tables"].items():
-        print(f"{name}: {len(df)} rows")
-    if "attention_by_group" in res["tables"]:
-        print(res["tables"]["attention_by_group"].to_string(index=False))
-    print(f"wrote tables, summary.json and flow.html to {a.out}")
-    return 0
-
-
-def decode_config(a: argparse.Namespace):
-    """``sinkscope decode`` options -> :class:`~sinkscope.config.DecodeConfig`."""
-    from .config import DecodeConfig
-
-    words: dict[str, list[str]] = {}
-    for spec in a.word or []:
-        lab, sep, ws = spec.partition("=")
-        if not sep or not lab.strip() or not ws.strip():
-            raise SinkscopeError(f"bad --word {spec!r}: use LABEL=WORD1,WORD2")
-        words.setdefault(lab.strip(), []).extend(w.strip() for w in ws.split(",") if w.strip())
-    return DecodeConfig(
-        model=a.model,
-        dataset=a.dataset,
-        label=a.label,
-        words=tuple((k, tuple(v)) for k, v in words.items()) or None,
-        vit_threshold=a.vit_threshold,
-        vit_relative=a.vit_relative,
-        top_norm=a.top_norm,
-        top_k=a.top_k,
-        nonsinks=a.nonsinks,
-        max_images=a.max_images,
-        seed=a.seed,
-        method=a.method,
-        ci=a.ci,
-        confidence=a.confidence,
-        batch_size=a.batch_size,
-        device=a.device,
-        dtype=a.dtype,
-        out=a.out,
-        overwrite=a.overwrite,
-    )
-
-
-def _cmd_decode(a: argparse.Namespace) -> int:
-    from .api import run
-
-    res = run(_config(lambda: decode_config(a)), progress=not a.quiet)
-    s = res.summary
-    if s.get("warning"):
-        print(f"note: {s['warning']}")
-    print(f"sink rule: {s['sink_rule']['description']}")
-    cols = ["group", "scope", "n_images", "n_tokens", "n_hits", "rate", "ci_low", "ci_high"]
-    print(res.rates[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote decode_rate.csv, decode_tokens.csv, summary.json and decode.html to {a.out}")
-    return 0
-
-
-def _cmd_models(a: argparse.Namespace) -> int:
-    from .models import list_models
-
-    for name, desc in list_models().items():
-        print(f"{name:18s} {desc}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["figures"]:  # its own parser: every option of python -m sinkscope.figures
-        from .figures.cli import main as figures_main
-
-        return figures_main(argv[1:])
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s: %(message)s"
-    )
-    for noisy in ("transformers", "urllib3", "huggingface_hub", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    if a.command is None:
-        parser.print_help()
-        return 2
-    try:
-        cmds = {
-            "scan": _cmd_scan,
-            "probe": _cmd_probe,
-            "flow": _cmd_flow,
-            "report": _cmd_report,
-            "decode": _cmd_decode,
-            "models": _cmd_models,
-        }
-        return cmds[a.command](a)
-    except UsageError as e:
-        print(f"sinkscope {a.command}: error: {e}", file=sys.stderr)
-        return 2
-    except SinkscopeError as e:
-        print(f"sinkscope: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sinkscope: interrupted; finished images are kept - rerun with --resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The reducing attention function: attention received per key, without the full attention maps.
+
+:func:`sinkscope_attention` is registered with transformers' attention interface as ``"sinkscope"``
+(:data:`ATTN_IMPL`) when this module is imported. A block whose attention a
+:class:`~sinkscope.capture.Capture` wants carries ``_sinkscope_sel`` (a function giving the
+``[batch, query]`` weights of the queries that count): SDPA computes the block's output and the
+softmax is evaluated only for the chosen query rows, reduced to ``sum over chosen queries`` per key
+and left on the module as ``_sinkscope_out`` for the capture's hook to pick up. Blocks without a
+selection run plain SDPA, so switching a whole decoder to this implementation changes nothing else.
+
+>>> ATTN_IMPL
+'sinkscope'
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._utils import SinkscopeError
+
+#: Name under which sinkscope's attention function is registered with transformers.
+ATTN_IMPL = "sinkscope"
+# keyword arguments an eager attention function ignores (the mask already encodes them)
+_IGNORED_KW = {
+    "position_ids",
+    "cache_position",
+    "output_attentions",
+    "use_cache",
+    "past_key_values",
+    "past_key_value",
+    "is_causal",
+    "sliding_window",
+    "layer_idx",
+    "position_embeddings",
+}
+
+
+def _eager_of(module: nn.Module):
+    """The eager attention function of ``module``'s own modeling file (the reference path)."""
+    import sys
+
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise SinkscopeError(f"{type(module).__name__}: no eager attention function to fall back to")
+    return fn
+
+
+def sinkscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention that also reduces the attention each key receives, without materialising it all.
+
+    Registered with transformers' attention interface as ``"sinkscope"`` (with the eager, additive
+    float mask). A block whose attention :class:`Capture` wants carries ``_sinkscope_sel``: the
+    output then comes from SDPA and the softmax is computed only for the chosen query rows, reduced
+    to ``sum over chosen queries`` per key and stored on the module (``_sinkscope_out``); when most
+    rows are wanted, one eager pass gives both. Blocks without a selection run plain SDPA.
+    Extras an eager function does not ignore (soft-capping, learned sinks, head masks) fall back
+    to the module's own eager function, reduced the same way.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sel = getattr(module, "_sinkscope_sel", None)
+    extras = {k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KW}
+    if sel is None and not extras:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    B, H, Q, D = query.shape
+    keep = getattr(module, "_sinkscope_keep", False)
+    qm = sel(B, Q) if sel is not None else None  # [batch, query] weights (1 = this query counts)
+    if extras or qm is None or keep or (qm > 0).any(0).float().mean() > 0.5:
+        out, w = _eager_of(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        if qm is not None:
+            if module.training and dropout > 0 and not extras:
+                # the eager weights are after dropout: reduce the softmax itself, as the row path does
+                module._sinkscope_out = (*_row_stats(query, key, attention_mask, scaling, qm), Q)
+            else:
+                module._sinkscope_out = ((w.float() * qm[:, None, :, None]).sum(2), qm.sum(1), Q)
+        return out, (w if keep else None)
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+    module._sinkscope_out = (*_row_stats(query, key, attention_mask, scaling, qm), Q)
+    return out, None
+
+
+def _row_stats(query, key, attention_mask, scaling, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum over the chosen queries of softmax(q k^T), query count)`` ``([B, H, K], [B])``,
+    computed in fp32 for the rows any item chose only (dropout never applies)."""
+    H, D = query.shape[1], query.shape[-1]
+    rows = torch.nonzero((qm > 0).any(0)).flatten()
+    k = key.float()
+    if k.shape[1] != H:  # grouped-query attention
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    s = torch.matmul(query[:, :, rows].float(), k.transpose(2, 3)) * (
+        scaling if scaling is not None else D**-0.5
+    )
+    if attention_mask is not None:
+        s = s + attention_mask[:, :, rows].float()
+    p = torch.softmax(s, dim=-1)  # [batch, head, rows, key]
+    w = qm[:, rows].to(p.dtype)
+    return (p * w[:, None, :, None]).sum(2), w.sum(1)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPL, sinkscope_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)
+
+
+_register_attention()
+
+
+def _set_attn_impl(model: nn.Module, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # a bare sub-module: set it on its config
+        model.config._attn_implementation = impl

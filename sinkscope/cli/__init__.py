@@ -1,0 +1,115 @@
+"""The ``sinkscope`` command line: :func:`main` is the console script ``sinkscope``.
+
+Examples::
+
+    sinkscope scan                                   # dinov2-small on the embedded images
+    sinkscope scan --model tiny-dinov2+sinks --method all --out runs/tiny
+    sinkscope probe --dataset lfw-faces --out runs/probe    # linear probes per layer and token group
+    sinkscope flow --out runs/flow                   # information pathways on mini-llava
+    sinkscope report runs/x runs/probe runs/flow --out report.html   # one offline HTML page
+    sinkscope models                                 # embedded model names
+
+(the full list ends ``sinkscope --help``: :data:`~sinkscope.cli.examples.MAIN_EXAMPLES`).
+
+The package, read in this order:
+
+- :mod:`sinkscope.cli.parser` - :func:`build_parser`, one small ``_add_<command>`` per subcommand;
+- :mod:`sinkscope.cli.commands` - the ``*_config(args)`` builders (options -> a run config of
+  :mod:`sinkscope.config`) and the ``_cmd_*`` functions that run a subcommand and print a summary;
+- :mod:`sinkscope.cli.examples` - the examples each ``--help`` ends with;
+- this module - :func:`main` (dispatch, logging, exit statuses), re-exporting the names above.
+
+``sinkscope figures`` is handed whole to ``python -m sinkscope.figures`` (its own parser). The
+modules of this package import each other; no module outside it imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .._utils import SinkscopeError
+from .commands import (
+    COMMANDS,
+    UsageError,
+    decode_config,
+    flow_config,
+    probe_config,
+    scan_config,
+)
+from .commands import _cmd_decode as _cmd_decode
+from .commands import _cmd_flow as _cmd_flow
+from .commands import _cmd_models as _cmd_models
+from .commands import _cmd_probe as _cmd_probe
+from .commands import _cmd_report as _cmd_report
+from .commands import _cmd_scan as _cmd_scan
+from .commands import _config as _config
+from .commands import _tuple as _tuple
+from .eval_cmd import cmd_eval
+from .examples import (
+    DECODE_EXAMPLES,
+    FLOW_EXAMPLES,
+    MAIN_EXAMPLES,
+    PROBE_EXAMPLES,
+    REPORT_EXAMPLES,
+    SCAN_EXAMPLES,
+)
+from .parser import _image_size as _image_size
+from .parser import build_parser
+from .train_cmd import cmd_train
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``sinkscope`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
+
+    0 on success; 2 for a usage error (a bad option value, reported in one line before any work)
+    or no subcommand; 1 for any other :class:`~sinkscope._utils.SinkscopeError`; 130 when
+    interrupted. Options argparse itself refuses exit with status 2 (``SystemExit``), as before.
+
+    >>> main(["scan", "--batch-size", "0"])  # "sinkscope scan: error: batch_size: ..." on stderr
+    2
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["figures"]:  # its own parser: every option of python -m sinkscope.figures
+        from ..figures.cli import main as figures_main
+
+        return figures_main(argv[1:])
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s: %(message)s"
+    )
+    for noisy in ("transformers", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {**COMMANDS, "eval": cmd_eval, "train-projector": cmd_train}[a.command](a)
+    except UsageError as e:
+        print(f"sinkscope {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except SinkscopeError as e:
+        print(f"sinkscope: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sinkscope: interrupted; finished images are kept - rerun with --resume", file=sys.stderr)
+        return 130
+
+
+__all__ = [
+    "COMMANDS",
+    "DECODE_EXAMPLES",
+    "FLOW_EXAMPLES",
+    "MAIN_EXAMPLES",
+    "PROBE_EXAMPLES",
+    "REPORT_EXAMPLES",
+    "SCAN_EXAMPLES",
+    "UsageError",
+    "build_parser",
+    "decode_config",
+    "flow_config",
+    "main",
+    "probe_config",
+    "scan_config",
+]

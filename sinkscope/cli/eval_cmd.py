@@ -1,0 +1,104 @@
+"""``sinkscope eval``: its arguments, its config and its command.
+
+>>> from sinkscope.cli.parser import build_parser
+>>> a = build_parser().parse_args(["eval", "--model", "tiny-llava", "--tasks", "shapes,digits", "--limit", "4"])
+>>> eval_config(a).tasks, eval_config(a).limit
+(('shapes', 'digits'), 4)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EVAL_EXAMPLES = """
+examples:
+  sinkscope eval --model mini-llava --tasks shapes --out runs/eval          # Global / Local / Mixed
+  sinkscope eval --model mini-llava --tasks shapes,textile,lfw-faces,digits --variant default \\
+      --variant no-image --limit 100 --out runs/eval-all                   # with the blind baseline
+  sinkscope eval --model M --tasks my_questions.jsonl --out runs/mine       # a manifest of your own
+  sinkscope eval --model llava-hf/llava-1.5-7b-hf --tasks hf:lmms-lab/MME:test --mode generate \\
+      --device cuda --dtype float16 --out runs/mme                         # MME's score, on a GPU
+  sinkscope eval ... --resume                                               # continue a killed run
+"""
+
+
+def add_eval(sub) -> None:
+    """``sinkscope eval``: model, tasks, split, limit, variants, mode, run options."""
+    e = sub.add_parser(
+        "eval",
+        help="accuracy per task type (Global / Local / Mixed): predictions.jsonl, results.csv, eval.html",
+        description="Ask a LLaVA-style model the questions of built-in sets, manifests or hub datasets; score "
+        "multiple choice by log-likelihood (one prompt forward, candidates from its cache) or open answers by "
+        "exact match; report accuracy per task type and task with bootstrap intervals and chance.",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--model", default="mini-llava", help="a LLaVA-style model (default: %(default)s)")
+    e.add_argument(
+        "--tasks",
+        default="shapes",
+        help="comma-separated: shapes, textile, lfw-faces, digits, a manifest (.jsonl/.csv) or hf:NAME[:SPLIT] "
+        "(default: %(default)s)",
+    )
+    e.add_argument(
+        "--split", default="test", choices=("train", "validation", "test"), help="(default: %(default)s)"
+    )
+    e.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    e.add_argument(
+        "--variant",
+        action="append",
+        choices=("default", "no-image"),
+        help="repeatable: default (the model as loaded), no-image (the image removed) (default: default)",
+    )
+    e.add_argument(
+        "--mode", default="auto", choices=("auto", "choice", "generate"), help="(default: %(default)s)"
+    )
+    e.add_argument(
+        "--chat", default="auto", choices=("auto", "yes", "no"), help="chat template (default: %(default)s)"
+    )
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    e.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the model's)")
+    e.add_argument("--out", default="sinkscope-eval", help="output folder (default: %(default)s)")
+    e.add_argument(
+        "--resume", action="store_true", help="continue the run in --out (no question is asked twice)"
+    )
+    e.add_argument("--overwrite", action="store_true", help="start --out afresh")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def eval_config(a: argparse.Namespace):
+    """``sinkscope eval`` options -> :class:`~sinkscope.config.EvalConfig`."""
+    from ..config import EvalConfig
+
+    return EvalConfig(
+        model=a.model,
+        tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()),
+        split=a.split,
+        limit=a.limit,
+        variants=tuple(a.variant or ("default",)),
+        mode=a.mode,
+        chat=a.chat,
+        seed=a.seed,
+        device=a.device,
+        dtype=a.dtype,
+        out=a.out,
+        resume=a.resume,
+        overwrite=a.overwrite,
+    )
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    """Run ``sinkscope eval`` and print accuracy per task type and variant."""
+    from ..api import run
+    from .commands import _config
+
+    res = run(_config(lambda: eval_config(a)), progress=not a.quiet)
+    t = res.results[res.results.task == "*"]
+    cols = ["variant", "task_type", "n", "accuracy", "ci_low", "ci_high", "chance"]
+    print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote predictions.jsonl, results.csv, summary.json and eval.html to {a.out}")
+    return 0
+
+
+__all__ = ["EVAL_EXAMPLES", "add_eval", "cmd_eval", "eval_config"]

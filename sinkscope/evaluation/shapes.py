@@ -1,0 +1,329 @@
+"""``shapes``: seeded scenes of coloured shapes, with Global, Local and Mixed questions about them.
+
+A scene is a background colour and one to six shapes. Each shape has a kind, a fill colour, a size
+and a quadrant; a quadrant holds at most two shapes. Every shape has a grey outline, so a shape of
+the background's colour is still visible. A scene is fully described by :class:`Scene` (a plain,
+JSON-serialisable record), rendered by :func:`render`, and asked about by :data:`TASKS`.
+
+**Vocabulary** (every answer is one of these words)::
+
+    colours    red green blue yellow purple orange white black
+    shapes     circle square triangle
+    quadrants  top-left top-right bottom-left bottom-right
+    counts     one two three four five six
+    yes / no
+
+**Tasks**, by type (the paper's Global / Local / Mixed):
+
+======================  ======  ===============================================================
+task                    type    question (``{q}`` is a quadrant)
+======================  ======  ===============================================================
+``background_colour``   global  What colour is the background?
+``count``               global  How many shapes are there?
+``same_colour``         global  Are all the shapes the same colour?
+``quadrant_colour``     local   What colour is the shape in the {q} quadrant?
+``quadrant_shape``      local   What kind of shape is in the {q} quadrant?
+``quadrant_presence``   local   Is there a shape in the {q} quadrant?
+``matches_background``  mixed   Is the shape in the {q} quadrant the same colour as the background?
+``is_largest``          mixed   Is the shape in the {q} quadrant the largest shape?
+======================  ======  ===============================================================
+
+Questions about "the shape in the {q} quadrant" are asked only of quadrants that hold exactly one
+shape. Splits are disjoint by seed: scene ``i`` of split ``s`` is drawn from the generator seeded
+``SPLIT_SEEDS[s] + i``; :func:`items` also balances the answers of every task (each answer of a
+task equally often, as far as the split's size allows), so a model that ignores the image scores
+chance. Anyone can write new items in the same language: a manifest row with an image, one of the
+questions above and an answer from the vocabulary (see :mod:`sinkscope.evaluation.items`).
+
+>>> sc = scene(0, "test")
+>>> sc.background in COLOURS, 1 <= len(sc.shapes) <= 6
+(True, True)
+>>> answer(sc, "count") == COUNT_WORDS[len(sc.shapes) - 1]
+True
+>>> render(sc).size
+(224, 224)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+#: name -> RGB fill
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (245, 220, 30),
+    "purple": (140, 50, 170),
+    "orange": (245, 135, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
+SHAPE_KINDS = ("circle", "square", "triangle")
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+COUNT_WORDS = ("one", "two", "three", "four", "five", "six")
+YES_NO = ("yes", "no")
+#: every word an answer may be
+VOCABULARY = frozenset((*COLOURS, *SHAPE_KINDS, *QUADRANTS, *COUNT_WORDS, *YES_NO))
+OUTLINE = (128, 128, 128)
+SIZE = 224
+#: no shape comes closer to the border (a 224-px centre crop of a 256-px resize loses 14 px)
+MARGIN = 18
+#: the first generator seed of each split; scene ``i`` uses ``SPLIT_SEEDS[split] + i``
+SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
+
+#: task -> (task type, question template, answer choices)
+TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "background_colour": ("global", "What colour is the background?", tuple(COLOURS)),
+    "count": ("global", "How many shapes are there?", COUNT_WORDS),
+    "same_colour": ("global", "Are all the shapes the same colour?", YES_NO),
+    "quadrant_colour": ("local", "What colour is the shape in the {q} quadrant?", tuple(COLOURS)),
+    "quadrant_shape": ("local", "What kind of shape is in the {q} quadrant?", SHAPE_KINDS),
+    "quadrant_presence": ("local", "Is there a shape in the {q} quadrant?", YES_NO),
+    "matches_background": (
+        "mixed",
+        "Is the shape in the {q} quadrant the same colour as the background?",
+        YES_NO,
+    ),
+    "is_largest": ("mixed", "Is the shape in the {q} quadrant the largest shape?", YES_NO),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape: ``kind``, ``colour``, ``quadrant``, centre ``x, y`` and ``radius`` in pixels."""
+
+    kind: str
+    colour: str
+    quadrant: str
+    x: float
+    y: float
+    radius: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A background colour and its shapes; ``seed`` and ``split`` say where it came from."""
+
+    background: str
+    shapes: tuple[Shape, ...]
+    seed: int = 0
+    split: str = ""
+
+    def in_quadrant(self, q: str) -> list[Shape]:
+        return [s for s in self.shapes if s.quadrant == q]
+
+    def single_quadrants(self) -> list[str]:
+        """Quadrants holding exactly one shape (the ones "the shape in the {q} quadrant" names)."""
+        return [q for q in QUADRANTS if len(self.in_quadrant(q)) == 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scene:
+        return cls(
+            d["background"], tuple(Shape(**s) for s in d["shapes"]), d.get("seed", 0), d.get("split", "")
+        )
+
+
+def _place(rng: random.Random, quadrant: str, slot: int, of: int, radius: float) -> tuple[float, float]:
+    """A centre inside ``quadrant``, at least ``MARGIN`` from the image's border (LLaVA-style
+    processors crop the border): alone, anywhere in it; two, side by side without overlap."""
+    half = SIZE / 2
+    right, bottom = quadrant.endswith("right"), quadrant.startswith("bottom")
+    lo_x, hi_x = (half + 4, SIZE - MARGIN) if right else (MARGIN, half - 4)
+    lo_y, hi_y = (half + 4, SIZE - MARGIN) if bottom else (MARGIN, half - 4)
+    y = rng.uniform(lo_y + radius, hi_y - radius)
+    if of == 1:
+        return rng.uniform(lo_x + radius, hi_x - radius), y
+    w = (hi_x - lo_x) / 2
+    return lo_x + slot * w + w / 2, y
+
+
+def scene(index: int, split: str = "train") -> Scene:
+    """Scene ``index`` of ``split`` (``train``, ``validation`` or ``test``): the same arguments
+    always give the same scene.
+
+    >>> scene(3, "train") == scene(3, "train"), scene(3, "train") == scene(3, "test")
+    (True, False)
+    """
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLIT_SEEDS)}")
+    seed = SPLIT_SEEDS[split] + index
+    rng = random.Random(seed)
+    background = rng.choice(list(COLOURS))
+    n = rng.randint(1, 6)
+    # quadrants: each used once before any holds a second shape
+    order = rng.sample(QUADRANTS, 4)
+    slots = order[: min(n, 4)] + rng.sample(order, n - 4) if n > 4 else order[:n]
+    style = rng.random()
+    one_colour = rng.choice(list(COLOURS))
+    one_kind = rng.choice(SHAPE_KINDS)
+    shapes = []
+    for q in QUADRANTS:
+        k = slots.count(q)
+        for slot in range(k):
+            radius = rng.uniform(10, 14) if k == 2 else rng.uniform(14, 36)
+            x, y = _place(rng, q, slot, k, radius)
+            if style < 0.3:  # every shape the same colour (same_colour: yes)
+                colour = one_colour
+            elif style < 0.45:  # a shape of the background's colour (matches_background: yes)
+                colour = background if rng.random() < 0.6 else rng.choice(list(COLOURS))
+            else:
+                colour = rng.choice(list(COLOURS))
+            kind = one_kind if rng.random() < 0.15 else rng.choice(SHAPE_KINDS)
+            shapes.append(Shape(kind, colour, q, round(x, 2), round(y, 2), round(radius, 2)))
+    return Scene(background, tuple(shapes), seed, split)
+
+
+def render(sc: Scene, size: int = SIZE) -> Image.Image:
+    """The scene as an RGB image (``size`` x ``size``; shapes scaled from the 224-px layout)."""
+    im = Image.new("RGB", (SIZE, SIZE), COLOURS[sc.background])
+    d = ImageDraw.Draw(im)
+    for s in sc.shapes:
+        fill, r = COLOURS[s.colour], s.radius
+        box = (s.x - r, s.y - r, s.x + r, s.y + r)
+        if s.kind == "circle":
+            d.ellipse(box, fill=fill, outline=OUTLINE, width=3)
+        elif s.kind == "square":
+            d.rectangle(box, fill=fill, outline=OUTLINE, width=3)
+        else:
+            pts = [
+                (s.x + r * math.cos(a), s.y - r * math.sin(a))
+                for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+            ]
+            d.polygon(pts, fill=fill, outline=OUTLINE, width=3)
+    return im if size == SIZE else im.resize((size, size), Image.BICUBIC)
+
+
+def answer(sc: Scene, task: str, quadrant: str | None = None) -> str:
+    """The answer to ``task`` (about ``quadrant`` for the local and mixed tasks), from the scene
+    description alone.
+
+    >>> sc = Scene("green", (Shape("circle", "red", "top-left", 50, 50, 20),))
+    >>> answer(sc, "quadrant_colour", "top-left"), answer(sc, "quadrant_presence", "bottom-left")
+    ('red', 'no')
+    """
+    if task == "background_colour":
+        return sc.background
+    if task == "count":
+        return COUNT_WORDS[len(sc.shapes) - 1]
+    if task == "same_colour":
+        return "yes" if len({s.colour for s in sc.shapes}) == 1 else "no"
+    if task == "quadrant_presence":
+        return "yes" if sc.in_quadrant(quadrant) else "no"
+    here = sc.in_quadrant(quadrant)
+    if len(here) != 1:
+        raise ValueError(f"{task}: the {quadrant} quadrant holds {len(here)} shapes, not one")
+    s = here[0]
+    if task == "quadrant_colour":
+        return s.colour
+    if task == "quadrant_shape":
+        return s.kind
+    if task == "matches_background":
+        return "yes" if s.colour == sc.background else "no"
+    if task == "is_largest":
+        return "yes" if s.radius >= max(t.radius for t in sc.shapes) else "no"
+    raise ValueError(f"unknown shapes task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def questions(sc: Scene, rng: random.Random | None = None) -> list[dict[str, Any]]:
+    """Every question this scene can answer, one per task (a random eligible quadrant for the
+    local and mixed ones; ``same_colour`` needs two shapes): dicts with ``task``, ``task_type``,
+    ``question``, ``answer``, ``choices`` and ``quadrant``.
+
+    >>> [q["task"] for q in questions(scene(0, "test"))][:3]
+    ['background_colour', 'count', 'same_colour']
+    """
+    rng = rng or random.Random(sc.seed)
+    out = []
+    for task, (ttype, template, choices) in TASKS.items():
+        q = None
+        if task == "same_colour" and len(sc.shapes) < 2:
+            continue
+        if task == "quadrant_presence":
+            q = rng.choice(QUADRANTS)
+        elif "{q}" in template:
+            single = sc.single_quadrants()
+            if not single:
+                continue
+            q = rng.choice(single)
+        out.append(
+            {
+                "task": task,
+                "task_type": ttype,
+                "question": template.format(q=q),
+                "answer": answer(sc, task, q),
+                "choices": list(choices),
+                "quadrant": q,
+            }
+        )
+    return out
+
+
+def items(split: str = "test", n_per_task: int = 50, start: int = 0) -> list[dict[str, Any]]:
+    """Balanced question items of ``split``: for every task, ``n_per_task`` questions whose
+    answers are spread evenly over the task's choices (each answer ``n_per_task // k`` times,
+    the remainder going to the first choices), drawn from scenes ``start, start + 1, ...`` in
+    order. Each item: ``id``, ``task``, ``task_type``, ``question``, ``answer``, ``choices``,
+    ``scene`` (its :class:`Scene` as a dict). Deterministic.
+
+    >>> its = items("test", n_per_task=4)
+    >>> len(its), sorted({i["answer"] for i in its if i["task"] == "same_colour"})
+    (32, ['no', 'yes'])
+    """
+    quota: dict[tuple[str, str], int] = {}
+    for task, (_, _, choices) in TASKS.items():
+        for j, c in enumerate(choices):
+            quota[(task, c)] = n_per_task // len(choices) + (1 if j < n_per_task % len(choices) else 0)
+    out: list[dict[str, Any]] = []
+    i = start
+    need = sum(quota.values())
+    while need and i < start + 200 * max(n_per_task, 10):
+        sc = scene(i, split)
+        for q in questions(sc):
+            key = (q["task"], q["answer"])
+            if quota.get(key, 0) > 0:
+                quota[key] -= 1
+                need -= 1
+                out.append({"id": f"shapes-{split}-{i:07d}-{q['task']}", **q, "scene": sc.to_dict()})
+        i += 1
+    return sorted(out, key=lambda r: (list(TASKS).index(r["task"]), r["id"]))
+
+
+def caption(sc: Scene) -> str:
+    """A one-sentence description of the scene (stage-1 alignment text).
+
+    >>> caption(Scene("green", (Shape("circle", "red", "top-left", 50, 50, 20),)))
+    'One shape on a green background: a red circle in the top-left quadrant.'
+    """
+    n = len(sc.shapes)
+    parts = [f"a {s.colour} {s.kind} in the {s.quadrant} quadrant" for s in sc.shapes]
+    noun = "shape" if n == 1 else "shapes"
+    return f"{COUNT_WORDS[n - 1].capitalize()} {noun} on a {sc.background} background: {', '.join(parts)}."
+
+
+__all__ = [
+    "COLOURS",
+    "COUNT_WORDS",
+    "QUADRANTS",
+    "SHAPE_KINDS",
+    "SPLIT_SEEDS",
+    "TASKS",
+    "VOCABULARY",
+    "YES_NO",
+    "Scene",
+    "Shape",
+    "answer",
+    "caption",
+    "items",
+    "questions",
+    "render",
+    "scene",
+]

@@ -1,0 +1,262 @@
+"""``sinkscope train-projector``: train a LLaVA projector with the LM loss on answer tokens.
+
+The tower and the LLM stay frozen (stage 2 may add LoRA adapters on the LLM through ``peft``);
+the tower's features come from a :class:`~sinkscope.training.features.FeatureCache`, so a step is
+projector -> LLM -> loss only. The loop is an ``accelerate`` loop: the same command runs on one
+CPU, one GPU or under ``accelerate launch`` (data-parallel; each process takes every N-th batch).
+
+Every ``save_every`` steps (and at the end) the main process writes ``OUT/checkpoint/``
+(projector, optimizer, scheduler, step) atomically; ``resume=True`` continues from it, replaying
+the same seeded order of batches, so a killed and resumed run ends with the same weights as an
+uninterrupted one. ``train_log.jsonl`` gets one line per step (loss, learning rate, sequences
+seen, seconds). The result: ``OUT/projector.safetensors`` (and ``OUT/lora/`` with LoRA).
+
+>>> res = train_projector("tiny-llava", out="runs/tp", stage="vqa", steps=2, n_per_task=2, real=(), progress=False)
+>>> len(res.log), res.log[-1]["step"]
+(2, 2)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils import SinkscopeError, package_versions, progress_bar
+from ..models import load_model
+from .examples import IGNORE, Example, align_examples, encode, vqa_examples
+from .features import FeatureCache
+
+STAGES = ("align", "vqa")
+
+
+@dataclass
+class TrainResult:
+    """``out`` (the folder), ``log`` (one dict per step) and ``summary``."""
+
+    out: Path
+    log: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    config: Any = None
+
+
+def _projector(model: nn.Module) -> nn.Module:
+    return model.model.multi_modal_projector
+
+
+def _step_loss(
+    model, projector, batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], image_token_id: int
+) -> torch.Tensor:
+    """Mean LM loss over the answer tokens of a batch of ``(ids, labels, features)`` (right-padded)."""
+    emb = model.get_input_embeddings()
+    n = max(len(ids) for ids, _, _ in batch)
+    dev = emb.weight.device
+    embeds, labels, mask = [], [], []
+    for ids, lab, feats in batch:
+        ids, lab = ids.to(dev), lab.to(dev)
+        is_img = ids == image_token_id
+        e = emb(torch.where(is_img, torch.zeros_like(ids), ids))
+        proj = projector(feats.to(dev, e.dtype))
+        e = e.masked_scatter(is_img[:, None], proj.reshape(-1, e.shape[-1]).to(e.dtype))
+        pad = n - len(ids)
+        embeds.append(torch.cat([e, e.new_zeros(pad, e.shape[-1])]))
+        labels.append(torch.cat([lab, lab.new_full((pad,), IGNORE)]))
+        mask.append(torch.cat([torch.ones_like(ids), torch.zeros(pad, dtype=ids.dtype, device=dev)]))
+    out = model.model.language_model(inputs_embeds=torch.stack(embeds), attention_mask=torch.stack(mask))
+    logits = model.lm_head(out.last_hidden_state[:, :-1]).float()
+    target = torch.stack(labels)[:, 1:]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+    )
+
+
+def _lr_lambda(total: int, warmup: float):
+    """Cosine decay with linear warm-up over the first ``warmup`` share of steps (TinyLLaVA's)."""
+    w = max(1, int(round(warmup * total)))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+
+    return f
+
+
+def _examples(
+    stage: str, n_per_task: int, turns: int, real: tuple[str, ...], seed: int, real_limit: int | None = None
+) -> list[Example]:
+    if stage == "align":
+        return align_examples(n_per_task * 8)
+    return vqa_examples(n_per_task=n_per_task, turns=turns, real=real, seed=seed, real_limit=real_limit)
+
+
+def _save_checkpoint(ck: Path, projector, opt, sched, step: int, seen: int) -> None:
+    from safetensors.torch import save_file
+
+    tmp = ck.with_name(ck.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()},
+        str(tmp / "projector.safetensors"),
+    )
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "seen": seen},
+        tmp / "state.pt",
+    )
+    old = ck.with_name(ck.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ck.exists():
+        os.replace(ck, old)
+    os.replace(tmp, ck)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_projector(
+    model: Any = "mini-llava",
+    out: str | Path = "runs/projector",
+    stage: str = "vqa",
+    steps: int = 100,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    warmup: float = 0.03,
+    n_per_task: int = 200,
+    turns: int = 4,
+    real: tuple[str, ...] = ("textile", "lfw-faces", "digits"),
+    real_limit: int | None = None,
+    seed: int = 0,
+    save_every: int = 50,
+    resume: bool = False,
+    init: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the projector of ``model`` for ``steps`` steps of ``batch_size`` conversations of
+    ``stage`` (``align``: captions; ``vqa``: questions, see :mod:`~sinkscope.training.examples`).
+    ``init``: a projector file to start from (e.g. stage 1's result); ``real_limit``: at most this
+    many training questions per real-image set. Only the conversations the run will reach have
+    their tower features computed."""
+    from accelerate import Accelerator
+
+    if stage not in STAGES:
+        raise SinkscopeError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+    out = Path(out)
+    ck = out / "checkpoint"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SinkscopeError(f"{out} is not empty; pass resume=True (--resume) to continue the run there")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    acc = Accelerator(cpu=device == "cpu")
+    ad = model if hasattr(model, "model") else load_model(model, device=str(acc.device))
+    m = ad.model
+    for p in m.parameters():
+        p.requires_grad_(False)
+    projector = _projector(m)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        projector.load_state_dict(load_file(str(init)))
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    exs = _examples(stage, n_per_task, turns, tuple(real), seed, real_limit)
+    order = torch.randperm(len(exs), generator=torch.Generator().manual_seed(seed)).tolist()
+    per_step = batch_size * acc.num_processes
+    used = {order[k % len(order)] for k in range(steps * per_step)}  # cache only what is trained on
+    cache = FeatureCache(ad, cache_dir or out / "features")
+    cache.ensure([exs[i].image for i in sorted(used)], progress=progress and acc.is_main_process)
+    n_img = cache.get(exs[order[0]].image.name).shape[0]
+    opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
+    projector, opt = acc.prepare(projector, opt)
+    start, seen = 0, 0
+    if resume and (ck / "state.pt").exists():
+        from safetensors.torch import load_file
+
+        acc.unwrap_model(projector).load_state_dict(load_file(str(ck / "projector.safetensors")))
+        st = torch.load(ck / "state.pt", weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start, seen = int(st["step"]), int(st["seen"])
+    log = _read_log(out / "train_log.jsonl", start)
+    bar = progress_bar(steps - start, progress and acc.is_main_process, f"train {stage}", unit="step")
+    t0 = time.perf_counter()
+    m.train(False)
+    for step in range(start, steps):
+        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
+        mine = idx[acc.process_index :: acc.num_processes]
+        batch = [(*encode(ad, exs[i], n_img), cache.get(exs[i].image.name)) for i in mine]
+        loss = _step_loss(m, projector, batch, ad.image_token_id)
+        acc.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        seen += len(idx)
+        rec = {
+            "step": step + 1,
+            "loss": round(float(loss.detach()), 5),
+            "lr": sched.get_last_lr()[0],
+            "seen": seen,
+            "s": round(time.perf_counter() - t0, 2),
+        }
+        log.append(rec)
+        if acc.is_main_process:
+            with (out / "train_log.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if (step + 1) % save_every == 0 or step + 1 == steps:
+                _save_checkpoint(ck, acc.unwrap_model(projector), opt, sched, step + 1, seen)
+        bar.update(1)
+    bar.close()
+    acc.wait_for_everyone()
+    summary = _finish(
+        out, ck, ad, stage, steps, batch_size, lr, n_per_task, turns, real, seed, log, len(exs), acc
+    )
+    return TrainResult(out, log, summary)
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    """The log lines of steps ``<= upto`` (a resumed run drops the lines of steps it will redo)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["step"] <= upto]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _finish(
+    out, ck, ad, stage, steps, batch_size, lr, n_per_task, turns, real, seed, log, n_examples, acc
+) -> dict:
+    summary = {
+        "analysis": "train-projector",
+        "model": ad.name,
+        "stage": stage,
+        "steps": steps,
+        "batch_size": batch_size,
+        "num_processes": acc.num_processes,
+        "lr": lr,
+        "n_per_task": n_per_task,
+        "turns": turns,
+        "real": list(real),
+        "seed": seed,
+        "examples": n_examples,
+        "sequences_seen": log[-1]["seen"] if log else 0,
+        "final_loss": log[-1]["loss"] if log else None,
+        "seconds": log[-1]["s"] if log else 0,
+        "versions": package_versions(("sinkscope", "torch", "transformers", "accelerate")),
+    }
+    if acc.is_main_process:
+        shutil.copy(ck / "projector.safetensors", out / "projector.safetensors")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+__all__ = ["STAGES", "TrainResult", "train_projector"]

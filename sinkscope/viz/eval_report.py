@@ -1,0 +1,104 @@
+"""The page of an evaluation (``eval.html``) and its ``sinkscope report`` section: accuracy by task
+type per variant, with bootstrap intervals, chance and the majority baseline, then the per-task
+table.
+
+>>> import pandas as pd
+>>> t = pd.DataFrame({"variant": ["default"] * 2, "task": ["*", "*"], "task_type": ["global", "all"],
+...                   "n": [10, 10], "accuracy": [0.9, 0.9], "ci_low": [0.7, 0.7], "ci_high": [1.0, 1.0],
+...                   "chance": [0.25, 0.25], "majority": [0.3, 0.3]})
+>>> eval_findings(t, {"model": {"name": "m"}})[0]
+'default: global 0.90 [0.70, 1.00] (n=10, chance 0.25).'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..runs import read_summary, read_table
+from .page import RunSection, write_page
+
+TYPE_ORDER = ("global", "local", "mixed", "all")
+#: one colour per variant (Okabe-Ito, as the rest of sinkscope's figures)
+VARIANT_COLORS = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9")
+
+
+def eval_findings(results: pd.DataFrame, summary: dict) -> list[str]:
+    """One sentence per variant: accuracy per task type with its interval and chance; a warning
+    when the model's projector is untrained."""
+    out = []
+    types = results[results.task == "*"]
+    for variant, g in types.groupby("variant", sort=False):
+        g = g.set_index("task_type")
+        parts = [
+            f"{t} {g.at[t, 'accuracy']:.2f} [{g.at[t, 'ci_low']:.2f}, {g.at[t, 'ci_high']:.2f}] "
+            f"(n={int(g.at[t, 'n'])}, chance {g.at[t, 'chance']:.2f})"
+            for t in TYPE_ORDER
+            if t in g.index and t != "all"
+        ]
+        out.append(f"{variant}: " + "; ".join(parts) + ".")
+    if (summary.get("model") or {}).get("projector_trained") is False:
+        out.append("This model's projector is untrained: its answers do not use the image.")
+    return out
+
+
+def accuracy_figure(results: pd.DataFrame) -> go.Figure:
+    """Accuracy by task type, one bar group per variant, 95% bootstrap intervals, chance as ticks."""
+    types = results[results.task == "*"]
+    fig = go.Figure()
+    order = [t for t in TYPE_ORDER if t in set(types.task_type)]
+    for i, (variant, g) in enumerate(types.groupby("variant", sort=False)):
+        g = g.set_index("task_type").reindex(order)
+        fig.add_bar(
+            x=order,
+            y=g.accuracy,
+            name=variant,
+            marker_color=VARIANT_COLORS[i % len(VARIANT_COLORS)],
+            error_y={"type": "data", "array": g.ci_high - g.accuracy, "arrayminus": g.accuracy - g.ci_low},
+            hovertemplate="%{x}: %{y:.3f}<extra>" + variant + "</extra>",
+        )
+    chance = types.drop_duplicates("task_type").set_index("task_type").reindex(order)
+    fig.add_scatter(
+        x=order,
+        y=chance.chance,
+        mode="markers",
+        name="chance",
+        marker={"symbol": "line-ew-open", "size": 30, "color": "#444"},
+    )
+    fig.update_layout(
+        barmode="group", yaxis={"range": [0, 1.05], "title": "accuracy"}, xaxis_title="task type", height=380
+    )
+    return fig
+
+
+def _section(results: pd.DataFrame, summary: dict, path: Path) -> RunSection:
+    name = (summary.get("model") or {}).get("name", "?")
+    per_task = results[results.task != "*"].round(3)
+    return RunSection(
+        "eval",
+        path,
+        f"Evaluation - {name} on {summary.get('tasks', '?')} ({summary.get('split', '?')})",
+        findings=eval_findings(results, summary),
+        figures=[("Accuracy by task type", accuracy_figure(results))],
+        tables_html="<h3>Per task</h3>" + per_task.to_html(index=False),
+    )
+
+
+def eval_section(run_dir: str | Path) -> RunSection:
+    """The section of a saved evaluation (``sinkscope report``)."""
+    d = Path(run_dir)
+    return _section(read_table(d / "results.csv"), read_summary(d), d)
+
+
+def write_eval_report(
+    path: str | Path, results: pd.DataFrame, summary: dict, overwrite: bool = False
+) -> Path:
+    """``eval.html``: findings, the accuracy figure and the per-task table, one self-contained page."""
+    sec = _section(results, summary, Path(path).parent)
+    name = (summary.get("model") or {}).get("name", "?")
+    return write_page([sec], path, title=f"sinkscope eval - {name}", overwrite=overwrite)
+
+
+__all__ = ["accuracy_figure", "eval_findings", "eval_section", "write_eval_report"]

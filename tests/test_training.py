@@ -1,0 +1,120 @@
+"""Projector training (issue 12): examples and labels, the feature cache, the loss going down,
+kill and resume, the config / CLI round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sinkscope import load_model
+from sinkscope.training import projector as P
+from sinkscope.training.examples import IGNORE, Example, encode, vqa_examples
+from sinkscope.training.features import FeatureCache, tower_features
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llava")
+
+
+def test_labels_cover_the_answers_only(tiny):
+    ex = vqa_examples(n_per_task=2, turns=3, real=())[0]
+    ids, labels = encode(tiny, ex, n_image_tokens=7)
+    assert (ids == tiny.image_token_id).sum() == 7 and len(ids) == len(labels)
+    trained = [int(t) for t, lab in zip(ids, labels) if lab != IGNORE]
+    want = [t for _, a in ex.turns for t in tiny.tokenizer(a, add_special_tokens=False).input_ids]
+    # each answer's tokens in order, each followed by the first token of what ends its turn (this
+    # tokenizer has no chat template: the turn ends with a newline, which it may drop)
+    end = tiny.tokenizer("\n", add_special_tokens=False).input_ids[:1]
+    expect = [t for _, a in ex.turns for t in tiny.tokenizer(a, add_special_tokens=False).input_ids + end]
+    assert trained == expect and len(want) <= len(trained)
+
+
+def test_cached_features_equal_the_tower(tiny, tmp_path):
+    ex = vqa_examples(n_per_task=1, turns=1, real=())[:3]
+    cache = FeatureCache(tiny, tmp_path / "c", shard_size=2)
+    assert cache.ensure([e.image for e in ex], progress=False) == 3
+    assert cache.ensure([e.image for e in ex], progress=False) == 0  # nothing twice
+    again = FeatureCache(tiny, tmp_path / "c")  # read back from disk
+    direct = tower_features(tiny, [e.image.load() for e in ex])
+    for e, d in zip(ex, direct):
+        torch.testing.assert_close(again.get(e.image.name), d)
+
+
+def _loss(ad, exs, proj_state=None):
+    if proj_state is not None:
+        ad.model.model.multi_modal_projector.load_state_dict(proj_state)
+    feats = tower_features(ad, [e.image.load() for e in exs])
+    batch = [(*encode(ad, e, f.shape[0]), f) for e, f in zip(exs, feats)]
+    with torch.no_grad():
+        return float(P._step_loss(ad.model, ad.model.model.multi_modal_projector, batch, ad.image_token_id))
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    ad = load_model("tiny-llava")
+    exs = P._examples("vqa", 4, 4, (), 0)[:8]
+    before = _loss(ad, exs)
+    res = P.train_projector(
+        ad, out=tmp_path / "t", steps=12, batch_size=4, n_per_task=4, real=(), lr=1e-2, progress=False
+    )
+    after = _loss(ad, exs, load_file(str(tmp_path / "t" / "projector.safetensors")))
+    assert after < before - 0.05, (before, after)
+    assert res.summary["steps"] == 12 and len(res.log) == 12
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    kw = dict(steps=6, batch_size=2, n_per_task=2, real=(), lr=1e-2, save_every=2, progress=False)
+    P.train_projector(load_model("tiny-llava"), out=tmp_path / "full", **kw)
+    real = P._step_loss
+    calls = []
+
+    def dying(*a, **k):
+        if len(calls) == 3:  # killed during step 4: steps 1-2 are checkpointed, step 3 is lost
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "_step_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_projector(load_model("tiny-llava"), out=tmp_path / "cut", **kw)
+    monkeypatch.setattr(P, "_step_loss", real)
+    with pytest.raises(Exception, match="resume"):
+        P.train_projector(load_model("tiny-llava"), out=tmp_path / "cut", **kw)
+    P.train_projector(load_model("tiny-llava"), out=tmp_path / "cut", resume=True, **kw)
+    a = load_file(str(tmp_path / "full" / "projector.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "projector.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lost step 3 logged once
+
+
+def test_config_cli_round_trip(tmp_path):
+    from sinkscope import load_run  # noqa: F401  (training runs are read back by their files)
+    from sinkscope.cli import main
+    from sinkscope.config import RunConfig, TrainProjectorConfig
+
+    out = tmp_path / "cli"
+    argv = [
+        "train-projector",
+        "--model",
+        "tiny-llava",
+        "--steps",
+        "2",
+        "--n-per-task",
+        "2",
+        "--no-real",
+        "-q",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    cfg = RunConfig.load(out / "config.json")
+    assert cfg == TrainProjectorConfig(model="tiny-llava", steps=2, n_per_task=2, real=(), out=str(out))
+    assert main([*argv[:-2], "--out", str(out)]) == 1  # not empty: refused without --resume
+    with pytest.raises(Exception, match="stage: one of"):
+        TrainProjectorConfig(stage="finetune")
+    assert isinstance(Example("k", None, ()), Example)
