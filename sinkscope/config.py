@@ -440,6 +440,7 @@ class TrainProjectorConfig(RunConfig):
     real_limit: int | None = None
     seed: int = 0
     save_every: int = 50
+    snapshot_every: int | None = None
     init: str | None = None
     cache_dir: str | None = None
     device: str | None = None

@@ -223,6 +223,7 @@ def _run_train_projector(c: TrainProjectorConfig, progress: bool):
         out=c.out,
         real=c.real,
         real_limit=c.real_limit,
+        snapshot_every=c.snapshot_every,
         resume=c.resume,
         init=c.init,
         cache_dir=c.cache_dir,

@@ -62,6 +62,7 @@ def add_train(sub) -> None:
     t.add_argument(
         "--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)"
     )
+    t.add_argument("--snapshot-every", type=int, default=None, help="keep the projector every N steps in OUT/snapshots/")
     t.add_argument("--init", default=None, help="a projector .safetensors to start from")
     t.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/features)")
     t.add_argument("--device", default=None, help="cpu, cuda (default: accelerate's choice)")
@@ -77,7 +78,7 @@ def train_config(a: argparse.Namespace):
     real = () if a.no_real else tuple(a.real or ("textile", "lfw-faces", "digits"))
     return TrainProjectorConfig(
         model=a.model, stage=a.stage, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
-        n_per_task=a.n_per_task, turns=a.turns, real=real, real_limit=a.real_limit, seed=a.seed, save_every=a.save_every,
+        n_per_task=a.n_per_task, turns=a.turns, real=real, real_limit=a.real_limit, seed=a.seed, snapshot_every=a.snapshot_every, save_every=a.save_every,
         init=a.init, cache_dir=a.cache_dir, device=a.device, out=a.out, resume=a.resume,
     )  # fmt: skip
 

@@ -98,6 +98,13 @@ def _examples(
     return vqa_examples(n_per_task=n_per_task, turns=turns, real=real, seed=seed, real_limit=real_limit)
 
 
+def _snapshot(path: Path, projector) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}, str(path))
+
+
 def _save_checkpoint(ck: Path, projector, opt, sched, step: int, seen: int) -> None:
     from safetensors.torch import save_file
 
@@ -134,6 +141,7 @@ def train_projector(
     real_limit: int | None = None,
     seed: int = 0,
     save_every: int = 50,
+    snapshot_every: int | None = None,
     resume: bool = False,
     init: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -143,7 +151,8 @@ def train_projector(
     """Train the projector of ``model`` for ``steps`` steps of ``batch_size`` conversations of
     ``stage`` (``align``: captions; ``vqa``: questions, see :mod:`~sinkscope.training.examples`).
     ``init``: a projector file to start from (e.g. stage 1's result); ``real_limit``: at most this
-    many training questions per real-image set. Only the conversations the run will reach have
+    many training questions per real-image set; ``snapshot_every``: also keep the projector every
+    N steps in ``OUT/snapshots/`` (for learning curves). Only the conversations the run will reach have
     their tower features computed."""
     from accelerate import Accelerator
 
@@ -213,6 +222,8 @@ def train_projector(
                 f.write(json.dumps(rec) + "\n")
             if (step + 1) % save_every == 0 or step + 1 == steps:
                 _save_checkpoint(ck, acc.unwrap_model(projector), opt, sched, step + 1, seen)
+            if snapshot_every and (step + 1) % snapshot_every == 0:  # for learning curves
+                _snapshot(out / "snapshots" / f"step-{step + 1:06d}.safetensors", acc.unwrap_model(projector))
         bar.update(1)
     bar.close()
     acc.wait_for_everyone()
