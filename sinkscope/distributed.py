@@ -21,6 +21,25 @@ processes, or one) finished, and a killed run continues without duplicates. Not 
 several processes: ``--save-layers`` (refused in one line), and a scan without ``--out``.
 Without a process group nothing changes: accelerate is not even imported.
 
+Probes (``sinkscope probe``) and flow runs (``sinkscope flow``) run data-parallel the same way,
+with whole batches as the unit (batch ``b`` to process ``b % N``, :func:`batch_shard`), so that
+every forward pass is one a single process runs too and the merged results are those of one
+process, value for value; each process writes its part into the output folder and the main
+process merges them once every process is done:
+
+- ``probe``: each process extracts the group features of its batches (``--batch-size`` images
+  each) into ``OUT/feature-parts/rank{r}/``; the main process merges them in the item order (the
+  same :class:`~sinkscope.probing.GroupFeatures` as one process: same arrays, same order), caches
+  them, fits the probes alone and writes ``probe.csv`` and ``summary.json``; the others wait and
+  return that run, read back (cached features are reused by every process: nothing is extracted).
+- ``flow``: the ViT analyses (``rollout``, ``relevance``, ``vit_attention_by_group``,
+  ``redundancy``) run per batch of 8 images; ``knockout`` per set of pairs sharing a first target
+  and ``decode`` per isolated position (a VLM's prompt holds every image: there is no per-image
+  shard); ``propagation``, ``attribution`` and ``relevancy`` (one pass over that prompt) run on
+  the main process alone. Parts go to ``OUT/parts/rank{r}/``; the main process merges them in the
+  single-process order, recomputes the summaries from the merged tables and writes the run; the
+  others return their own part. Both need an output folder under several processes.
+
 Multi-GPU, for paper-scale datasets (one process per GPU, each on ``cuda:<local rank>``; the
 model is loaded once per process, so each GPU must hold it)::
 
@@ -41,6 +60,10 @@ hide the GPUs and use the multi-GPU launcher, which picks gloo on CPU; ``torchru
 ['b', 'd']
 >>> images_per_process(5, 2)
 [3, 2]
+>>> batch_shard(7, batch_size=2, rank=0, num_processes=2)   # batches [0, 1] and [4, 5]
+[0, 1, 4, 5]
+>>> images_per_process(7, 2, batch_size=2)
+[4, 3]
 """
 
 from __future__ import annotations
@@ -71,8 +94,23 @@ def shard_of(items: Sequence[T], rank: int, num_processes: int) -> list[T]:
     return list(items[rank::num_processes])
 
 
-def images_per_process(n_items: int, num_processes: int) -> list[int]:
-    """How many of ``n_items`` each process gets from :func:`shard_of`."""
+def batch_shard(n_items: int, batch_size: int, rank: int, num_processes: int) -> list[int]:
+    """The indices of the items process ``rank`` runs when whole batches are shared out: batch
+    ``b`` (items ``b * batch_size`` to ``(b + 1) * batch_size - 1``) goes to process
+    ``b % num_processes``, so each batch is the one a single process runs."""
+    n_batches = -(-n_items // batch_size)
+    return [
+        i
+        for b in range(rank, n_batches, num_processes)
+        for i in range(b * batch_size, min((b + 1) * batch_size, n_items))
+    ]
+
+
+def images_per_process(n_items: int, num_processes: int, batch_size: int | None = None) -> list[int]:
+    """How many of ``n_items`` each process gets from :func:`shard_of` (or, with ``batch_size``,
+    from :func:`batch_shard`)."""
+    if batch_size is not None:
+        return [len(batch_shard(n_items, batch_size, r, num_processes)) for r in range(num_processes)]
     return [len(range(r, n_items, num_processes)) for r in range(num_processes)]
 
 
@@ -97,12 +135,18 @@ class DistContext:
     def shard(self, items: Sequence[T]) -> list[T]:
         return shard_of(items, self.rank, self.num_processes)
 
-    def summary(self, n_items: int) -> dict[str, Any]:
+    def shard_batches(self, n_items: int, batch_size: int) -> list[int]:
+        """The item indices of this process' batches (:func:`batch_shard`)."""
+        return batch_shard(n_items, batch_size, self.rank, self.num_processes)
+
+    def summary(self, n_items: int, batch_size: int | None = None) -> dict[str, Any]:
         return {
             "num_processes": self.num_processes,
             "rank": self.rank,  # of the process whose result this is (0: the merged run in summary.json)
-            "images_per_process": images_per_process(n_items, self.num_processes),
-            "sharding": "item i -> process i % num_processes",
+            "images_per_process": images_per_process(n_items, self.num_processes, batch_size),
+            "sharding": "item i -> process i % num_processes"
+            if batch_size is None
+            else f"batch b of {batch_size} items -> process b % num_processes",
         }
 
 
@@ -161,6 +205,28 @@ def check_supported(out: str | Path | None, save_layers: Any) -> None:
         )
 
 
+def context_for(
+    what: str, out: str | Path | None, device: str | None, progress: bool
+) -> tuple[DistContext | None, str | None, bool]:
+    """``(dist, device, progress)`` of this process for an analysis other than the scan (``what``:
+    ``"probe"``, ``"flow"``): :func:`context`, the process' own device (``cuda:<local rank>``
+    unless another was given) and a progress bar on the main process only. Under several
+    processes an output folder is needed (the parts are merged there), refused in one line.
+
+    >>> context_for("probe", None, None, True)   # one process: nothing changes
+    (None, None, True)
+    """
+    dist = context()
+    if dist is None:
+        return None, device, progress
+    if out is None:
+        raise SinkscopeError(
+            f"a {what} under several processes needs an output folder (out / --out) to merge the parts in"
+        )
+    device = dist.device if device in (None, "cuda") else device
+    return dist, device, progress and dist.is_main
+
+
 def gather(
     dist: DistContext, names: list[str], status: dict[str, dict], read_all: Callable[[], dict[str, dict]]
 ) -> tuple[list[str], dict[str, dict]]:
@@ -208,4 +274,4 @@ def write_merged_progress(out: Path, records: dict[str, dict]) -> None:
     os.replace(tmp, out / "progress.jsonl")
 
 
-__all__ = ["DistContext", "context", "images_per_process", "shard_of"]
+__all__ = ["DistContext", "batch_shard", "context", "context_for", "images_per_process", "shard_of"]

@@ -164,7 +164,7 @@ def _run_decode(c: DecodeConfig, progress: bool):
         rule = NormRule(threshold=c.vit_threshold)
     elif c.vit_relative is not None:
         rule = NormRule(relative=c.vit_relative)
-    elif c.top_norm is not None or c.model == "mini-llava":
+    elif c.top_norm is not None or c.model in ("mini-llava", "mini-llava-untrained"):
         rule = TopNormRule(c.top_norm or 2)
     else:
         rule = NormRule(relative=5.0)

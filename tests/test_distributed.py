@@ -1,5 +1,6 @@
-"""Data-parallel scans under ``accelerate launch``: each process scans its shard, the main one
-merges into the same ``tokens.parquet`` as one process, and a killed run resumes per shard.
+"""Data-parallel runs under ``accelerate launch``: each process scans its shard, the main one
+merges into the same ``tokens.parquet`` as one process, and a killed run resumes per shard; a
+probe and a flow run under two processes write what one process writes.
 
 Two CPU processes on one machine: accelerate 1.x's ``--cpu`` launcher starts only one process
 there (several need MPI), so the GPUs are hidden and the multi-GPU launcher (torchrun) is used;
@@ -16,12 +17,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from sinkscope import distributed, scan
+from sinkscope._utils import SinkscopeError
+from sinkscope.flow.run import run_flow
 from sinkscope.models.tiny import paint_markers
+from sinkscope.probing import GroupFeatures, probe
 
 from .conftest import CELLS, H, W, photo
 
@@ -78,16 +83,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(script: list[str], images: Path, out: Path, *extra: str, timeout: int = 120):
+def _accelerate(script: list[str], *args: str, timeout: int = 120, **env_extra: str):
+    """``accelerate launch`` of 2 CPU processes running ``script args``."""
     cmd = [
         str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        *script, "scan", "--model", "tiny-dinov2+sinks", "--images", str(images), "--out", str(out),
-        "--image-size", f"{H}x{W}", "--batch-size", "2", "-q", *extra,
+        *script, *args,
     ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **env_extra}
     env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _launch(script: list[str], images: Path, out: Path, *extra: str, timeout: int = 120):
+    args = [
+        "scan", "--model", "tiny-dinov2+sinks", "--images", str(images), "--out", str(out),
+        "--image-size", f"{H}x{W}", "--batch-size", "2", "-q", *extra,
+    ]  # fmt: skip
+    return _accelerate(script, *args, timeout=timeout)
 
 
 def _logged(path: Path) -> list[list[str]]:
@@ -184,3 +197,108 @@ def test_a_fresh_scan_removes_the_progress_logs_of_an_earlier_distributed_run(im
     res = scan("tiny-dinov2+sinks", images=[str(images / "im00.png")], out=out, progress=False, report=False)
     assert not (out / "progress.rank1.jsonl").exists()
     assert res.summary["n_ok"] == 1 and "distributed" not in res.summary
+
+
+# -- probe and flow under two processes -----------------------------------------------------------
+
+
+def test_a_two_process_probe_merges_the_features_of_one_process(tmp_path):
+    """13 images (one unreadable) in batches of 4: process 0 extracts batches 0 and 2, process 1
+    batches 1 and 3; the main process merges them into the features of one process (cached),
+    probes and writes the run."""
+    data, cache, out = tmp_path / "data", tmp_path / "cache", tmp_path / "run"
+    for i in range(6):
+        for cls, cells in (("marked", [(1, 2), (3, 0)]), ("plain", [])):
+            (data / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(paint_markers(photo(i, (32, 32)), cells)).save(data / cls / f"{i}.png")
+    (data / "marked" / "bad.png").write_bytes(b"not an image")
+    args = [
+        "probe", "--model", "tiny-dinov2+sinks", "--dataset", str(data), "--groups", "cls,mean,sink",
+        "--layers", "0,2", "--folds", "2", "--batch-size", "4", "--jobs", "1", "--out", str(out), "-q",
+    ]  # fmt: skip
+    r = _accelerate([str(BIN / "sinkscope")], *args, SINKSCOPE_CACHE=str(cache))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = probe(
+        "tiny-dinov2+sinks",
+        str(data),
+        groups=["cls", "mean", "sink"],
+        layers=[0, 2],
+        folds=2,
+        batch_size=4,
+        cache=False,
+        progress=False,
+        n_jobs=1,
+        out=tmp_path / "one",
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "probe.csv"), pd.read_csv(tmp_path / "one" / "probe.csv"), check_exact=True
+    )
+    s = json.loads((out / "summary.json").read_text())
+    assert s["distributed"]["num_processes"] == 2 and s["distributed"]["rank"] == 0
+    assert s["distributed"]["images_per_process"] == [8, 5]
+    assert s["features"]["failed"] == one.summary["features"]["failed"] and len(s["features"]["failed"]) == 1
+    assert not (out / "feature-parts").exists() and s["features"]["cached"] is False
+    # the merged features (cached by the main process) are those of one process: same arrays, same order
+    (meta,) = cache.glob("features/*/meta.json")
+    merged, single = GroupFeatures.load(meta.parent), one.features
+    assert merged.names == single.names and list(merged.x) == list(single.x) and len(merged.names) == 12
+    pd.testing.assert_frame_equal(merged.labels, single.labels)
+    for k in single.x:
+        np.testing.assert_array_equal(merged.x[k], single.x[k])
+        np.testing.assert_array_equal(merged.n_tokens[k], single.n_tokens[k])
+        np.testing.assert_array_equal(merged.pos[k], single.pos[k])
+
+
+FLOW_TABLES = [
+    "rollout.csv", "relevance.csv", "vit_attention_by_group.csv", "redundancy.csv", "visual_tokens.parquet",
+    "attention_by_bin.csv", "attention_by_group.csv", "knockout.csv", "decode.csv", "attribution.csv",
+    "relevancy.csv",
+]  # fmt: skip
+
+
+def test_a_two_process_flow_writes_the_tables_of_one_process(tmp_path):
+    """tiny-llava with every analysis over 10 images (one prompt): the ViT analyses in batches of
+    8 (process 0: 8 images, process 1: 2), the knockout pairs by first target, the decoded
+    positions one by one; the main process merges every table into the rows of one process."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(10):
+        cells = [c for c in CELLS[i % len(CELLS)] if c[0] < 4 and c[1] < 4]  # the 4 x 4 grid of 32 px
+        Image.fromarray(paint_markers(photo(i, (32, 32)), cells)).save(folder / f"im{i:02d}.png")
+    out = tmp_path / "run"
+    args = [
+        "flow", "--model", "tiny-llava+sinks", "--images", str(folder), "--window", "2",
+        "--attribution-steps", "8", "--out", str(out), "-q",
+    ]  # fmt: skip
+    r = _accelerate([str(BIN / "sinkscope")], *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = tmp_path / "one"
+    run_flow("tiny-llava+sinks", images=[str(folder)], window=2, attribution_steps=8, out=one, progress=False)
+    for name in FLOW_TABLES:  # the same rows in the same order
+        read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        pd.testing.assert_frame_equal(read(out / name), read(one / name), check_exact=True, obj=name)
+    s = json.loads((out / "summary.json").read_text())
+    s1 = json.loads((one / "summary.json").read_text())
+    for key in ("images", "redundancy", "knockout", "propagation", "attribution", "relevancy"):
+        assert s[key] == s1[key], key
+    d = s["distributed"]
+    assert d["num_processes"] == 2 and d["images_per_process"] == [8, 2]
+    assert d["analyses"]["relevancy"].startswith("main process") and len(d["timings_per_process"]) == 2
+    # each process had a share: images, a set of knockout pairs (first target: question / last), positions
+    shares = d["share_per_process"]
+    assert [x["images"] for x in shares] == [8, 2]
+    assert [x["knockout_pairs"] for x in shares] == [1, 4] and "knockout_skipped" not in s
+    n_decoded = len(pd.read_csv(one / "decode.csv").position.unique())
+    assert (
+        sum(x["decode_positions"] for x in shares) == n_decoded
+        and min(x["decode_positions"] for x in shares) > 0
+    )
+    assert not (out / "parts").exists()
+
+
+def test_a_flow_or_probe_under_several_processes_needs_an_output_folder(monkeypatch):
+    monkeypatch.setattr(distributed, "context", lambda: distributed.DistContext(0, 2, "cpu"))
+    with pytest.raises(SinkscopeError, match="flow under several processes needs an output"):
+        run_flow("tiny-dinov2+sinks", analyses=("rollout",), progress=False)
+    with pytest.raises(SinkscopeError, match="probe under several processes needs an output"):
+        probe("tiny-dinov2+sinks", "digits", max_images=4, progress=False)

@@ -130,11 +130,20 @@ def probe_config(a: argparse.Namespace):
     )
 
 
+def _other_process() -> bool:
+    """True in a process of a data-parallel run other than the main one (``RANK`` > 0)."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0) > 0
+
+
 def _cmd_probe(a: argparse.Namespace) -> int:
     """Run ``sinkscope probe`` and print the accuracy of every layer and token group."""
     from ..api import run
 
     res = run(_config(lambda: probe_config(a)), progress=not a.quiet)
+    if _other_process():  # under accelerate launch the main process prints the run once
+        return 0
     t = res.table
     for label in t.label.unique():
         piv = t[t.label == label].pivot(index="layer", columns="group", values="accuracy").round(3)
@@ -176,6 +185,8 @@ def _cmd_flow(a: argparse.Namespace) -> int:
     from ..api import run
 
     res = run(_config(lambda: flow_config(a)), progress=not a.quiet)
+    if _other_process():
+        return 0
     s = res["summary"]
     if s.get("warning"):
         print(f"note: {s['warning']}")

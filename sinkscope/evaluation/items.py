@@ -75,6 +75,8 @@ class VQAItem:
     choices: tuple[str, ...] | None = None
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: the smallest image side the model may enlarge (built-in sets of small pictures: 1)
+    min_side: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The item as a JSON-ready dict (``image`` is its source path or name)."""
@@ -282,6 +284,7 @@ def real_items(name: str, split: str = "test", limit: int | None = None, seed: i
                     task=task,
                     choices=choices,
                     source=name,
+                    min_side=ds.min_side,
                 )
                 for i, a in rows
             ]

@@ -71,7 +71,7 @@ def answer_item(
     if variant not in VARIANTS:
         raise SinkscopeError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     image = None if variant == "no-image" else item.image.load()
-    prompt = build_prompt(adapter, image, item.question, chat=chat)
+    prompt = build_prompt(adapter, image, item.question, chat=chat, min_side=item.min_side)
     use_choice = mode == "choice" or (mode == "auto" and item.choices)
     if use_choice:
         if not item.choices:

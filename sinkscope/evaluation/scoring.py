@@ -78,7 +78,12 @@ class Prompt:
 
 
 def build_prompt(
-    adapter, image: Any | None, question: str, chat: bool | str = "auto", suffix: str = ANSWER_SUFFIX
+    adapter,
+    image: Any | None,
+    question: str,
+    chat: bool | str = "auto",
+    suffix: str = ANSWER_SUFFIX,
+    min_side: int | None = None,
 ) -> Prompt:
     """Model inputs for ``question`` about ``image`` (an array; ``None`` for the image-removed
     baseline: the same turn without image tokens). ``chat="auto"`` uses the tokenizer's chat
@@ -87,7 +92,7 @@ def build_prompt(
     use_chat = bool(getattr(tok, "chat_template", None)) if chat == "auto" else bool(chat)
     text = question.strip() + suffix
     if image is not None:
-        inp = adapter.build_inputs([image], "<image>\n" + text, chat=use_chat)
+        inp = adapter.build_inputs([image], "<image>\n" + text, chat=use_chat, min_side=min_side)
         keep = {k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     else:
         if use_chat:

@@ -235,8 +235,10 @@ def answer(sc: Scene, task: str, quadrant: str | None = None) -> str:
 
 def questions(sc: Scene, rng: random.Random | None = None) -> list[dict[str, Any]]:
     """Every question this scene can answer, one per task (a random eligible quadrant for the
-    local and mixed ones; ``same_colour`` needs two shapes): dicts with ``task``, ``task_type``,
-    ``question``, ``answer``, ``choices`` and ``quadrant``.
+    local and mixed ones, and half of the time - when there is one - the quadrant whose answer is
+    the rarer "yes" (``matches_background``, ``is_largest``) or an empty one
+    (``quadrant_presence``); ``same_colour`` needs two shapes): dicts with ``task``,
+    ``task_type``, ``question``, ``answer``, ``choices`` and ``quadrant``.
 
     >>> [q["task"] for q in questions(scene(0, "test"))][:3]
     ['background_colour', 'count', 'same_colour']
@@ -248,12 +250,17 @@ def questions(sc: Scene, rng: random.Random | None = None) -> list[dict[str, Any
         if task == "same_colour" and len(sc.shapes) < 2:
             continue
         if task == "quadrant_presence":
-            q = rng.choice(QUADRANTS)
+            empty = [x for x in QUADRANTS if not sc.in_quadrant(x)]
+            q = rng.choice(empty if empty and rng.random() < 0.5 else QUADRANTS)
         elif "{q}" in template:
             single = sc.single_quadrants()
             if not single:
                 continue
             q = rng.choice(single)
+            # ask about the quadrant that says "yes" half of the time, when the scene has one
+            yes = [x for x in single if answer(sc, task, x) == "yes"] if task in ("matches_background", "is_largest") else []
+            if yes and rng.random() < 0.5:
+                q = rng.choice(yes)
         out.append(
             {
                 "task": task,

@@ -25,6 +25,14 @@ Analyses (``--analysis``):
   ``relevancy.csv`` (``image, image_name, vit_token, kind, row, col, llm_position, vit_norm,
   is_vit_sink, relevancy_llm, rollout_llm, relevancy, rollout``)
 
+Under ``accelerate launch`` (several processes; ``out`` needed) the analyses run data-parallel
+(:mod:`sinkscope.distributed`): the ViT ones per batch of 8 images, ``knockout`` per set of pairs
+sharing a first target, ``decode`` per isolated position; ``propagation``, ``attribution`` and
+``relevancy`` analyse the one prompt that holds every image, so the main process runs them alone.
+Each process writes its part into ``OUT/parts/rank{r}/``; the main process merges them into the
+tables of one process (same rows, same order), recomputes the summaries from the merged tables,
+records ``"distributed"`` in ``summary.json`` and writes the run; the others return their part.
+
 >>> res = run_flow("tiny-llava+sinks", prompt="What is this?", out="runs/flow", progress=False)
 >>> res.summary["analyses"] == list(ANALYSES), sorted(res.tables)[:4]
 (True, ['attention_by_bin', 'attention_by_group', 'attribution', 'decode'])
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +52,7 @@ from typing import Any
 
 import pandas as pd
 
+from .. import distributed
 from .._utils import SinkscopeError, package_versions
 from ..data import ImageItem, image_items, sample_images
 from ..models import load_model
@@ -51,6 +61,7 @@ from ..models.llava import LlavaAdapter
 from ..sinks import NormRule, rule_to_dict
 from .steps import (
     KNOCKOUT_PAIRS,
+    VIT_BATCH,
     FlowState,
     NoSteps,
     attribution_step,
@@ -60,6 +71,7 @@ from .steps import (
     redundancy_step,
     relevancy_step,
     rollout_step,
+    vit_shard_steps,
     vlm_pass,
 )
 
@@ -68,6 +80,18 @@ log = logging.getLogger("sinkscope")
 ANALYSES = ("rollout", "propagation", "knockout", "decode", "attribution", "redundancy", "relevancy")
 #: analyses that need only a ViT (any ViT, or a VLM's vision tower)
 VIT_ANALYSES = ("rollout", "redundancy")
+#: how each analysis runs under several processes (``summary["distributed"]["analyses"]``)
+SHARDING = {
+    "rollout": f"images, by batches of {VIT_BATCH}",
+    "redundancy": f"images, by batches of {VIT_BATCH}",
+    "knockout": "sets of pairs sharing a first target",
+    "decode": "isolated positions",
+    "propagation": "main process (one prompt holds every image)",
+    "attribution": "main process (one prompt holds every image)",
+    "relevancy": "main process (one prompt holds every image)",
+}
+#: where the processes of a data-parallel flow run write their parts (removed once merged)
+PARTS = "parts"
 
 
 def _items(images) -> list[ImageItem]:
@@ -131,8 +155,10 @@ def run_flow(
     ``sink_dims_from``: where the LLM sink dims are discovered - ``"text"`` (a text-only pass of
     the prompt, as Kang et al. fix them from the LLM's own first-token sink), ``"first_text_token"``
     or ``"multimodal"`` (see :func:`~sinkscope.flow.propagation.propagation`).
+    Under several processes (``accelerate launch``) see the module's docstring.
     """
     t0 = time.perf_counter()
+    dist, device, progress = distributed.context_for("flow", out, device, progress)
     ad, analyses, skipped = _model_and_analyses(model, analyses, device, dtype)
     items = _items(images)
     arrays = [it.load() for it in items]
@@ -159,6 +185,7 @@ def run_flow(
         attribution_steps=attribution_steps,
         seed=seed,
         sink_dims_from=sink_dims_from,
+        dist=dist,
     )
     st.summary = _run_summary(st, skipped, vit_layer_info)
     is_vlm = isinstance(ad, LlavaAdapter)
@@ -168,6 +195,8 @@ def run_flow(
     st.bar = _steps(n_steps, progress and is_vlm or (progress and len(arrays) > 4))
     _run_steps(st, is_vlm)
     st.bar.close()
+    if dist is not None:
+        return _finish_distributed(st, t0, Path(out))
     return _finish(st, t0, out)
 
 
@@ -238,26 +267,104 @@ def _run_summary(st: FlowState, skipped: list[str], vit_layer_info: dict[str, An
 
 
 def _run_steps(st: FlowState, is_vlm: bool) -> None:
-    """Each chosen analysis in order; the VLM ones share one propagation pass and one set of inputs."""
+    """Each chosen analysis in order; the VLM ones share one propagation pass and one set of inputs.
+    Under several processes each process runs its share (:mod:`~sinkscope.flow.steps`): the main
+    one all that runs on it alone, the others only the passes their knockout and decode shares need."""
     chosen = set(st.analyses)
-    if "rollout" in chosen:
-        rollout_step(st)
-    if "redundancy" in chosen:
-        redundancy_step(st)
+    if st.dist is not None:
+        vit_shard_steps(st)
+    else:
+        if "rollout" in chosen:
+            rollout_step(st)
+        if "redundancy" in chosen:
+            redundancy_step(st)
     if not is_vlm:
         return
-    if {"propagation", "knockout", "decode", "attribution"} & chosen:
+    # the steps every process runs share (knockout, decode) and those of the main process alone
+    shared = {"knockout", "decode"} & chosen
+    mine = chosen if st.is_main else shared
+    if {"propagation", "knockout", "decode", "attribution"} & mine:
         vt = propagation_step(st)
-    if {"knockout", "decode", "attribution"} & chosen:
+    if {"knockout", "decode", "attribution"} & mine:
         vp = vlm_pass(st, vt)
         if "knockout" in chosen:
             knockout_step(st, vp)
         if "decode" in chosen:
             decode_step(st, vp, vt)
-        if "attribution" in chosen:
+        if "attribution" in mine:
             attribution_step(st, vp, vt)
-    if "relevancy" in chosen:
+    if "relevancy" in mine:
         relevancy_step(st)
+
+
+def _finish_distributed(st: FlowState, t0: float, out: Path) -> FlowResult:
+    """Write this process' part, wait for every process, and (the main process) merge the parts,
+    record ``"distributed"`` and write the run like :func:`_finish`; the others wait until it is
+    written and return their own part (``summary["distributed"]["rank"]`` their rank)."""
+    dist = st.dist
+    _write_part(out / PARTS / f"rank{dist.rank}", st)
+    dist.barrier()  # every process has written its part
+    record = {
+        **dist.summary(len(st.items), VIT_BATCH),
+        "analyses": {a: SHARDING[a] for a in st.analyses},
+    }
+    if not dist.is_main:
+        st.tables.update(st.part)
+        st.summary["distributed"] = record
+        dist.barrier()  # the main process merges and writes the run
+        return FlowResult(st.tables, st.summary, out=out, timings=dict(st.timings))
+    parts = [_read_part(out / PARTS / f"rank{r}", r) for r in range(dist.num_processes)]
+    for merge in st.merges:
+        merge(parts)
+    st.tables = {name: st.tables[name] for name in _table_order(st.tables)}
+    st.summary["distributed"] = {
+        **record,
+        "share_per_process": [info.get("share", {}) for _, info in parts],
+        "timings_per_process": [info["timings"] for _, info in parts],
+    }
+    res = _finish(st, t0, out)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    dist.barrier()  # the others return once the run is written
+    return res
+
+
+#: the order of the tables of a single-process run
+_TABLES = (
+    "rollout",
+    "relevance",
+    "vit_attention_by_group",
+    "redundancy",
+    "visual_tokens",
+    "attention_by_bin",
+    "attention_by_group",
+    "knockout",
+    "decode",
+    "attribution",
+    "relevancy",
+)
+
+
+def _table_order(tables: dict[str, pd.DataFrame]) -> list[str]:
+    return [t for t in _TABLES if t in tables] + [t for t in tables if t not in _TABLES]
+
+
+def _write_part(path: Path, st: FlowState) -> None:
+    """One process' part: a parquet file per table of ``st.part`` and ``part.json`` (its
+    ``part_info`` and timings); an earlier run's part there is replaced."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    for name, df in st.part.items():
+        df.to_parquet(path / f"{name}.parquet", index=False)
+    info = {**st.part_info, "timings": {k: round(v, 3) for k, v in st.timings.items()}}
+    (path / "part.json").write_text(json.dumps(info, default=str))
+
+
+def _read_part(path: Path, rank: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    if not (path / "part.json").exists():
+        raise SinkscopeError(f"process {rank} wrote no part into {path}; every process must see --out")
+    tables = {p.stem: pd.read_parquet(p) for p in sorted(path.glob("*.parquet"))}
+    return tables, json.loads((path / "part.json").read_text())
 
 
 #: The paper's Fig. 3A settings (LLaVA-1.5-7B, CLIP-L/14-336): what each flow run is compared with.

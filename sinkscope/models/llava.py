@@ -122,7 +122,12 @@ class LlavaAdapter(Adapter):
         ]
 
     def build_inputs(
-        self, images: list[Any], prompt: str, image_marker: str = "<image>", chat: bool = False
+        self,
+        images: list[Any],
+        prompt: str,
+        image_marker: str = "<image>",
+        chat: bool = False,
+        min_side: int | None = None,
     ) -> dict[str, Any]:
         """LLaVA inputs for one prompt with any number of images, without a hub processor.
 
@@ -153,7 +158,7 @@ class LlavaAdapter(Adapter):
             prompt = (image_marker + " ") * (len(images) - n_marks) + prompt
         elif n_marks > len(images):
             raise SinkscopeError(f"prompt has {n_marks} {image_marker} markers for {len(images)} images")
-        vis = self.vision.prepare(images)
+        vis = self.vision.prepare(images, min_side=min_side)  # min_side: a set of small pictures
         lay = vis.layouts[0]
         n_feat = len(self.fed_vit_tokens(lay.n_tokens))
         tok = self.tokenizer

@@ -42,9 +42,13 @@ from torch import nn
 from .._utils import SinkscopeError
 from .llava import LlavaAdapter
 
-__all__ = ["IMAGE_TOKEN", "MINI_LLAVA_NAME", "build_mini_llava", "mini_llava_inputs"]
+__all__ = ["IMAGE_TOKEN", "MINI_LLAVA_NAME", "SHIPPED_PROJECTOR", "build_mini_llava", "mini_llava_inputs"]
 
 MINI_LLAVA_NAME = "mini-llava"
+#: the projector sinkscope trained for ``mini-llava`` (``make mini-llava`` regenerates it; see the
+#: README's model card); ``load_model("mini-llava")`` uses it when present, and
+#: ``"mini-llava-untrained"`` keeps the seeded random projector
+SHIPPED_PROJECTOR = Path(__file__).resolve().parent / "weights" / "mini_llava_projector.safetensors"
 IMAGE_TOKEN = "<image>"
 #: LLaVA-1.5's vision settings.
 FEATURE_LAYER = -2
@@ -96,7 +100,7 @@ def _load_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_mini_llava(seed: int = 0, projector: str | Path | None = None) -> LlavaAdapter:
+def build_mini_llava(seed: int = 0, projector: str | Path | None = None, name: str = MINI_LLAVA_NAME) -> LlavaAdapter:
     """The offline ``mini-llava``: real DINOv2-S + **untrained** MLP projector + real SmolLM2-135M.
 
     The projector (``linear_1`` 384->576, GELU, ``linear_2`` 576->576) is initialised like
@@ -122,7 +126,9 @@ def build_mini_llava(seed: int = 0, projector: str | Path | None = None) -> Llav
     # building modules draws from the global RNG (Dinov2's cls/mask tokens use torch.randn even
     # when their values are overwritten): keep the caller's RNG stream as it was
     with torch.random.fork_rng(devices=[]):
-        return _build(vision_dir, llm_dir, seed, projector)
+        ad = _build(vision_dir, llm_dir, seed, projector)
+    ad.name = name
+    return ad
 
 
 def _build(vision_dir: Path, llm_dir: Path, seed: int, projector: str | Path | None) -> LlavaAdapter:

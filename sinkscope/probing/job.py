@@ -1,6 +1,11 @@
 """The whole probe job: load the model and data, extract (or reuse) the group features, probe
 them, and with an output folder write ``probe.csv`` and ``summary.json`` (the page,
 ``probe.html``, is drawn by :mod:`sinkscope.viz`).
+
+Under ``accelerate launch`` (several processes, :mod:`sinkscope.distributed`) each process
+extracts the features of its batches, the main process merges them (the features of one process),
+fits the probes alone and writes the run, whose ``summary.json`` records ``"distributed"``; the
+other processes wait and return that run, read back from the output folder.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from .. import distributed
 from .._utils import SinkscopeError, package_versions
 from ..data import LabeledImages
 from ..models.base import Adapter
@@ -32,6 +38,10 @@ PROTOCOL = (
     "chance = majority-class share (chance_balanced = 1/K); regression (row/col): ridge, alpha by inner "
     "grouped validation, R2"
 )
+
+
+#: where the processes of a data-parallel probe write their features (removed once merged)
+FEATURE_PARTS = "feature-parts"
 
 
 @dataclass
@@ -68,6 +78,12 @@ def probe(
     """Capture group features (once; cached) and probe them; with ``out`` write ``probe.csv``,
     ``summary.json`` and ``probe.html``.
 
+    Under several processes (``accelerate launch``; ``out`` needed) the features are extracted
+    data-parallel (batch ``b`` of ``batch_size`` images by process ``b % N``, merged by the main
+    process: :func:`~sinkscope.probing.features.extract_group_features`), the main process probes
+    alone and writes the run with ``summary["distributed"]``; the others wait, then return the
+    written run read back (``features=None``, ``summary["distributed"]["rank"]`` their rank).
+
     >>> res = probe("tiny-dinov2+sinks", "digits", groups=["cls", "mean"], layers=[0, 2], folds=3,
     ...             max_images=30, cache=False, progress=False, n_jobs=1)
     >>> res.table[["layer", "group", "n_images"]].values.tolist()
@@ -79,6 +95,7 @@ def probe(
     from ..models import load_model
 
     t0 = time.perf_counter()
+    dist, device, progress = distributed.context_for("probe", out, device, progress)
     ad = (
         model
         if isinstance(model, Adapter)
@@ -95,16 +112,36 @@ def probe(
     if max_images is not None and max_images < 2:
         raise SinkscopeError(f"--max-images must be at least 2, got {max_images}")
     data = data.subsample(max_images, seed)
-    feats = extract_group_features(ad, data, layers, groups, rule, seed, batch_size, cache, progress)
+    parts = Path(out) / FEATURE_PARTS if dist is not None else None
+    feats = extract_group_features(
+        ad, data, layers, groups, rule, seed, batch_size, cache, progress, dist=dist, parts=parts
+    )
+    if dist is not None and not dist.is_main:
+        dist.barrier()  # the main process fits the probes and writes the run
+        return _read_back(Path(out), dist.rank)
     t1 = time.perf_counter()
     table = run_probes(feats, labels, groups, None, folds, seed, n_jobs=n_jobs)
     t2 = time.perf_counter()
     timings = {"features_s": round(t1 - t0, 3), "probes_s": round(t2 - t1, 3)}
     summary = probe_summary(ad, data, feats, labels, groups, folds, seed, timings)
+    if dist is not None:
+        summary["distributed"] = {
+            **dist.summary(len(data), batch_size),
+            "probes": "fitted by the main process alone, on the merged features",
+        }
     res = ProbeResult(table, summary, feats, Path(out) if out is not None else None)
     if out is not None:
         write_probe_outputs(res)
+    if dist is not None:
+        dist.barrier()  # the others return once the run is written
     return res
+
+
+def _read_back(out: Path, rank: int) -> ProbeResult:
+    """The run the main process wrote, as process ``rank`` of a data-parallel probe returns it."""
+    summary = json.loads((out / "summary.json").read_text())
+    summary["distributed"]["rank"] = rank
+    return ProbeResult(pd.read_csv(out / "probe.csv"), summary, None, out)
 
 
 def probe_summary(

@@ -34,9 +34,10 @@ from ..data import ImageItem
 
 
 @torch.no_grad()
-def tower_features(adapter, arrays: Sequence) -> torch.Tensor:
-    """``[images, n_image_tokens, vision_width]``: the projector's input for each image array."""
-    vis = adapter.vision.prepare(list(arrays))
+def tower_features(adapter, arrays: Sequence, min_side: int | None = None) -> torch.Tensor:
+    """``[images, n_image_tokens, vision_width]``: the projector's input for each image array
+    (``min_side``: the smallest side the processor may enlarge, as for built-in small pictures)."""
+    vis = adapter.vision.prepare(list(arrays), min_side=min_side)
     pv = vis.tensors["pixel_values"].to(adapter.device, adapter.dtype)
     tower = adapter.model.model.vision_tower
     hs = tower(pixel_values=pv, output_hidden_states=True).hidden_states[adapter.feature_layer]
@@ -69,7 +70,9 @@ class FeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self.index["keys"]
 
-    def ensure(self, images: Sequence[ImageItem], batch_size: int = 16, progress: bool = True) -> int:
+    def ensure(
+        self, images: Sequence[ImageItem], batch_size: int = 16, progress: bool = True, min_side: int | None = None
+    ) -> int:
         """Compute and store the features of every image not cached yet; returns how many."""
         todo = [im for im in dict((im.name, im) for im in images).values() if im.name not in self]
         bar = progress_bar(len(todo), progress, "tower features")
@@ -78,7 +81,7 @@ class FeatureCache:
             tensors: dict[str, torch.Tensor] = {}
             for b in range(0, len(chunk), batch_size):
                 part = chunk[b : b + batch_size]
-                feats = tower_features(self.adapter, [im.load() for im in part])
+                feats = tower_features(self.adapter, [im.load() for im in part], min_side=min_side)
                 tensors.update({im.name: f.clone() for im, f in zip(part, feats)})
                 bar.update(len(part))
             self._write_shard(tensors)

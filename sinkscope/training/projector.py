@@ -181,7 +181,8 @@ def train_projector(
     per_step = batch_size * acc.num_processes
     used = {order[k % len(order)] for k in range(steps * per_step)}  # cache only what is trained on
     cache = FeatureCache(ad, cache_dir or out / "features")
-    cache.ensure([exs[i].image for i in sorted(used)], progress=progress and acc.is_main_process)
+    # the training sets are built-in (224-px scenes; real sets of small pictures the processor enlarges)
+    cache.ensure([exs[i].image for i in sorted(used)], progress=progress and acc.is_main_process, min_side=1)
     n_img = cache.get(exs[order[0]].image.name).shape[0]
     opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
