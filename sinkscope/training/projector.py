@@ -167,15 +167,7 @@ def train_projector(
     acc = Accelerator(cpu=device == "cpu")
     ad = model if hasattr(model, "model") else load_model(model, device=str(acc.device))
     m = ad.model
-    for p in m.parameters():
-        p.requires_grad_(False)
-    projector = _projector(m)
-    if init is not None:
-        from safetensors.torch import load_file
-
-        projector.load_state_dict(load_file(str(init)))
-    for p in projector.parameters():
-        p.requires_grad_(True)
+    projector = _trainable_projector(m, init)
     exs = _examples(stage, n_per_task, turns, tuple(real), seed, real_limit)
     order = torch.randperm(len(exs), generator=torch.Generator().manual_seed(seed)).tolist()
     per_step = batch_size * acc.num_processes
@@ -187,15 +179,7 @@ def train_projector(
     opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     projector, opt = acc.prepare(projector, opt)
-    start, seen = 0, 0
-    if resume and (ck / "state.pt").exists():
-        from safetensors.torch import load_file
-
-        acc.unwrap_model(projector).load_state_dict(load_file(str(ck / "projector.safetensors")))
-        st = torch.load(ck / "state.pt", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        start, seen = int(st["step"]), int(st["seen"])
+    start, seen = _restore(ck, acc.unwrap_model(projector), opt, sched) if resume else (0, 0)
     log = _read_log(out / "train_log.jsonl", start)
     bar = progress_bar(steps - start, progress and acc.is_main_process, f"train {stage}", unit="step")
     t0 = time.perf_counter()
@@ -210,21 +194,10 @@ def train_projector(
         sched.step()
         opt.zero_grad()
         seen += len(idx)
-        rec = {
-            "step": step + 1,
-            "loss": round(float(loss.detach()), 5),
-            "lr": sched.get_last_lr()[0],
-            "seen": seen,
-            "s": round(time.perf_counter() - t0, 2),
-        }
-        log.append(rec)
+        rec = {"step": step + 1, "loss": round(float(loss.detach()), 5), "lr": sched.get_last_lr()[0], "seen": seen}
+        log.append({**rec, "s": round(time.perf_counter() - t0, 2)})
         if acc.is_main_process:
-            with (out / "train_log.jsonl").open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if (step + 1) % save_every == 0 or step + 1 == steps:
-                _save_checkpoint(ck, acc.unwrap_model(projector), opt, sched, step + 1, seen)
-            if snapshot_every and (step + 1) % snapshot_every == 0:  # for learning curves
-                _snapshot(out / "snapshots" / f"step-{step + 1:06d}.safetensors", acc.unwrap_model(projector))
+            _record(out, log[-1], acc.unwrap_model(projector), opt, sched, steps, save_every, snapshot_every)
         bar.update(1)
     bar.close()
     acc.wait_for_everyone()
@@ -232,6 +205,44 @@ def train_projector(
         out, ck, ad, stage, steps, batch_size, lr, n_per_task, turns, real, seed, log, len(exs), acc
     )
     return TrainResult(out, log, summary)
+
+
+def _trainable_projector(m: nn.Module, init: str | Path | None) -> nn.Module:
+    """Freeze the model, load ``init`` into its projector (when given) and make that trainable."""
+    for p in m.parameters():
+        p.requires_grad_(False)
+    projector = _projector(m)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        projector.load_state_dict(load_file(str(init)))
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    return projector
+
+
+def _restore(ck: Path, projector, opt, sched) -> tuple[int, int]:
+    """Load the checkpoint in ``ck`` (when there is one); ``(step, sequences seen)`` to go on from."""
+    if not (ck / "state.pt").exists():
+        return 0, 0
+    from safetensors.torch import load_file
+
+    projector.load_state_dict(load_file(str(ck / "projector.safetensors")))
+    st = torch.load(ck / "state.pt", weights_only=False)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    return int(st["step"]), int(st["seen"])
+
+
+def _record(out: Path, rec: dict, projector, opt, sched, steps: int, save_every: int, snapshot_every: int | None) -> None:
+    """The main process's bookkeeping after a step: the log line, the checkpoint, the snapshot."""
+    step = rec["step"]
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if step % save_every == 0 or step == steps:
+        _save_checkpoint(out / "checkpoint", projector, opt, sched, step, rec["seen"])
+    if snapshot_every and step % snapshot_every == 0:  # for learning curves
+        _snapshot(out / "snapshots" / f"step-{step:06d}.safetensors", projector)
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:
