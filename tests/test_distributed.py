@@ -256,6 +256,17 @@ FLOW_TABLES = [
 ]  # fmt: skip
 
 
+def _close(a, b, rel: float = 1e-6) -> bool:
+    """Equal JSON values, floats to ``rel`` relative (nested dicts and lists compared item by item)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+    return a == b
+
+
 def test_a_two_process_flow_writes_the_tables_of_one_process(tmp_path):
     """tiny-llava with every analysis over 10 images (one prompt): the ViT analyses in batches of
     8 (process 0: 8 images, process 1: 2), the knockout pairs by first target, the decoded
@@ -274,13 +285,15 @@ def test_a_two_process_flow_writes_the_tables_of_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     one = tmp_path / "one"
     run_flow("tiny-llava+sinks", images=[str(folder)], window=2, attribution_steps=8, out=one, progress=False)
-    for name in FLOW_TABLES:  # the same rows in the same order
+    for name in FLOW_TABLES:  # the same rows in the same order, the same values up to float rounding
         read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
-        pd.testing.assert_frame_equal(read(out / name), read(one / name), check_exact=True, obj=name)
+        # a process of the group runs torch with other thread counts than a lone process, so sums
+        # of floats may round differently in the last digits (seen in CI on relevancy.csv)
+        pd.testing.assert_frame_equal(read(out / name), read(one / name), rtol=1e-5, atol=1e-9, obj=name)
     s = json.loads((out / "summary.json").read_text())
     s1 = json.loads((one / "summary.json").read_text())
     for key in ("images", "redundancy", "knockout", "propagation", "attribution", "relevancy"):
-        assert s[key] == s1[key], key
+        assert _close(s[key], s1[key]), key  # equal, floats up to rounding (see above)
     d = s["distributed"]
     assert d["num_processes"] == 2 and d["images_per_process"] == [8, 2]
     assert d["analyses"]["relevancy"].startswith("main process") and len(d["timings_per_process"]) == 2
