@@ -446,6 +446,10 @@ class TrainProjectorConfig(RunConfig):
     device: str | None = None
     out: str | None = "runs/projector"
     resume: bool = False
+    lora_rank: int | None = None
+    lora_lr: float = 2e-4
+    mixed_precision: str = "no"
+    stop_after: int | None = None
 
     def __post_init__(self):
         from .training.projector import STAGES
@@ -458,6 +462,13 @@ class TrainProjectorConfig(RunConfig):
             if not isinstance(v, int) or v < 1:
                 raise SinkscopeError(f"{name}: must be an integer >= 1, got {v!r}")
         _positive("lr", self.lr)
+        _positive("lora_lr", self.lora_lr)
+        if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
+            raise SinkscopeError(f"stop_after: a step >= 1 of the schedule, got {self.stop_after!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise SinkscopeError(f"lora_rank: an integer >= 1 (LoRA rank), got {self.lora_rank!r}")
         if self.real_limit is not None and (not isinstance(self.real_limit, int) or self.real_limit < 1):
             raise SinkscopeError(f"real_limit: an integer >= 1 (questions per real-image set), got {self.real_limit!r}")
         if not 0 <= self.warmup < 1:

@@ -341,7 +341,7 @@ def test_errors_are_named(tiny):
 
 @pytest.mark.slow
 def test_mini_llava_lfw_and_digits(tmp_path):
-    ad = load_model("mini-llava")
+    ad = load_model("mini-llava-untrained")
     for ds, words in (("lfw-faces", "face"), ("digits", "7")):
         res = decode_rate(ad, ds, rule=TopNormRule(2), max_images=10, nonsinks_per_image=2, progress=False)
         s = res.summary

@@ -190,6 +190,7 @@ def test_every_kind_in_the_registry_is_covered_by_the_project_list():
         "scan",
         "probe",
         "flow",
+        "eval",
     }
 
 
@@ -494,6 +495,12 @@ PROJECT_RUNS = {
         "stride": 3,
         "chat": True,
     },
+    "eval-mini-llava": {
+        "model": "mini-llava",
+        "tasks": ("shapes", "lfw-faces", "textile"),
+        "limit": 16,
+        "variants": ("default", "no-image"),
+    },
     "paper-scan-clip": {
         "model": "openai/clip-vit-large-patch14-336",
         "method": "all",
@@ -516,6 +523,13 @@ PROJECT_RUNS = {
         "prompt": "What is the main object in the image?",
         "vit_threshold": 100.0,
         "generate": 8,
+        "device": "cuda",
+        "dtype": "float16",
+    },
+    "paper-eval-llava-mme": {
+        "model": "llava-hf/llava-1.5-7b-hf",
+        "tasks": ("hf:lmms-lab/MME", "shapes"),
+        "variants": ("default", "no-image"),
         "device": "cuda",
         "dtype": "float16",
     },

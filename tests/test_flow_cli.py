@@ -89,7 +89,7 @@ def test_mini_llava_runs_every_analysis(tmp_path):
         [
             "flow",
             "--model",
-            "mini-llava",
+            "mini-llava-untrained",
             "--analysis",
             "all",
             "--stride",

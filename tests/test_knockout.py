@@ -229,7 +229,7 @@ def test_fast_route_equals_reference_on_mini_llava():
     projector: the fast route gives the reference table; every fourth window centre."""
     from sinkscope.data import sample_images
 
-    ad = load_model("mini-llava")
+    ad = load_model("mini-llava-untrained")
     inp = ad.build_inputs([sample_images(1)[0].load()], "What is the main object in the image?")
     kw = {k: inp[k] for k in ("input_ids", "pixel_values", "attention_mask")}
     run = lambda: ad.model(**kw)  # noqa: E731

@@ -35,6 +35,7 @@ EXPECTED: dict[str, tuple[list[str], int]] = {
         ],
         7,
     ),
+    "05_eval": (["projector trained: True | items: 32", "task type"], 2),
 }
 #: wall-clock budget per notebook (they take well under a minute on 2 CPU cores)
 BUDGET_S = 300

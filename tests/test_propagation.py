@@ -232,7 +232,7 @@ def test_mini_llava_text_only_dims_and_first_output_token():
     ``generate=1`` is the first output token's attention as Hugging Face returns it."""
     from sinkscope.data import sample_images
 
-    ad = load_model("mini-llava")
+    ad = load_model("mini-llava-untrained")
     imgs = [it.load() for it in sample_images(1)]
     prompt = "<image> What is in the picture?"
     res = propagation(ad, imgs, prompt, chat=True, generate=1)

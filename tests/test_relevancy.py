@@ -220,7 +220,7 @@ def test_flow_cli_writes_relevancy_and_redundancy(tmp_path):
 def test_vlm_relevancy_on_mini_llava():
     from sinkscope.data import sample_images
 
-    ad = load_model("mini-llava")
+    ad = load_model("mini-llava-untrained")
     img = sample_images(1)[0].load()
     res = vlm_relevancy(ad, [img], "What is the main object in the image?", chat=True)
     t = res.table

@@ -65,8 +65,10 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert res.summary["steps"] == 12 and len(res.log) == 12
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, lora_rank):
     kw = dict(steps=6, batch_size=2, n_per_task=2, real=(), lr=1e-2, save_every=2, progress=False)
+    kw.update(lora_rank=lora_rank, lora_lr=1e-2)
     P.train_projector(load_model("tiny-llava"), out=tmp_path / "full", **kw)
     real = P._step_loss
     calls = []
@@ -84,12 +86,53 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="resume"):
         P.train_projector(load_model("tiny-llava"), out=tmp_path / "cut", **kw)
     P.train_projector(load_model("tiny-llava"), out=tmp_path / "cut", resume=True, **kw)
+    files = ["projector.safetensors"] + (["lora.safetensors"] if lora_rank else [])
+    for name in files:
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and len(a) > 0
+        for k in a:
+            torch.testing.assert_close(a[k], b[k])
+    if lora_rank:  # the adapters did train (lora_B starts at zero)
+        assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lost step 3 logged once
+
+
+def test_stop_after_then_resume_equals_one_run(tmp_path):
+    """A time-boxed run (``stop_after``) writes that step's weights; resumed to the end, it equals an
+    uninterrupted run (the schedule is the ``steps``-step one throughout)."""
+    kw = dict(steps=4, batch_size=2, n_per_task=2, real=(), lr=1e-2, save_every=10, progress=False)
+    P.train_projector(load_model("tiny-llava"), out=tmp_path / "full", **kw)
+    part = P.train_projector(load_model("tiny-llava"), out=tmp_path / "cut", stop_after=2, **kw)
+    assert part.summary["stopped_at"] == 2 and [r["step"] for r in part.log] == [1, 2]
+    P.train_projector(load_model("tiny-llava"), out=tmp_path / "cut", resume=True, **kw)
     a = load_file(str(tmp_path / "full" / "projector.safetensors"))
     b = load_file(str(tmp_path / "cut" / "projector.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k])
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the lost step 3 logged once
+
+
+def test_lora_with_bf16_autocast_lowers_the_loss_and_merges_into_the_llm(tmp_path):
+    """Stage 2 with LoRA adapters under bf16 autocast: the loss goes down, and the saved adapters
+    merged into a fresh model's linear weights (merge_lora) give the trained model's outputs."""
+    from sinkscope.models.mini_llava import merge_lora
+
+    ad = load_model("tiny-llava")
+    exs = P._examples("vqa", 4, 4, (), 0)[:8]
+    before = _loss(ad, exs)
+    res = P.train_projector(
+        ad, out=tmp_path / "t", steps=12, batch_size=4, n_per_task=4, real=(), lr=1e-2,
+        lora_rank=4, lora_lr=1e-2, mixed_precision="bf16", progress=False,
+    )  # fmt: skip
+    assert res.summary["lora"]["rank"] == 4 and res.summary["mixed_precision"] == "bf16"
+    trained = _loss(ad, exs)  # ad now holds the trained projector and the live peft adapters
+    assert trained < before - 0.05, (before, trained)
+    fresh = load_model("tiny-llava")
+    n = merge_lora(fresh.model.model.language_model, tmp_path / "t" / "lora.safetensors")
+    assert n == 7 * fresh.llm.n_layers  # every attention and MLP projection of every layer
+    merged = _loss(fresh, exs, load_file(str(tmp_path / "t" / "projector.safetensors")))
+    assert abs(merged - trained) < 1e-4, (merged, trained)
+    assert not any("lora" in k for k in fresh.model.state_dict())  # a plain transformers model again
 
 
 def test_config_cli_round_trip(tmp_path):

@@ -159,14 +159,20 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (a name, path or adapter) on ``tasks`` (see
-    :func:`~sinkscope.evaluation.items.load_items`); write the outputs into ``out`` when given."""
+    :func:`~sinkscope.evaluation.items.load_items`; or a list of
+    :class:`~sinkscope.evaluation.items.VQAItem`, used as given); write the outputs into ``out``
+    when given."""
     t0 = time.perf_counter()
     if mode not in MODES:
         raise SinkscopeError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SinkscopeError(f"variant {bad[0]!r}: expected one of {', '.join(VARIANTS)}")
-    items = load_items(tasks, split=split, limit=limit)
+    if not isinstance(tasks, str) and tasks and all(isinstance(t, VQAItem) for t in tasks):
+        items = list(tasks)[:limit] if limit else list(tasks)
+        tasks = sorted({it.task for it in items})
+    else:
+        items = load_items(tasks, split=split, limit=limit)
     pred_path = _prepare_out(out, resume, overwrite)
     ad = model if hasattr(model, "model") else load_model(model, device=device, dtype=dtype)
     if not hasattr(ad, "build_inputs"):

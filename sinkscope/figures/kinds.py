@@ -113,7 +113,7 @@ class RunData:
 class FigureKind:
     """A registered kind: which analysis's results it draws, how, and its default PNG size."""
 
-    analysis: str  # scan | probe | flow
+    analysis: str  # scan | probe | flow | eval
     render: RenderFn
     width: int = 1000
     height: int = 600
@@ -277,3 +277,13 @@ register_kind("vit_group_attention", "flow", vit_group_attention)
 register_kind("llm_group_attention", "flow", llm_group_attention)
 register_kind("norm_bin", "flow", norm_bin)
 register_kind("knockout", "flow", knockout)
+
+
+def eval_accuracy(run: RunData) -> Any:
+    """Accuracy per task type and variant with 95% bootstrap intervals and chance (an eval run)."""
+    from ..viz.eval_report import accuracy_figure
+
+    return accuracy_figure(run.table("results"))
+
+
+register_kind("eval_accuracy", "eval", eval_accuracy)

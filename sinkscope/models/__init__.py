@@ -101,10 +101,11 @@ def load_model(
 
         ad = _load_pretrained(str(dinov2_small_dir()), name, torch_dtype, image_size, attn_implementation)
     elif name in ("mini-llava", "mini-llava-untrained"):
-        from .mini_llava import SHIPPED_PROJECTOR, build_mini_llava
+        from .mini_llava import SHIPPED_LORA, SHIPPED_PROJECTOR, build_mini_llava
 
         trained = name == "mini-llava" and SHIPPED_PROJECTOR.is_file()
-        ad = build_mini_llava(projector=SHIPPED_PROJECTOR if trained else None, name=name)
+        lora = SHIPPED_LORA if trained and SHIPPED_LORA.is_file() else None
+        ad = build_mini_llava(projector=SHIPPED_PROJECTOR if trained else None, name=name, lora=lora)
     elif name == "smollm2-135m":
         from .real import smollm2_dir
 

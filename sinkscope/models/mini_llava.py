@@ -42,13 +42,23 @@ from torch import nn
 from .._utils import SinkscopeError
 from .llava import LlavaAdapter
 
-__all__ = ["IMAGE_TOKEN", "MINI_LLAVA_NAME", "SHIPPED_PROJECTOR", "build_mini_llava", "mini_llava_inputs"]
+__all__ = [
+    "IMAGE_TOKEN",
+    "MINI_LLAVA_NAME",
+    "SHIPPED_LORA",
+    "SHIPPED_PROJECTOR",
+    "build_mini_llava",
+    "merge_lora",
+    "mini_llava_inputs",
+]
 
 MINI_LLAVA_NAME = "mini-llava"
 #: the projector sinkscope trained for ``mini-llava`` (``make mini-llava`` regenerates it; see the
 #: README's model card); ``load_model("mini-llava")`` uses it when present, and
 #: ``"mini-llava-untrained"`` keeps the seeded random projector
 SHIPPED_PROJECTOR = Path(__file__).resolve().parent / "weights" / "mini_llava_projector.safetensors"
+#: the LoRA adapters trained with it (merged into the LLM's weights at load, when present)
+SHIPPED_LORA = SHIPPED_PROJECTOR.with_name("mini_llava_lora.safetensors")
 IMAGE_TOKEN = "<image>"
 #: LLaVA-1.5's vision settings.
 FEATURE_LAYER = -2
@@ -100,7 +110,53 @@ def _load_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_mini_llava(seed: int = 0, projector: str | Path | None = None, name: str = MINI_LLAVA_NAME) -> LlavaAdapter:
+def merge_lora(language_model: nn.Module, path: str | os.PathLike) -> int:
+    """Fold the LoRA adapters saved in ``path`` (``sinkscope train-projector --lora-rank``: ``peft``
+    key names ``layers.N.self_attn.q_proj.lora_A.weight``, rank and alpha in the file's metadata)
+    into ``language_model``'s linear weights, in place: ``W += alpha / rank * B @ A``. The model
+    stays a plain transformers model (no adapter modules for hooks to step around). Returns the
+    number of weights changed.
+
+    >>> import torch; from torch import nn
+    >>> lm = nn.ModuleDict({"q_proj": nn.Linear(4, 4)}); w0 = lm.q_proj.weight.detach().clone()
+    >>> from safetensors.torch import save_file
+    >>> A, B = torch.ones(1, 4), torch.ones(4, 1)
+    >>> save_file({"q_proj.lora_A.weight": A, "q_proj.lora_B.weight": B}, "lora.safetensors", metadata={"rank": "1", "alpha": "2"})
+    >>> merge_lora(lm, "lora.safetensors"), bool(torch.allclose(lm.q_proj.weight, w0 + 2.0))
+    (1, True)
+    """
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SinkscopeError(f"LoRA file {p} does not exist")
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "rank" not in meta or "alpha" not in meta:
+        raise SinkscopeError(f"LoRA file {p}: its metadata must give rank and alpha")
+    scale = float(meta["alpha"]) / float(meta["rank"])
+    modules = dict(language_model.named_modules())
+    n = 0
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        target = key[: -len(".lora_A.weight")]
+        b = tensors.get(f"{target}.lora_B.weight")
+        lin = modules.get(target.removeprefix("model.").removeprefix("language_model."))
+        if b is None or not isinstance(lin, nn.Linear):
+            raise SinkscopeError(f"LoRA file {p}: {target} has no lora_B or names no linear layer of the model")
+        with torch.no_grad():
+            lin.weight += scale * (b.to(lin.weight) @ a.to(lin.weight))
+        n += 1
+    if n == 0:
+        raise SinkscopeError(f"LoRA file {p} holds no lora_A weights")
+    return n
+
+
+def build_mini_llava(
+    seed: int = 0, projector: str | Path | None = None, name: str = MINI_LLAVA_NAME, lora: str | Path | None = None
+) -> LlavaAdapter:
     """The offline ``mini-llava``: real DINOv2-S + **untrained** MLP projector + real SmolLM2-135M.
 
     The projector (``linear_1`` 384->576, GELU, ``linear_2`` 576->576) is initialised like
@@ -109,6 +165,8 @@ def build_mini_llava(seed: int = 0, projector: str | Path | None = None, name: s
     analyses run end to end on real ViT and LLM weights. ``projector`` loads a saved projector
     state dict instead (``.safetensors`` or a ``torch.save`` file; keys ``linear_1.weight``, ...,
     optionally prefixed ``multi_modal_projector.``); then ``projector_trained`` is ``True``.
+    ``lora``: LoRA adapters trained with that projector, merged into the LLM (:func:`merge_lora`);
+    the LLM's weights then differ from SmolLM2's by the adapters' low-rank updates.
 
     The vision tower holds dinov2-small's weights and the language model SmolLM2-135M's, exactly;
     the only LLM change is one new embedding row (tied with ``lm_head``) for the ``<image>``
@@ -127,6 +185,10 @@ def build_mini_llava(seed: int = 0, projector: str | Path | None = None, name: s
     # when their values are overwritten): keep the caller's RNG stream as it was
     with torch.random.fork_rng(devices=[]):
         ad = _build(vision_dir, llm_dir, seed, projector)
+    if lora is not None:
+        merge_lora(ad.model.model.language_model, lora)
+    ad.lora_source = None if lora is None else str(Path(lora).expanduser())
+    ad.model.config.lora_merged = lora is not None
     ad.name = name
     return ad
 
