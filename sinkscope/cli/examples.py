@@ -52,7 +52,7 @@ PROBE_EXAMPLES = """examples:
 
 
 FLOW_EXAMPLES = """examples:
-  sinkscope flow                                     # mini-llava (untrained projector) on one embedded photo
+  sinkscope flow                                     # mini-llava (trained projector) on one embedded photo
   sinkscope flow --model tiny-llava+sinks --analysis propagation --analysis knockout --stride 2
   sinkscope flow --model llava-hf/llava-1.5-7b-hf --images cat.jpg --prompt "What animal is this?" \\
                  --vit-threshold 100 --generate 8 --device cuda --dtype float16 --out runs/llava-flow

@@ -105,10 +105,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     res = run(_config(lambda: train_config(a)), progress=not a.quiet)
     s = res.summary
     first = res.log[0]["loss"] if res.log else float("nan")
-    print(
-        f"{s['steps']} steps, {s['sequences_seen']} conversations: loss {first:.3f} -> {s['final_loss']:.3f}"
-    )
-    print(f"wrote projector.safetensors, train_log.jsonl and summary.json to {a.out}")
+    done = f"{s['stopped_at']} of {s['steps']}" if s.get("stopped_at") else f"{s['steps']}"
+    print(f"{done} steps, {s['sequences_seen']} conversations: loss {first:.3f} -> {s['final_loss']:.3f}")
+    lora = " lora.safetensors," if s.get("lora") else ""
+    print(f"wrote projector.safetensors,{lora} train_log.jsonl and summary.json to {a.out}")
     return 0
 
 

@@ -9,9 +9,11 @@ A ``transformers.LlavaForConditionalGeneration`` whose
 * multi-modal projector is LLaVA-1.5's MLP (``linear_1`` 384->576, GELU, ``linear_2`` 576->576)
   **initialised at random from a fixed seed and never trained**.
 
-**The projector is untrained: the model's answers about images mean nothing.** It exists so that
-every ViT-to-LLM flow analysis runs end to end on real ViT and real LLM weights (real ViT sinks,
-real LLM massive activations) without a model hub. ``model.config.projector_trained`` and
+:func:`build_mini_llava` alone gives the **untrained** projector (``load_model("mini-llava-untrained")``):
+its answers about images mean nothing, but every ViT-to-LLM flow analysis runs end to end on real
+ViT and real LLM weights without a model hub. ``load_model("mini-llava")`` loads the projector and
+LoRA adapters sinkscope trained on CPU (:data:`SHIPPED_PROJECTOR`, :data:`SHIPPED_LORA`; ``make
+mini-llava`` regenerates them; the README's model card gives their accuracy). ``model.config.projector_trained`` and
 ``adapter.projector_trained`` say so (``False``); pass ``projector=`` a saved state dict to load a
 trained projector instead (then both say ``True``).
 

@@ -222,7 +222,8 @@ def train_projector(
     exs = _examples(stage, n_per_task, turns, tuple(real), seed, real_limit)
     order = torch.randperm(len(exs), generator=torch.Generator().manual_seed(seed)).tolist()
     per_step = batch_size * acc.num_processes
-    used = {order[k % len(order)] for k in range(steps * per_step)}  # cache only what is trained on
+    end = steps if stop_after is None else max(1, min(steps, stop_after))
+    used = {order[k % len(order)] for k in range(end * per_step)}  # cache only what is trained on
     cache = FeatureCache(ad, cache_dir or out / "features")
     # the training sets are built-in (224-px scenes; real sets of small pictures the processor enlarges)
     cache.ensure([exs[i].image for i in sorted(used)], progress=progress and acc.is_main_process, min_side=1)
@@ -235,7 +236,6 @@ def train_projector(
     step_fn, opt = acc.prepare(_Step(m, ad.image_token_id), opt)
     start, seen = _restore(ck, m, opt, sched) if resume else (0, 0)
     log = _read_log(out / "train_log.jsonl", start)
-    end = steps if stop_after is None else max(1, min(steps, stop_after))
     bar = progress_bar(max(0, end - start), progress and acc.is_main_process, f"train {stage}", unit="step")
     t0 = time.perf_counter()
     m.train(False)
