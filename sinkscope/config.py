@@ -450,6 +450,7 @@ class TrainProjectorConfig(RunConfig):
     lora_lr: float = 2e-4
     mixed_precision: str = "no"
     stop_after: int | None = None
+    init_lora: str | None = None
 
     def __post_init__(self):
         from .training.projector import STAGES

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from sinkscope import load_model
+from sinkscope._utils import SinkscopeError
 from sinkscope.training import projector as P
 from sinkscope.training.examples import IGNORE, Example, encode, vqa_examples
 from sinkscope.training.features import FeatureCache, tower_features
@@ -133,6 +134,34 @@ def test_lora_with_bf16_autocast_lowers_the_loss_and_merges_into_the_llm(tmp_pat
     merged = _loss(fresh, exs, load_file(str(tmp_path / "t" / "projector.safetensors")))
     assert abs(merged - trained) < 1e-4, (merged, trained)
     assert not any("lora" in k for k in fresh.model.state_dict())  # a plain transformers model again
+
+
+def test_init_lora_goes_on_from_a_finished_run(tmp_path):
+    """``init`` + ``init_lora`` start a new run at a finished run's weights: the first step's loss
+    equals the finished model's loss on the same batch (and differs from a fresh start's);
+    a rank that does not match the file fails in one line."""
+    kw = dict(batch_size=4, n_per_task=4, real=(), lr=1e-2, lora_lr=1e-2, progress=False, save_every=10)
+    P.train_projector(load_model("tiny-llava"), out=tmp_path / "a", steps=6, lora_rank=4, **kw)
+    a = tmp_path / "a"
+    go_on = P.train_projector(
+        load_model("tiny-llava"), out=tmp_path / "b", steps=1, init=a / "projector.safetensors",
+        init_lora=a / "lora.safetensors", seed=1, **kw,
+    )  # fmt: skip
+    assert go_on.summary["lora"]["rank"] == 4  # taken from the file
+    fresh = P.train_projector(load_model("tiny-llava"), out=tmp_path / "c", steps=1, lora_rank=4, seed=1, **kw)
+    from sinkscope.models.mini_llava import merge_lora
+
+    done = load_model("tiny-llava")
+    merge_lora(done.model.model.language_model, a / "lora.safetensors")
+    order = torch.randperm(len(P._examples("vqa", 4, 4, (), 1)), generator=torch.Generator().manual_seed(1))
+    exs = [P._examples("vqa", 4, 4, (), 1)[i] for i in order[:4].tolist()]
+    want = _loss(done, exs, load_file(str(a / "projector.safetensors")))
+    assert abs(go_on.log[0]["loss"] - want) < 1e-3, (go_on.log[0]["loss"], want)
+    assert abs(fresh.log[0]["loss"] - want) > 1e-2
+    with pytest.raises(SinkscopeError, match="rank 4 in the file, 8 asked"):
+        P.train_projector(
+            load_model("tiny-llava"), out=tmp_path / "d", steps=1, init_lora=a / "lora.safetensors", lora_rank=8, **kw
+        )
 
 
 def test_config_cli_round_trip(tmp_path):

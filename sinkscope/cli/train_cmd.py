@@ -76,6 +76,10 @@ def add_train(sub) -> None:
         help="stop after this step of the --steps schedule (checkpointed; --resume goes on)",
     )  # fmt: skip
     t.add_argument("--init", default=None, help="a projector .safetensors to start from")
+    t.add_argument(
+        "--init-lora", default=None,
+        help="a lora.safetensors to start the adapters from (with --init: go on from a finished run)",
+    )  # fmt: skip
     t.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/features)")
     t.add_argument("--device", default=None, help="cpu, cuda (default: accelerate's choice)")
     t.add_argument("--out", default="runs/projector", help="output folder (default: %(default)s)")
@@ -93,7 +97,7 @@ def train_config(a: argparse.Namespace):
         n_per_task=a.n_per_task, turns=a.turns, real=real, real_limit=a.real_limit, seed=a.seed, snapshot_every=a.snapshot_every, save_every=a.save_every,
         init=a.init, cache_dir=a.cache_dir, device=a.device, out=a.out, resume=a.resume,
         lora_rank=a.lora_rank, lora_lr=a.lora_lr, mixed_precision=a.mixed_precision,
-        stop_after=a.stop_after,
+        stop_after=a.stop_after, init_lora=a.init_lora,
     )  # fmt: skip
 
 

@@ -186,6 +186,7 @@ def train_projector(
     lora_lr: float = 2e-4,
     mixed_precision: str = "no",
     stop_after: int | None = None,
+    init_lora: str | Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train the projector of ``model`` for ``steps`` steps of ``batch_size`` conversations of
@@ -200,7 +201,9 @@ def train_projector(
     a GPU), ``"no"`` keeps fp32. A ``model`` given as an adapter is trained in place (with LoRA its
     LLM keeps the ``peft`` adapter modules; a name loads a fresh model). ``stop_after``: stop once
     step ``stop_after`` of the ``steps``-step schedule is done (checkpointed; the outputs are that
-    step's weights, and ``resume=True`` with a later ``stop_after`` goes on) - for time-boxed runs."""
+    step's weights, and ``resume=True`` with a later ``stop_after`` goes on) - for time-boxed runs.
+    ``init_lora``: a ``lora.safetensors`` to start the adapters from (with ``init``, a finished run
+    goes on under a new schedule; the rank comes from the file when ``lora_rank`` is not given)."""
     from accelerate import Accelerator
 
     if stage not in STAGES:
@@ -218,7 +221,11 @@ def train_projector(
     ad = model if hasattr(model, "model") else load_model(model, device=str(acc.device))
     m = ad.model
     projector = _trainable_projector(m, init)
+    if init_lora is not None:
+        lora_rank = _lora_rank(init_lora, lora_rank)
     lora = _add_lora(m, lora_rank) if lora_rank else None
+    if init_lora is not None:
+        _load_lora(m, init_lora)
     exs = _examples(stage, n_per_task, turns, tuple(real), seed, real_limit)
     order = torch.randperm(len(exs), generator=torch.Generator().manual_seed(seed)).tolist()
     per_step = batch_size * acc.num_processes
@@ -286,14 +293,34 @@ def _restore(ck: Path, m, opt, sched) -> tuple[int, int]:
 
     _projector(m).load_state_dict(load_file(str(ck / "projector.safetensors")))
     if (ck / "lora.safetensors").exists():
-        lora = {k.replace(".weight", ".default.weight"): v for k, v in load_file(str(ck / "lora.safetensors")).items()}
-        missing = m.model.language_model.load_state_dict(lora, strict=False)
-        if missing.unexpected_keys:
-            raise SinkscopeError(f"{ck}: LoRA weights do not fit this run ({missing.unexpected_keys[0]})")
+        _load_lora(m, ck / "lora.safetensors")
     st = torch.load(ck / "state.pt", weights_only=False)
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     return int(st["step"]), int(st["seen"])
+
+
+def _lora_rank(path: str | Path, rank: int | None) -> int:
+    """The rank of the LoRA file ``path`` (its metadata), checked against ``rank`` when given."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise SinkscopeError(f"init_lora: no file {path}")
+    with safe_open(str(path), "pt") as f:
+        found = int((f.metadata() or {}).get("rank", 0))
+    if not found or (rank is not None and rank != found):
+        raise SinkscopeError(f"init_lora {path}: rank {found or 'unknown'} in the file, {rank} asked")
+    return found
+
+
+def _load_lora(m: nn.Module, path: str | Path) -> None:
+    """Load a ``lora.safetensors`` (keys as :func:`_lora_state` writes them) into ``m``'s adapters."""
+    from safetensors.torch import load_file
+
+    lora = {k.replace(".weight", ".default.weight"): v for k, v in load_file(str(path)).items()}
+    missing = m.model.language_model.load_state_dict(lora, strict=False)
+    if missing.unexpected_keys:
+        raise SinkscopeError(f"{path}: LoRA weights do not fit this run ({missing.unexpected_keys[0]})")
 
 
 def _record(out: Path, rec: dict, m, lora, opt, sched, end: int, save_every: int, snapshot_every: int | None) -> None:
