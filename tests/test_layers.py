@@ -223,6 +223,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("sinkscope.models",)),
     ("capture", ("sinkscope.capture", "sinkscope.store")),
     ("sinks", ("sinkscope.sinks",)),
+    ("interventions", ("sinkscope.interventions",)),
     (
         "analyses",
         (
