@@ -368,8 +368,10 @@ class EvalConfig(RunConfig):
     """``sinkscope eval``: accuracy per task type (Global / Local / Mixed) and per task.
     ``tasks``: built-in sets (``shapes``, ``textile``, ``lfw-faces``, ``digits``), manifests
     (``.jsonl`` / ``.csv``) or ``hf:NAME[:SPLIT]``; ``limit``: items per task (``None``: all);
-    ``variants``: ``default`` and/or ``no-image``; ``mode``: ``auto`` (choices by log-likelihood,
-    else generation), ``choice`` or ``generate``.
+    ``variants``: ``default``, ``no-image`` and the visual-token interventions (``both``,
+    ``sinks-front``, ...; :mod:`sinkscope.interventions.tokens`) under ``sink_rule`` (``None``: the
+    model's default rule) and ``positions``; ``mode``: ``auto`` (choices by log-likelihood, else
+    generation), ``choice`` or ``generate``.
 
     >>> EvalConfig(model="tiny-llava", tasks=("shapes",), limit=8).variants
     ('default',)
@@ -390,10 +392,13 @@ class EvalConfig(RunConfig):
     out: str | None = None
     resume: bool = False
     overwrite: bool = False
+    sink_rule: str | dict | None = None
+    positions: str = "reindex"
 
     def __post_init__(self):
         from .evaluation.items import SPLITS
         from .evaluation.run import MODES, VARIANTS
+        from .interventions import POSITION_POLICIES, rule_from
 
         for name in ("tasks", "variants"):  # JSON gives lists back; a string is one task
             v = getattr(self, name)
@@ -413,6 +418,10 @@ class EvalConfig(RunConfig):
             raise SinkscopeError(f"chat: auto, yes or no, got {self.chat!r}")
         if not isinstance(self.n_boot, int) or self.n_boot < 100:
             raise SinkscopeError(f"n_boot: an integer >= 100 (bootstrap resamples), got {self.n_boot!r}")
+        if self.sink_rule is not None:
+            rule_from(self.sink_rule)  # a bad rule fails here, in one line
+        if self.positions not in POSITION_POLICIES:
+            raise SinkscopeError(f"positions: reindex or keep, got {self.positions!r}")
         self._check_common()
 
 

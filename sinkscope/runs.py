@@ -210,6 +210,8 @@ def _run_eval(c: EvalConfig, progress: bool):
         dtype=c.dtype,
         seed=c.seed,
         n_boot=c.n_boot,
+        sink_rule=c.sink_rule,
+        positions=c.positions,
         progress=progress,
     )
 

@@ -18,6 +18,8 @@ examples:
   sinkscope eval --model M --tasks my_questions.jsonl --out runs/mine       # a manifest of your own
   sinkscope eval --model llava-hf/llava-1.5-7b-hf --tasks hf:lmms-lab/MME:test --mode generate \\
       --device cuda --dtype float16 --out runs/mme                         # MME's score, on a GPU
+  sinkscope eval --model mini-llava --tasks shapes --variant both,sinks-front,sink-only,nonsink-only,random-k \
+      --out runs/eval-sinks                                                # visual-token interventions
   sinkscope eval ... --resume                                               # continue a killed run
 """
 
@@ -47,9 +49,20 @@ def add_eval(sub) -> None:
     e.add_argument(
         "--variant",
         action="append",
-        choices=("default", "no-image"),
-        help="repeatable: default (the model as loaded), no-image (the image removed) (default: default)",
+        help="repeatable or comma-separated: default (the model as loaded), no-image (the image removed), and "
+        "the visual-token interventions both, sinks-front, sinks-end, sink-only, nonsink-only, random-k, "
+        "lowest-norm-k (compared with both on the same items) (default: default)",
     )
+    e.add_argument(
+        "--sink-rule",
+        default=None,
+        help="which visual tokens are ViT sinks, for the interventions: norm (automatic gap), norm:100, norm:x4, "
+        "topk:4, attention:4, cls; @LAYER picks the ViT layer (default: the model's, named in summary.json)",
+    )
+    e.add_argument(
+        "--positions", default="reindex", choices=("reindex", "keep"),
+        help="position ids of the intervened sequence: renumbered, or each token's original (default: %(default)s)",
+    )  # fmt: skip
     e.add_argument(
         "--mode", default="auto", choices=("auto", "choice", "generate"), help="(default: %(default)s)"
     )
@@ -76,7 +89,9 @@ def eval_config(a: argparse.Namespace):
         tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()),
         split=a.split,
         limit=a.limit,
-        variants=tuple(a.variant or ("default",)),
+        variants=tuple(v.strip() for arg in (a.variant or ["default"]) for v in arg.split(",") if v.strip()),
+        sink_rule=a.sink_rule,
+        positions=a.positions,
         mode=a.mode,
         chat=a.chat,
         seed=a.seed,
@@ -97,6 +112,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
     t = res.results[res.results.task == "*"]
     cols = ["variant", "task_type", "n", "accuracy", "ci_low", "ci_high", "chance"]
     print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if res.paired is not None and len(res.paired):
+        iv = res.summary["interventions"]
+        print(f"\n{iv['rule_description']} ({iv['rule_reason']}); position ids: {iv['positions']}")
+        pcols = ["variant", "task_type", "n", "accuracy", "diff", "ci_low", "ci_high", "p_mcnemar"]
+        print(res.paired[pcols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote predictions.jsonl, results.csv, summary.json and eval.html to {a.out}")
     return 0
 

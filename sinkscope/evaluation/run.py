@@ -6,12 +6,22 @@ normalisation (``mode="generate"``; the default for items without choices). Vari
 
 - ``default``: the model as loaded;
 - ``no-image``: the same question with the image removed (the blind baseline of a model that
-  answers from the text alone).
+  answers from the text alone);
+- the visual-token interventions of :mod:`~sinkscope.interventions.tokens` (``both``,
+  ``sinks-front``, ``sinks-end``, ``sink-only``, ``nonsink-only``, ``random-k``,
+  ``lowest-norm-k``), under one sink rule (``sink_rule``; default
+  :func:`~sinkscope.interventions.default_rule`, named in the summary with its reason) and one
+  position policy (``positions``). ``results`` then compares every variant with ``both`` on the
+  same items (``paired.csv``: the accuracy difference with a paired bootstrap interval and
+  McNemar's exact p-value) and ``tokens_fed.parquet`` holds, per item and variant, where every
+  ViT token went.
 
 Output folder::
 
     predictions.jsonl   one object per item and variant (appended as it goes: resumable)
     results.csv         accuracy per task and per task type, with bootstrap intervals and chance
+    paired.csv          (interventions) each variant minus ``both`` per task type, paired
+    tokens_fed.parquet  (interventions) one row per ViT token of each item's image per variant
     summary.json        settings, the per-type table, baselines and (for MME items) MME's score
 
 A killed run resumes with ``resume=True``: items already in ``predictions.jsonl`` are not asked
@@ -34,15 +44,18 @@ import numpy as np
 import pandas as pd
 
 from .._utils import SinkscopeError, check_out_folder, package_versions, progress_bar
+from ..interventions import TOKEN_VARIANTS, TokenIntervention, default_rule, rule_from
 from ..models import load_model
 from .items import VQAItem, load_items
 from .mme import COGNITION, PERCEPTION, mme_score
-from .scoring import build_prompt, generate_answer, is_correct, score_choices
-from .stats import bootstrap_ci
+from .scoring import build_prompt, generate_answer, intervened, is_correct, score_choices
+from .stats import bootstrap_ci, paired_difference
 
-VARIANTS = ("default", "no-image")
+VARIANTS = ("default", "no-image") + TOKEN_VARIANTS
 MODES = ("auto", "choice", "generate")
-OUTPUT_FILES = ("predictions.jsonl", "results.csv", "summary.json")
+OUTPUT_FILES = ("predictions.jsonl", "results.csv", "summary.json", "paired.csv", "tokens_fed.parquet", "tokens_fed.jsonl")
+#: the variant the interventions are compared with (the same path, nothing moved)
+REFERENCE = "both"
 
 
 @dataclass
@@ -56,12 +69,22 @@ class EvalResult:
     out: Path | None = None
     config: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    paired: pd.DataFrame | None = None
+    tokens_fed: pd.DataFrame | None = None
 
 
 def answer_item(
-    adapter, item: VQAItem, variant: str = "default", mode: str = "auto", chat: bool | str = "auto"
+    adapter,
+    item: VQAItem,
+    variant: str = "default",
+    mode: str = "auto",
+    chat: bool | str = "auto",
+    intervention: TokenIntervention | None = None,
 ) -> dict[str, Any]:
     """Ask ``item`` under ``variant``; the prediction record (``prediction``, ``correct``, ``scores``).
+    A token variant runs ``intervention`` (default: that variant under the model's
+    :func:`~sinkscope.interventions.default_rule`); its record adds ``n_visual_fed`` and
+    ``n_sinks``, and ``_fed`` (the ``tokens_fed`` table, not JSON: :func:`evaluate` stores it).
 
     >>> from sinkscope.evaluation.items import load_items
     >>> rec = answer_item(load_model("tiny-llava"), load_items("shapes", limit=1)[0])
@@ -72,6 +95,14 @@ def answer_item(
         raise SinkscopeError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     image = None if variant == "no-image" else item.image.load()
     prompt = build_prompt(adapter, image, item.question, chat=chat, min_side=item.min_side)
+    extra: dict[str, Any] = {}
+    if variant in TOKEN_VARIANTS:
+        spec = intervention if intervention is not None else TokenIntervention(variant, rule=default_rule(adapter)[0])
+        if spec.variant != variant:
+            raise SinkscopeError(f"variant {variant!r} asked with an intervention for {spec.variant!r}")
+        prompt = intervened(adapter, prompt, spec)
+        fed = prompt.fed
+        extra = {"n_visual_fed": int(fed["llm_position"].notna().sum()), "n_sinks": int(fed["is_vit_sink"].sum()), "_fed": fed}
     use_choice = mode == "choice" or (mode == "auto" and item.choices)
     if use_choice:
         if not item.choices:
@@ -89,6 +120,7 @@ def answer_item(
         "correct": bool(is_correct(prediction, item.answer, item.choices)),
         "scores": score_map,
         "n_prompt_tokens": prompt.n_tokens,
+        **extra,
     }
 
 
@@ -156,12 +188,16 @@ def evaluate(
     dtype: str | None = None,
     seed: int = 0,
     n_boot: int = 1000,
+    sink_rule: Any = None,
+    positions: str = "reindex",
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (a name, path or adapter) on ``tasks`` (see
     :func:`~sinkscope.evaluation.items.load_items`; or a list of
     :class:`~sinkscope.evaluation.items.VQAItem`, used as given); write the outputs into ``out``
-    when given."""
+    when given. ``sink_rule`` (a :class:`~sinkscope.interventions.VisualSinkRule` or its short
+    string, e.g. ``"norm:100"``, ``"topk:4"``) and ``positions`` (``reindex`` / ``keep``) set the
+    token variants; ``seed`` also seeds ``random-k``."""
     t0 = time.perf_counter()
     if mode not in MODES:
         raise SinkscopeError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -179,14 +215,24 @@ def evaluate(
         raise SinkscopeError(
             f"model {getattr(ad, 'name', model)!r} is not a vision-language (LLaVA-style) model"
         )
+    specs, why = _interventions(ad, variants, sink_rule, positions, seed)
     done = _done(pred_path) if pred_path is not None and resume else {}
+    _check_resumed(done, specs)
     todo = [(it, v) for v in variants for it in items if (it.id, v) not in done]
     records = list(done.values())
     bar = progress_bar(len(todo), progress, f"eval {ad.name}", unit="q")
     t1 = time.perf_counter()
-    with _appender(pred_path) as write:
+    fed_path = pred_path.with_name("tokens_fed.jsonl") if pred_path is not None else None
+    fed_new: list[pd.DataFrame] = []
+    with _appender(pred_path) as write, _appender(fed_path) as write_fed:
         for it, v in todo:
-            rec = answer_item(ad, it, v, mode=mode, chat=chat)
+            rec = answer_item(ad, it, v, mode=mode, chat=chat, intervention=specs.get(v))
+            fed = rec.pop("_fed", None)
+            if fed is not None:
+                rec["intervention"] = specs[v].describe()
+                fed = fed.drop(columns=["rule", "variant", "batch_row"]).assign(id=it.id, variant=v)
+                fed_new.append(fed)
+                write_fed({"id": it.id, "variant": v, "rows": fed.drop(columns=["id", "variant"]).to_dict(orient="list")})
             records.append(rec)
             write(rec)
             bar.update(1)
@@ -194,13 +240,107 @@ def evaluate(
     keep = {(it.id, v) for v in variants for it in items}
     pred = pd.DataFrame([r for r in records if (r["id"], r["variant"]) in keep])
     results = results_table(pred, n_boot=n_boot, seed=seed)
+    paired = paired_table(pred, n_boot=n_boot, seed=seed)
     summary = _summary(ad, tasks, split, limit, variants, mode, results, pred, len(todo), t0, t1)
+    if specs:
+        rule = next(iter(specs.values())).rule
+        summary["interventions"] = {
+            "rule": rule.to_dict(),
+            "rule_description": rule.describe(),
+            "rule_reason": why,
+            "positions": positions,
+            "seed": seed,
+            "tokens_fed": _fed_counts(pred),
+            "paired_with": REFERENCE,
+            "paired": paired.to_dict(orient="records"),
+        }
     res = EvalResult(
         pred, results, summary, Path(out) if out is not None else None, timings=summary["timings"]
     )
+    res.paired = paired
     if out is not None:
         write_eval_outputs(res)
+        if specs:
+            _write_fed(res.out, fed_path)
+    else:
+        res.tokens_fed = pd.concat(fed_new, ignore_index=True) if fed_new else None
     return res
+
+
+def _interventions(ad, variants, sink_rule, positions, seed) -> tuple[dict[str, TokenIntervention], str | None]:
+    """One :class:`TokenIntervention` per token variant asked, and why its rule was chosen."""
+    token = [v for v in variants if v in TOKEN_VARIANTS]
+    if not token:
+        return {}, None
+    if sink_rule is None:
+        rule, why = default_rule(ad)
+    else:
+        rule, why = rule_from(sink_rule), "given"
+    return {v: TokenIntervention(v, positions=positions, rule=rule, seed=seed) for v in token}, why
+
+
+def _check_resumed(done: dict, specs: dict[str, TokenIntervention]) -> None:
+    for (item_id, v), rec in done.items():
+        if v in specs and rec.get("intervention") != specs[v].describe():
+            raise SinkscopeError(
+                f"resumed run answered {item_id!r} under {v} as '{rec.get('intervention')}', "
+                f"not '{specs[v].describe()}'; use a new folder for another sink rule or position policy"
+            )
+
+
+def paired_table(pred: pd.DataFrame, n_boot: int = 1000, seed: int = 0, reference: str = REFERENCE) -> pd.DataFrame:
+    """Every variant minus ``reference`` on the items both answered, per task type and overall:
+    ``diff``, a paired bootstrap interval and McNemar's exact p-value (empty without ``reference``)."""
+    cols = ["variant", "task_type", "n", "accuracy", "reference_accuracy", "diff", "ci_low", "ci_high", "p_mcnemar"]
+    if reference not in set(pred.get("variant", [])):
+        return pd.DataFrame(columns=cols)
+    ref = pred[pred.variant == reference].set_index("id")["correct"]
+    types = pred.drop_duplicates("id").set_index("id")["task_type"]
+    rows = []
+    for v, g in pred[pred.variant != reference].groupby("variant", sort=False):
+        mine = g.set_index("id")["correct"]
+        both = mine.index.intersection(ref.index)
+        for tt in sorted(types.loc[both].unique()) + ["all"]:
+            ids = both if tt == "all" else both[types.loc[both].to_numpy() == tt]
+            a, b = mine.loc[ids].to_numpy(bool), ref.loc[ids].to_numpy(bool)
+            d = paired_difference(a, b, n_boot=n_boot, seed=seed)
+            rows.append({"variant": v, "task_type": tt, "n": len(ids), "accuracy": float(a.mean()),
+                         "reference_accuracy": float(b.mean()), **d})  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _fed_counts(pred: pd.DataFrame) -> dict[str, dict[str, float]]:
+    if "n_visual_fed" not in pred:
+        return {}
+    g = pred.dropna(subset=["n_visual_fed"]).groupby("variant")
+    return {v: {"mean_visual_tokens": round(float(x.n_visual_fed.mean()), 3),
+                "mean_sinks": round(float(x.n_sinks.mean()), 3)} for v, x in g}  # fmt: skip
+
+
+def _write_fed(out: Path, journal: Path) -> None:
+    """Fold the run's ``tokens_fed.jsonl`` journal into ``tokens_fed.parquet`` (kept from earlier
+    resumed runs, one row per (item, variant, ViT token)) and remove the journal."""
+    parts = []
+    old = out / "tokens_fed.parquet"
+    if old.exists():
+        parts.append(pd.read_parquet(old))
+    if journal.exists():
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a kill: that item is asked again
+            parts.append(pd.DataFrame(rec["rows"]).assign(id=rec["id"], variant=rec["variant"]))
+    if not parts:
+        return
+    df = pd.concat(parts, ignore_index=True).drop_duplicates(["id", "variant", "image", "vit_token"], keep="last")
+    for col in ("row", "col", "llm_position", "position_id"):
+        df[col] = df[col].astype("Int64")
+    first = ["id", "variant", "image", "vit_token", "row", "col", "norm", "is_vit_sink", "llm_position", "position_id"]
+    tmp = out / "tokens_fed.parquet.tmp"
+    df[first].to_parquet(tmp, index=False)
+    tmp.replace(old)
+    journal.unlink(missing_ok=True)
 
 
 def _prepare_out(out, resume: bool, overwrite: bool) -> Path | None:
@@ -223,8 +363,9 @@ def _prepare_out(out, resume: bool, overwrite: bool) -> Path | None:
             f"{d} holds an earlier evaluation; pass resume=True (--resume) to continue it or overwrite=True"
         )
     d.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume and ours.exists():
-        ours.unlink()
+    if overwrite and not resume:
+        for name in ("predictions.jsonl", "tokens_fed.jsonl", "tokens_fed.parquet", "paired.csv"):
+            (d / name).unlink(missing_ok=True)
     return ours
 
 
@@ -281,9 +422,12 @@ def _summary(ad, tasks, split, limit, variants, mode, results, pred, n_new, t0, 
 
 
 def write_eval_outputs(res: EvalResult) -> None:
-    """``results.csv`` and ``summary.json`` into ``res.out`` (``predictions.jsonl`` is written as it goes)."""
+    """``results.csv``, ``paired.csv`` (with token variants) and ``summary.json`` into ``res.out``
+    (``predictions.jsonl`` is written as it goes)."""
     assert res.out is not None
     res.results.to_csv(res.out / "results.csv", index=False, float_format="%.6f")
+    if res.paired is not None and len(res.paired):
+        res.paired.to_csv(res.out / "paired.csv", index=False, float_format="%.6f")
     (res.out / "summary.json").write_text(json.dumps(res.summary, indent=1, default=str))
 
 
@@ -291,7 +435,12 @@ def load_eval(out: str | Path) -> EvalResult:
     """An evaluation read back from its folder."""
     d = Path(out)
     pred = pd.read_json(d / "predictions.jsonl", lines=True)
-    return EvalResult(pred, pd.read_csv(d / "results.csv"), json.loads((d / "summary.json").read_text()), d)
+    res = EvalResult(pred, pd.read_csv(d / "results.csv"), json.loads((d / "summary.json").read_text()), d)
+    if (d / "paired.csv").exists():
+        res.paired = pd.read_csv(d / "paired.csv")
+    if (d / "tokens_fed.parquet").exists():
+        res.tokens_fed = pd.read_parquet(d / "tokens_fed.parquet")
+    return res
 
 
 __all__ = [
@@ -302,6 +451,7 @@ __all__ = [
     "answer_item",
     "evaluate",
     "load_eval",
+    "paired_table",
     "results_table",
     "write_eval_outputs",
 ]

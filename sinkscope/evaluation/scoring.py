@@ -71,10 +71,31 @@ def is_correct(prediction: str, answer: str, choices: tuple[str, ...] | None = N
 
 @dataclass
 class Prompt:
-    """A prepared prompt: model inputs for one image and question (``None`` image: text only)."""
+    """A prepared prompt: model inputs for one image and question (``None`` image: text only).
+    After a visual-token intervention (:func:`intervened`) the inputs are ``inputs_embeds`` with
+    explicit ``position_ids``, and ``fed`` holds the ``tokens_fed`` table."""
 
     inputs: dict[str, torch.Tensor]
     n_tokens: int
+    fed: Any = None
+
+    def next_positions(self, n: int) -> dict[str, torch.Tensor]:
+        """``position_ids`` for ``n`` tokens after the prompt (empty when the model numbers them
+        itself, i.e. without explicit ids)."""
+        pos = self.inputs.get("position_ids")
+        if pos is None:
+            return {}
+        return {"position_ids": pos[:, -1:] + 1 + torch.arange(n, device=pos.device)[None]}
+
+
+def intervened(adapter, prompt: Prompt, spec) -> Prompt:
+    """``prompt`` under a visual-token intervention ``spec``
+    (:class:`~sinkscope.interventions.TokenIntervention`): the LLM's inputs built once, scored and
+    generated from as any prompt."""
+    from ..interventions import apply_tokens
+
+    done = apply_tokens(adapter, prompt.inputs, spec)
+    return Prompt(done.kwargs, int(done.kwargs["inputs_embeds"].shape[1]), done.fed)
 
 
 def build_prompt(
@@ -164,7 +185,8 @@ def score_choices(adapter, prompt: Prompt, choices: tuple[str, ...]) -> np.ndarr
         if len(ids) > 1:
             rest = torch.tensor([ids[:-1]], device=mask.device)
             m = torch.cat([mask, torch.ones_like(rest)], 1)
-            step = model(input_ids=rest, attention_mask=m, use_cache=True, **{CACHE_ARG: cache})
+            pos = prompt.next_positions(rest.shape[1])
+            step = model(input_ids=rest, attention_mask=m, use_cache=True, **{CACHE_ARG: cache}, **pos)
             lp = torch.log_softmax(step.logits[0].float(), -1)
             total += float(sum(lp[j, ids[j + 1]] for j in range(len(ids) - 1)))
             _crop_to(cache, prompt.n_tokens)
@@ -178,10 +200,15 @@ def score_choices_direct(adapter, prompt: Prompt, choices: tuple[str, ...]) -> n
     model = adapter.model
     scores = []
     for ids in candidate_ids(adapter, choices):
-        extra = torch.tensor([ids], device=prompt.inputs["input_ids"].device)
         inp = dict(prompt.inputs)
-        inp["input_ids"] = torch.cat([inp["input_ids"], extra], 1)
-        inp["attention_mask"] = torch.ones_like(inp["input_ids"])
+        extra = torch.tensor([ids], device=inp["attention_mask"].device)
+        if "inputs_embeds" in inp:  # an intervened prompt: append the candidate's embeddings
+            emb = model.get_input_embeddings()(extra).to(inp["inputs_embeds"].dtype)
+            inp["inputs_embeds"] = torch.cat([inp["inputs_embeds"], emb], 1)
+            inp["position_ids"] = torch.cat([inp["position_ids"], prompt.next_positions(len(ids))["position_ids"]], 1)
+        else:
+            inp["input_ids"] = torch.cat([inp["input_ids"], extra], 1)
+        inp["attention_mask"] = torch.ones(1, prompt.n_tokens + len(ids), dtype=torch.long, device=extra.device)
         lp = torch.log_softmax(model(**inp).logits[0].float(), -1)
         p = prompt.n_tokens
         scores.append(float(sum(lp[p - 1 + j, t] for j, t in enumerate(ids))) / len(ids))
@@ -193,7 +220,7 @@ def generate_answer(adapter, prompt: Prompt, max_new_tokens: int = 16) -> str:
     """Greedy generation (at most ``max_new_tokens``), decoded without special tokens."""
     model = adapter.model
     out = model.generate(**prompt.inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, prompt.n_tokens :]
+    new = out[0] if "inputs_embeds" in prompt.inputs else out[0, prompt.n_tokens :]  # embeds: new tokens only
     return adapter.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
@@ -203,6 +230,7 @@ __all__ = [
     "build_prompt",
     "candidate_ids",
     "generate_answer",
+    "intervened",
     "is_correct",
     "normalize_answer",
     "parse_yes_no",

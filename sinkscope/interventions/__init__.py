@@ -8,7 +8,7 @@ context managers on unmodified Hugging Face models and always undone.
 """
 
 from .context import intervene
-from .rules import RULE_METHODS, VisualSinkRule, rule_from
+from .rules import RULE_METHODS, VisualSinkRule, default_rule, rule_from
 from .tokens import (
     FED_COLUMNS,
     POSITION_POLICIES,
@@ -27,6 +27,7 @@ __all__ = [
     "TokenIntervention",
     "VisualSinkRule",
     "apply_tokens",
+    "default_rule",
     "intervene",
     "rule_from",
 ]

@@ -16,7 +16,7 @@ sinks never depend on the other images of its batch. The rule reads the tower's 
 >>> VisualSinkRule("norm", threshold=100).describe()
 'ViT sinks: L2 norm >= 100 at the fed layer'
 >>> VisualSinkRule("topk", k=4, layer=11).describe()
-'ViT sinks: the 4 highest-norm tokens of each image at ViT layer 11'
+'ViT sinks: the 4 highest-norm tokens of each image at ViT layer 11 (a surrogate, not an outlier criterion)'
 >>> VisualSinkRule("norm").mask(torch.tensor([[1.0, 1.1, 0.9, 9.0, 1.0, 1.2, 1.0, 0.8]])).tolist()
 [[False, False, False, True, False, False, False, False]]
 """
@@ -58,7 +58,7 @@ class VisualSinkRule:
         if self.method == "cls":
             return "ViT sinks: the CLS token (full select strategy)"
         if self.method == "topk":
-            return f"ViT sinks: the {self.k} highest-norm tokens of each image {where}"
+            return f"ViT sinks: the {self.k} highest-norm tokens of each image {where} (a surrogate, not an outlier criterion)"
         if self.method == "attention":
             blk = "the last ViT block" if self.layer is None else f"ViT block {self.layer}"
             return f"ViT sinks: the {self.k} tokens receiving the most attention in {blk} (mean over heads and queries)"
@@ -123,3 +123,29 @@ def rule_from(value: VisualSinkRule | dict | str | None) -> VisualSinkRule:
     except ValueError:
         raise SinkscopeError(f"sink rule {value!r}: expected e.g. norm, norm:100, norm:x4, topk:4, attention:4, cls, with @LAYER") from None
     return VisualSinkRule(**kw)
+
+
+def default_rule(adapter) -> tuple[VisualSinkRule, str]:
+    """The rule an intervention uses when none is given, and why.
+
+    A DINOv2 tower without registers has no norm outliers at the sizes sinkscope runs (DINOv2-S:
+    the largest fed-token norm is at most 3.7x the image median; Darcet et al. see the artifacts in
+    large ViTs only), so a norm rule would find no sink and ``sink-only`` would feed nothing: the
+    ``k`` highest-norm tokens (about 1.5% of the fed tokens, the paper's 1-3% share, at least 1)
+    stand in. Every other tower gets the automatic per-image norm gap.
+
+    >>> from sinkscope import load_model
+    >>> default_rule(load_model("tiny-llava"))[0].method
+    'norm'
+    """
+    vision = getattr(adapter, "vision", adapter)
+    if getattr(vision, "family", "") == "dinov2" and not getattr(vision, "n_registers", 0):
+        lay = vision.layout_for(*(vision.image_size or vision._default_size()))
+        n_fed = len(adapter.fed_vit_tokens(lay.n_tokens))
+        k = max(1, round(0.015 * n_fed))
+        why = (
+            f"DINOv2 without registers has no norm outliers (largest fed-token norm <= 3.7x the image median), "
+            f"so the {k} highest-norm tokens of each image ({k / n_fed:.1%} of {n_fed}, the paper's 1-3% share) stand in"
+        )
+        return VisualSinkRule("topk", k=k), why
+    return VisualSinkRule("norm"), "the automatic norm gap of each image (no threshold given)"

@@ -22,7 +22,7 @@ from .page import RunSection, write_page
 
 TYPE_ORDER = ("global", "local", "mixed", "all")
 #: one colour per variant (Okabe-Ito, as the rest of sinkscope's figures)
-VARIANT_COLORS = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9")
+VARIANT_COLORS = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#F0E442", "#000000", "#999999")
 
 
 def eval_findings(results: pd.DataFrame, summary: dict) -> list[str]:
@@ -41,7 +41,44 @@ def eval_findings(results: pd.DataFrame, summary: dict) -> list[str]:
         out.append(f"{variant}: " + "; ".join(parts) + ".")
     if (summary.get("model") or {}).get("projector_trained") is False:
         out.append("This model's projector is untrained: its answers do not use the image.")
+    iv = summary.get("interventions")
+    if iv:
+        fed = "; ".join(
+            f"{v} {c['mean_visual_tokens']:.1f} visual tokens ({c['mean_sinks']:.1f} sinks)"
+            for v, c in iv.get("tokens_fed", {}).items()
+        )
+        out.append(f"Interventions: {iv['rule_description']} ({iv['rule_reason']}); position ids {iv['positions']}. "
+                   f"Fed per image: {fed}.")  # fmt: skip
+        for r in iv.get("paired", []):
+            if r["task_type"] != "all" and r["p_mcnemar"] < 0.05:
+                out.append(
+                    f"{r['variant']} vs {iv['paired_with']} on {r['task_type']}: {r['diff']:+.2f} "
+                    f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], McNemar p = {r['p_mcnemar']:.3g} (n={r['n']})."
+                )
     return out
+
+
+def paired_figure(paired: pd.DataFrame, reference: str = "both") -> go.Figure:
+    """Each variant's accuracy minus ``reference``'s on the same items, per task type, with the
+    paired bootstrap interval; zero is no change."""
+    fig = go.Figure()
+    order = [t for t in TYPE_ORDER if t in set(paired.task_type)]
+    for i, (variant, g) in enumerate(paired.groupby("variant", sort=False)):
+        g = g.set_index("task_type").reindex(order)
+        fig.add_bar(
+            x=order,
+            y=g["diff"],
+            name=variant,
+            marker_color=VARIANT_COLORS[(i + 1) % len(VARIANT_COLORS)],
+            error_y={"type": "data", "array": g.ci_high - g["diff"], "arrayminus": g["diff"] - g.ci_low},
+            customdata=g.p_mcnemar,
+            hovertemplate="%{x}: %{y:+.3f} (McNemar p %{customdata:.3g})<extra>" + variant + "</extra>",
+        )
+    fig.add_hline(y=0, line_color="#444")
+    fig.update_layout(
+        barmode="group", yaxis_title=f"accuracy minus {reference}", xaxis_title="task type", height=380
+    )
+    return fig
 
 
 def accuracy_figure(results: pd.DataFrame) -> go.Figure:
@@ -76,13 +113,20 @@ def accuracy_figure(results: pd.DataFrame) -> go.Figure:
 def _section(results: pd.DataFrame, summary: dict, path: Path) -> RunSection:
     name = (summary.get("model") or {}).get("name", "?")
     per_task = results[results.task != "*"].round(3)
+    figures = [("Accuracy by task type", accuracy_figure(results))]
+    tables = ""
+    paired = pd.DataFrame((summary.get("interventions") or {}).get("paired") or [])
+    if len(paired):
+        ref = summary["interventions"]["paired_with"]
+        figures.append((f"Each intervention minus {ref}, same items (paired bootstrap 95%)", paired_figure(paired, ref)))
+        tables = f"<h3>Paired with {ref}</h3>" + paired.round(4).to_html(index=False)
     return RunSection(
         "eval",
         path,
         f"Evaluation - {name} on {summary.get('tasks', '?')} ({summary.get('split', '?')})",
         findings=eval_findings(results, summary),
-        figures=[("Accuracy by task type", accuracy_figure(results))],
-        tables_html="<h3>Per task</h3>" + per_task.to_html(index=False),
+        figures=figures,
+        tables_html=tables + "<h3>Per task</h3>" + per_task.to_html(index=False),
     )
 
 
@@ -101,4 +145,4 @@ def write_eval_report(
     return write_page([sec], path, title=f"sinkscope eval - {name}", overwrite=overwrite)
 
 
-__all__ = ["accuracy_figure", "eval_findings", "eval_section", "write_eval_report"]
+__all__ = ["accuracy_figure", "eval_findings", "eval_section", "paired_figure", "write_eval_report"]
