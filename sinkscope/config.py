@@ -394,6 +394,7 @@ class EvalConfig(RunConfig):
     overwrite: bool = False
     sink_rule: str | dict | None = None
     positions: str = "reindex"
+    var: dict | None = None
 
     def __post_init__(self):
         from .evaluation.items import SPLITS
@@ -422,6 +423,13 @@ class EvalConfig(RunConfig):
             rule_from(self.sink_rule)  # a bad rule fails here, in one line
         if self.positions not in POSITION_POLICIES:
             raise SinkscopeError(f"positions: reindex or keep, got {self.positions!r}")
+        if self.var is not None:
+            from .interventions import VAR
+
+            try:
+                VAR(**self.var)
+            except TypeError as e:
+                raise SinkscopeError(f"var: {e}; expected p, rho, alpha, tau, start_layer, sink_dims") from None
         self._check_common()
 
 

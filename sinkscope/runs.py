@@ -212,6 +212,7 @@ def _run_eval(c: EvalConfig, progress: bool):
         n_boot=c.n_boot,
         sink_rule=c.sink_rule,
         positions=c.positions,
+        var_config=c.var,
         progress=progress,
     )
 

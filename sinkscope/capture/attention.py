@@ -53,13 +53,23 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
     float mask). A block whose attention :class:`Capture` wants carries ``_sinkscope_sel``: the
     output then comes from SDPA and the softmax is computed only for the chosen query rows, reduced
     to ``sum over chosen queries`` per key and stored on the module (``_sinkscope_out``); when most
-    rows are wanted, one eager pass gives both. Blocks without a selection run plain SDPA.
+    rows are wanted, one eager pass gives both. Blocks without a selection run plain SDPA. A block
+    carrying ``_sinkscope_var`` (an intervention that changes the attention, e.g. VAR) runs that
+    callable instead, and a selection reduces the changed attention.
     Extras an eager function does not ignore (soft-capping, learned sinks, head masks) fall back
     to the module's own eager function, reduced the same way.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     sel = getattr(module, "_sinkscope_sel", None)
+    change = getattr(module, "_sinkscope_var", None)  # an intervention's attention (interventions.var)
+    if change is not None:
+        B, H, Q, D = query.shape
+        out, w = change(module, query, key, value, attention_mask, scaling if scaling is not None else D**-0.5)
+        if sel is not None:
+            qm = sel(B, Q)
+            module._sinkscope_out = ((w.float() * qm[:, None, :, None]).sum(2), qm.sum(1), Q)
+        return out, (w if getattr(module, "_sinkscope_keep", False) else None)
     extras = {k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KW}
     if sel is None and not extras:
         return sdpa_attention_forward(

@@ -60,6 +60,11 @@ def add_eval(sub) -> None:
         "topk:4, attention:4, cls; @LAYER picks the ViT layer (default: the model's, named in summary.json)",
     )
     e.add_argument(
+        "--var", default=None, metavar="KEY=VALUE,...",
+        help="VAR settings for --variant var: p, rho, alpha, tau, start_layer, sink_dims (e.g. p=0.6,tau=20 or "
+        "sink_dims=1415+2533) (default: Kang et al.'s, sink dims discovered)",
+    )  # fmt: skip
+    e.add_argument(
         "--positions", default="reindex", choices=("reindex", "keep"),
         help="position ids of the intervened sequence: renumbered, or each token's original (default: %(default)s)",
     )  # fmt: skip
@@ -92,6 +97,7 @@ def eval_config(a: argparse.Namespace):
         variants=tuple(v.strip() for arg in (a.variant or ["default"]) for v in arg.split(",") if v.strip()),
         sink_rule=a.sink_rule,
         positions=a.positions,
+        var=_var_settings(a.var),
         mode=a.mode,
         chat=a.chat,
         seed=a.seed,
@@ -101,6 +107,36 @@ def eval_config(a: argparse.Namespace):
         resume=a.resume,
         overwrite=a.overwrite,
     )
+
+
+def _var_settings(text: str | None) -> dict | None:
+    """``p=0.6,tau=20,sink_dims=1415+2533`` -> the dict of :class:`~sinkscope.interventions.VAR`.
+
+    >>> _var_settings("p=0.5,sink_dims=3+9")
+    {'p': 0.5, 'sink_dims': [3, 9]}
+    """
+    from .._utils import SinkscopeError
+
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        try:
+            if not eq:
+                raise ValueError
+            if key == "sink_dims":
+                out[key] = [int(d) for d in value.split("+")]
+            elif key == "start_layer":
+                out[key] = int(value)
+            elif key in ("p", "rho", "alpha", "tau"):
+                out[key] = float(value)
+            else:
+                raise SinkscopeError(f"--var {key!r}: expected p, rho, alpha, tau, start_layer or sink_dims")
+        except ValueError:
+            raise SinkscopeError(f"--var {part!r}: expected KEY=VALUE (e.g. p=0.6, sink_dims=1415+2533)") from None
+    return out
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -114,7 +150,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if res.paired is not None and len(res.paired):
         iv = res.summary["interventions"]
-        print(f"\n{iv['rule_description']} ({iv['rule_reason']}); position ids: {iv['positions']}")
+        if "rule_description" in iv:
+            print(f"\n{iv['rule_description']} ({iv['rule_reason']}); position ids: {iv['positions']}")
+        if "var" in res.summary:
+            print(f"{res.summary['var']['description']}; sink dims used: {res.summary['var']['sink_dims_used']}")
         pcols = ["variant", "task_type", "n", "accuracy", "diff", "ci_low", "ci_high", "p_mcnemar"]
         print(res.paired[pcols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote predictions.jsonl, results.csv, summary.json and eval.html to {a.out}")

@@ -14,7 +14,10 @@ normalisation (``mode="generate"``; the default for items without choices). Vari
   position policy (``positions``). ``results`` then compares every variant with ``both`` on the
   same items (``paired.csv``: the accuracy difference with a paired bootstrap interval and
   McNemar's exact p-value) and ``tokens_fed.parquet`` holds, per item and variant, where every
-  ViT token went.
+  ViT token went;
+- ``var``: VAR (:mod:`~sinkscope.interventions.var`), the LLM's attention moved from its sink
+  tokens to the image, with ``var_config`` (default: Kang et al.'s settings); the sink dims it
+  used are in the summary.
 
 Output folder::
 
@@ -34,6 +37,7 @@ again, and no line is duplicated. ``sinkscope.run(EvalConfig(...))`` adds ``eval
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -44,14 +48,16 @@ import numpy as np
 import pandas as pd
 
 from .._utils import SinkscopeError, check_out_folder, package_versions, progress_bar
-from ..interventions import TOKEN_VARIANTS, TokenIntervention, default_rule, rule_from
+from ..interventions import TOKEN_VARIANTS, VAR, TokenIntervention, default_rule, rule_from, var
 from ..models import load_model
 from .items import VQAItem, load_items
 from .mme import COGNITION, PERCEPTION, mme_score
 from .scoring import build_prompt, generate_answer, intervened, is_correct, score_choices
 from .stats import bootstrap_ci, paired_difference
 
-VARIANTS = ("default", "no-image") + TOKEN_VARIANTS
+#: variants that change the model's attention (one context per run)
+ATTENTION_VARIANTS = ("var",)
+VARIANTS = ("default", "no-image") + TOKEN_VARIANTS + ATTENTION_VARIANTS
 MODES = ("auto", "choice", "generate")
 OUTPUT_FILES = ("predictions.jsonl", "results.csv", "summary.json", "paired.csv", "tokens_fed.parquet", "tokens_fed.jsonl")
 #: the variant the interventions are compared with (the same path, nothing moved)
@@ -93,6 +99,9 @@ def answer_item(
     """
     if variant not in VARIANTS:
         raise SinkscopeError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    if variant == "var" and getattr(adapter, "_sinkscope_var_live", None) is None:
+        with var(adapter, intervention if isinstance(intervention, VAR) else None):
+            return answer_item(adapter, item, variant, mode=mode, chat=chat, intervention=intervention)
     image = None if variant == "no-image" else item.image.load()
     prompt = build_prompt(adapter, image, item.question, chat=chat, min_side=item.min_side)
     extra: dict[str, Any] = {}
@@ -190,6 +199,7 @@ def evaluate(
     n_boot: int = 1000,
     sink_rule: Any = None,
     positions: str = "reindex",
+    var_config: VAR | dict | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (a name, path or adapter) on ``tasks`` (see
@@ -197,7 +207,8 @@ def evaluate(
     :class:`~sinkscope.evaluation.items.VQAItem`, used as given); write the outputs into ``out``
     when given. ``sink_rule`` (a :class:`~sinkscope.interventions.VisualSinkRule` or its short
     string, e.g. ``"norm:100"``, ``"topk:4"``) and ``positions`` (``reindex`` / ``keep``) set the
-    token variants; ``seed`` also seeds ``random-k``."""
+    token variants; ``seed`` also seeds ``random-k``; ``var_config`` sets ``var`` (a
+    :class:`~sinkscope.interventions.VAR` or its dict)."""
     t0 = time.perf_counter()
     if mode not in MODES:
         raise SinkscopeError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -216,17 +227,25 @@ def evaluate(
             f"model {getattr(ad, 'name', model)!r} is not a vision-language (LLaVA-style) model"
         )
     specs, why = _interventions(ad, variants, sink_rule, positions, seed)
+    var_cfg = VAR(**var_config) if isinstance(var_config, dict) else (var_config or VAR())
+    var_dims: tuple[int, ...] | None = None
     done = _done(pred_path) if pred_path is not None and resume else {}
-    _check_resumed(done, specs)
+    _check_resumed(done, {**specs, **({"var": var_cfg} if "var" in variants else {})})
     todo = [(it, v) for v in variants for it in items if (it.id, v) not in done]
     records = list(done.values())
     bar = progress_bar(len(todo), progress, f"eval {ad.name}", unit="q")
     t1 = time.perf_counter()
     fed_path = pred_path.with_name("tokens_fed.jsonl") if pred_path is not None else None
     fed_new: list[pd.DataFrame] = []
-    with _appender(pred_path) as write, _appender(fed_path) as write_fed:
+    with _appender(pred_path) as write, _appender(fed_path) as write_fed, contextlib.ExitStack() as stack:
         for it, v in todo:
-            rec = answer_item(ad, it, v, mode=mode, chat=chat, intervention=specs.get(v))
+            if v == "var" and getattr(ad, "_sinkscope_var_live", None) is None:
+                var_dims = stack.enter_context(var(ad, var_cfg)).sink_dims  # one context for the run
+            elif v != "var":
+                stack.close()
+            rec = answer_item(ad, it, v, mode=mode, chat=chat, intervention=var_cfg if v == "var" else specs.get(v))
+            if v == "var":
+                rec["intervention"] = var_cfg.describe()
             fed = rec.pop("_fed", None)
             if fed is not None:
                 rec["intervention"] = specs[v].describe()
@@ -254,6 +273,9 @@ def evaluate(
             "paired_with": REFERENCE,
             "paired": paired.to_dict(orient="records"),
         }
+    if "var" in variants:
+        summary["var"] = {**var_cfg.to_dict(), "description": var_cfg.describe(), "sink_dims_used": var_dims}
+        summary.setdefault("interventions", {"paired_with": REFERENCE, "paired": paired.to_dict(orient="records")})
     res = EvalResult(
         pred, results, summary, Path(out) if out is not None else None, timings=summary["timings"]
     )
@@ -279,7 +301,7 @@ def _interventions(ad, variants, sink_rule, positions, seed) -> tuple[dict[str, 
     return {v: TokenIntervention(v, positions=positions, rule=rule, seed=seed) for v in token}, why
 
 
-def _check_resumed(done: dict, specs: dict[str, TokenIntervention]) -> None:
+def _check_resumed(done: dict, specs: dict[str, Any]) -> None:
     for (item_id, v), rec in done.items():
         if v in specs and rec.get("intervention") != specs[v].describe():
             raise SinkscopeError(

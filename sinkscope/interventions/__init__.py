@@ -4,7 +4,9 @@ context managers on unmodified Hugging Face models and always undone.
 - :mod:`~sinkscope.interventions.rules`: :class:`VisualSinkRule`, which visual tokens are sinks;
 - :mod:`~sinkscope.interventions.tokens`: :class:`TokenIntervention` and :func:`apply_tokens`,
   the visual tokens reordered or selected between the projector and the LLM;
-- :mod:`~sinkscope.interventions.context`: :func:`intervene`, the context manager.
+- :mod:`~sinkscope.interventions.context`: :func:`intervene`, the context manager;
+- :mod:`~sinkscope.interventions.var`: :class:`VAR` and :func:`var`, the LLM's attention moved
+  from its sink tokens to the image (Kang et al.).
 """
 
 from .context import intervene
@@ -17,6 +19,7 @@ from .tokens import (
     TokenIntervention,
     apply_tokens,
 )
+from .var import VAR, redistribute, var
 
 __all__ = [
     "FED_COLUMNS",
@@ -25,9 +28,12 @@ __all__ = [
     "TOKEN_VARIANTS",
     "Intervened",
     "TokenIntervention",
+    "VAR",
     "VisualSinkRule",
     "apply_tokens",
     "default_rule",
     "intervene",
+    "redistribute",
     "rule_from",
+    "var",
 ]

@@ -42,19 +42,22 @@ def eval_findings(results: pd.DataFrame, summary: dict) -> list[str]:
     if (summary.get("model") or {}).get("projector_trained") is False:
         out.append("This model's projector is untrained: its answers do not use the image.")
     iv = summary.get("interventions")
-    if iv:
+    if summary.get("var"):
+        dims = summary["var"].get("sink_dims_used")
+        out.append(summary["var"]["description"] + (f"; sink dims used: {list(dims)}." if dims else "."))
+    if iv and "rule_description" in iv:
         fed = "; ".join(
             f"{v} {c['mean_visual_tokens']:.1f} visual tokens ({c['mean_sinks']:.1f} sinks)"
             for v, c in iv.get("tokens_fed", {}).items()
         )
         out.append(f"Interventions: {iv['rule_description']} ({iv['rule_reason']}); position ids {iv['positions']}. "
                    f"Fed per image: {fed}.")  # fmt: skip
-        for r in iv.get("paired", []):
-            if r["task_type"] != "all" and r["p_mcnemar"] < 0.05:
-                out.append(
-                    f"{r['variant']} vs {iv['paired_with']} on {r['task_type']}: {r['diff']:+.2f} "
-                    f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], McNemar p = {r['p_mcnemar']:.3g} (n={r['n']})."
-                )
+    for r in (iv or {}).get("paired", []):
+        if r["task_type"] != "all" and r["p_mcnemar"] < 0.05:
+            out.append(
+                f"{r['variant']} vs {iv['paired_with']} on {r['task_type']}: {r['diff']:+.2f} "
+                f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], McNemar p = {r['p_mcnemar']:.3g} (n={r['n']})."
+            )
     return out
 
 

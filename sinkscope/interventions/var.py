@@ -1,0 +1,242 @@
+"""VAR (Kang et al., *See What You Are Told*, ICLR 2025): redistribute the LLM's attention from its
+sink tokens to the image, inside sinkscope's attention function.
+
+For every decoder layer from ``start_layer`` on except the last, and every query and head:
+
+1. **sink tokens** (text and visual alike): a token is a sink at layer ``l`` when
+   ``max over d in sink_dims of |x[d]| / RMS(x) >= tau`` on the layer's *input* hidden state
+   (RMS without the norm's learned weight);
+2. **image-centric heads**: the head's attention on image tokens is ``>= alpha`` (0.2) and the
+   sinks among the image tokens take at most ``rho`` (0.5) of it;
+3. in those heads the attention on every sink token is multiplied by ``p`` (0.6) and the freed
+   mass goes to the non-sink image tokens, in proportion to their attention. Rows still sum to 1.
+
+``sink_dims=None`` discovers them from the model instead of hard-coding them per model (the
+reference code hard-codes Llama-2's): a calibration text runs through the LLM and every channel
+in which some token reaches ``tau`` at a layer VAR touches is kept (:attr:`VARLive.sink_dims`).
+It works in prefill and in ``generate`` (sink and image flags of the cached keys are kept and
+extended with each new token). The attention runs eagerly in the layers VAR touches (the other
+layers stay on SDPA); a :class:`~sinkscope.capture.Capture` in the same forward reduces the
+redistributed attention.
+
+>>> import numpy as np, torch
+>>> from sinkscope.models.tiny import Plant, load_tiny, plant_text_sinks
+>>> ad = load_tiny("tiny-llava")
+>>> plant_text_sinks(ad.llm, Plant(layer=1, token_ids=(1,)))        # BOS becomes a massive-activation sink
+>>> proj = ad.model.model.multi_modal_projector.linear_2              # keep image features off the
+>>> with torch.no_grad():                                            # plant's trigger channel (63)
+...     _ = proj.weight[63].zero_(), proj.bias[63].zero_()
+>>> inp = ad.build_inputs([np.zeros((32, 32, 3), np.uint8)], "<image> What is in the picture?")
+>>> call = {k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+>>> with var(ad, VAR(start_layer=1, tau=5)) as live:     # width 64: |x[d]|/RMS is at most 8 here
+...     logits = ad.model(**call).logits
+>>> live.sink_dims, live.last_sinks[1][0, :2].tolist()               # BOS is the sink; then an image token
+((7,), [True, False])
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils import SinkscopeError
+
+CALIBRATION_TEXT = "A photo of a cat sitting on a wooden table next to a cup of coffee."
+
+
+@dataclass(frozen=True)
+class VAR:
+    """VAR's settings (Kang et al.'s defaults); see the module docstring.
+
+    >>> VAR().to_dict()["p"], VAR(p=0.8).describe()[:28]
+    (0.6, 'VAR: sink attention x 0.8 in')
+    """
+
+    p: float = 0.6
+    rho: float = 0.5
+    alpha: float = 0.2
+    tau: float = 20.0
+    start_layer: int = 2
+    sink_dims: tuple[int, ...] | None = None
+    kind: str = field(default="var", init=False)
+
+    def __post_init__(self):
+        if not 0 <= self.p <= 1:
+            raise SinkscopeError(f"VAR p: a factor in [0, 1] for the sink attention, got {self.p!r}")
+        if not 0 <= self.rho <= 1 or not 0 <= self.alpha <= 1:
+            raise SinkscopeError(f"VAR rho and alpha: shares in [0, 1], got {self.rho!r} and {self.alpha!r}")
+        if not self.tau > 0:
+            raise SinkscopeError(f"VAR tau: a ratio > 0, got {self.tau!r}")
+        if not isinstance(self.start_layer, int) or self.start_layer < 0:
+            raise SinkscopeError(f"VAR start_layer: a decoder layer >= 0, got {self.start_layer!r}")
+        if self.sink_dims is not None:
+            object.__setattr__(self, "sink_dims", tuple(int(d) for d in self.sink_dims))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        dims = "discovered" if self.sink_dims is None else ",".join(map(str, self.sink_dims))
+        return (
+            f"VAR: sink attention x {self.p:g} in image-centric heads (sink share <= {self.rho:g} of image "
+            f"attention >= {self.alpha:g}), layers {self.start_layer}..last-1, sinks max|x[d]|/RMS >= {self.tau:g} "
+            f"on dims {dims}"
+        )
+
+
+def phi(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``max over dims of |x[d]| / RMS(x)`` per token (``[..., D]`` -> ``[...]``), in fp32.
+
+    >>> phi(torch.tensor([[3.0, 4.0, 0.0, 0.0]]), (1,))   # RMS = 2.5
+    tensor([1.6000])
+    """
+    x = hidden.float()
+    rms = x.pow(2).mean(-1).sqrt().clamp_min(1e-12)
+    return x[..., list(dims)].abs().amax(-1) / rms
+
+
+def redistribute(probs: torch.Tensor, key_sink: torch.Tensor, key_image: torch.Tensor, cfg: VAR):
+    """VAR on attention probabilities ``[B, H, Q, K]`` given per-key sink and image flags ``[B, K]``:
+    the new probabilities and the ``[B, H, Q]`` mask of the rows it changed.
+
+    >>> probs = torch.tensor([[[[0.5, 0.1, 0.3, 0.1]]]])        # key 0: text sink, 1: image sink, 2-3: image
+    >>> new, sel = redistribute(probs, torch.tensor([[True, True, False, False]]),
+    ...                         torch.tensor([[False, True, True, True]]), VAR())
+    >>> [round(v, 4) for v in new[0, 0, 0].tolist()], bool(sel)
+    ([0.3, 0.06, 0.48, 0.16], True)
+    """
+    p32 = probs.float()
+    snk = key_sink[:, None, None, :].to(p32.dtype)
+    img = key_image[:, None, None, :].to(p32.dtype)
+    a_img = (p32 * img).sum(-1)
+    a_sink_img = (p32 * img * snk).sum(-1)
+    rest = p32 * img * (1 - snk)
+    base = rest.sum(-1)
+    sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0)
+    freed = (1 - cfg.p) * (p32 * snk).sum(-1)
+    new = p32 * (1 - (1 - cfg.p) * snk) + rest * (freed / base.clamp_min(1e-30))[..., None]
+    return torch.where(sel[..., None], new, p32).to(probs.dtype), sel
+
+
+class VARLive:
+    """The live VAR context: ``config``, ``sink_dims`` (given or discovered), and per layer the
+    sink flags of the last call's keys (``last_sinks``: layer -> ``[B, K]``) and the image flags
+    (``key_image``). ``record=True`` keeps every touched layer's probabilities before and after
+    (``records``: list of dicts) for tests and figures."""
+
+    def __init__(self, adapter, config: VAR, record: bool = False):
+        self.adapter, self.config, self.record = adapter, config, record
+        self.sink_dims: tuple[int, ...] = config.sink_dims or ()
+        self.last_sinks: dict[int, torch.Tensor] = {}
+        self.key_image: torch.Tensor | None = None
+        self.records: list[dict[str, Any]] = []
+        self._past = 0  # keys already in the cache when the current call started
+
+    def attention(self, layer: int):
+        """The attention callable for decoder layer ``layer`` (put on its attention module)."""
+
+        def run(module, query, key, value, attention_mask, scaling):
+            from transformers.integrations.sdpa_attention import repeat_kv
+
+            groups = query.shape[1] // key.shape[1]
+            k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+            scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+            if attention_mask is not None:
+                scores = scores + attention_mask[..., : k.shape[-2]]
+            probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+            sinks, image = self.last_sinks[layer], self.key_image
+            if sinks.shape[1] != k.shape[2] or image is None or image.shape[1] != k.shape[2]:
+                raise SinkscopeError(
+                    f"VAR layer {layer}: flags for {sinks.shape[1]} keys, attention over {k.shape[2]} "
+                    "(a call VAR did not see from its start: run prefill and generate inside the context)"
+                )
+            new, sel = redistribute(probs, sinks.to(probs.device), image.to(probs.device), self.config)
+            if self.record:
+                self.records.append({"layer": layer, "before": probs.detach().cpu(), "after": new.detach().cpu(),
+                                     "selected": sel.detach().cpu()})  # fmt: skip
+            out = torch.matmul(new.to(query.dtype), v).transpose(1, 2).contiguous()
+            return out, new
+
+        return run
+
+
+def _discover_dims(adapter, cfg: VAR, layers: list[int]) -> tuple[int, ...]:
+    tok = adapter.tokenizer
+    ids = tok(CALIBRATION_TEXT, return_tensors="pt").input_ids.to(adapter.device)
+    lm = adapter.model.model.language_model
+    with torch.no_grad():
+        hs = lm(input_ids=ids, output_hidden_states=True).hidden_states
+    found: set[int] = set()
+    for layer in layers:
+        x = hs[layer].float()[0]
+        ratio = x.abs() / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        found |= set(torch.nonzero((ratio >= cfg.tau).any(0)).flatten().tolist())
+    return tuple(sorted(found))
+
+
+def _extend(old: torch.Tensor | None, new: torch.Tensor, past: int) -> torch.Tensor:
+    """Flags of the keys a call attends to: the cached ones (``past``; a cache cropped back, as
+    candidate scoring does, drops the rest) followed by the call's own."""
+    if not past or old is None:
+        return new
+    return torch.cat([old[:, :past], new], 1)
+
+
+@contextmanager
+def var(adapter, config: VAR | None = None, record: bool = False):
+    """Apply VAR to a LLaVA-style ``adapter`` inside the ``with`` block (see the module docstring);
+    everything is undone on exit, normal or not."""
+    from ..capture.attention import ATTN_IMPL, _set_attn_impl
+
+    cfg = config or VAR()
+    if getattr(adapter, "family", None) != "llava":
+        raise SinkscopeError(f"model {adapter.name!r}: VAR needs a LLaVA-style model (image tokens in the LLM input)")
+    blocks = adapter.llm.blocks()
+    n = len(blocks)
+    layers = [layer for layer in range(cfg.start_layer, n - 1)]
+    if not layers:
+        raise SinkscopeError(f"VAR start_layer {cfg.start_layer}: the LLM has {n} layers and VAR skips the last")
+    live = VARLive(adapter, cfg, record)
+    if not live.sink_dims:
+        live.sink_dims = _discover_dims(adapter, cfg, layers)
+    model = adapter.model
+    lm = model.model.language_model
+    old_impl = lm.config._attn_implementation
+    handles = []
+    image_id = adapter.image_token_id
+
+    def top(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise SinkscopeError("VAR needs input_ids (the image tokens say which keys are visual)")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        live._past = 0 if cache is None else int(cache.get_seq_length())
+        live.key_image = _extend(live.key_image, ids == image_id, live._past)
+
+    def layer_hook(layer):
+        def pre(mod, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            flags = (phi(h, live.sink_dims) >= cfg.tau) if live.sink_dims else torch.zeros(h.shape[:2], dtype=torch.bool)
+            live.last_sinks[layer] = _extend(live.last_sinks.get(layer), flags.to(h.device), live._past)
+
+        return pre
+
+    try:
+        handles.append(model.register_forward_pre_hook(top, with_kwargs=True))
+        for layer in layers:
+            handles.append(blocks[layer].register_forward_pre_hook(layer_hook(layer), with_kwargs=True))
+            adapter.llm.attention(layer)._sinkscope_var = live.attention(layer)
+        _set_attn_impl(lm, ATTN_IMPL)
+        adapter._sinkscope_var_live = live
+        yield live
+    finally:
+        vars(adapter).pop("_sinkscope_var_live", None)
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            vars(adapter.llm.attention(layer)).pop("_sinkscope_var", None)
+        _set_attn_impl(lm, old_impl)
