@@ -6,10 +6,13 @@ context managers on unmodified Hugging Face models and always undone.
   the visual tokens reordered or selected between the projector and the LLM;
 - :mod:`~sinkscope.interventions.context`: :func:`intervene`, the context manager;
 - :mod:`~sinkscope.interventions.var`: :class:`VAR` and :func:`var`, the LLM's attention moved
-  from its sink tokens to the image (Kang et al.).
+  from its sink tokens to the image (Kang et al.);
+- :mod:`~sinkscope.interventions.registers`: :class:`TestTimeRegister`, the ViT's register
+  neurons moved onto an added token (Jiang et al.).
 """
 
 from .context import intervene
+from .registers import TestTimeRegister, register_effect, tt_register
 from .rules import RULE_METHODS, VisualSinkRule, default_rule, rule_from
 from .tokens import (
     FED_COLUMNS,
@@ -27,6 +30,7 @@ __all__ = [
     "RULE_METHODS",
     "TOKEN_VARIANTS",
     "Intervened",
+    "TestTimeRegister",
     "TokenIntervention",
     "VAR",
     "VisualSinkRule",
@@ -34,6 +38,8 @@ __all__ = [
     "default_rule",
     "intervene",
     "redistribute",
+    "register_effect",
     "rule_from",
+    "tt_register",
     "var",
 ]
