@@ -395,6 +395,7 @@ class EvalConfig(RunConfig):
     sink_rule: str | dict | None = None
     positions: str = "reindex"
     var: dict | None = None
+    tt_register: dict | None = None
 
     def __post_init__(self):
         from .evaluation.items import SPLITS
@@ -430,6 +431,10 @@ class EvalConfig(RunConfig):
                 VAR(**self.var)
             except TypeError as e:
                 raise SinkscopeError(f"var: {e}; expected p, rho, alpha, tau, start_layer, sink_dims") from None
+        if self.tt_register is not None and self.tt_register.get("neurons"):
+            from .interventions import TestTimeRegister
+
+            TestTimeRegister(**self.tt_register)
         self._check_common()
 
 

@@ -213,6 +213,7 @@ def _run_eval(c: EvalConfig, progress: bool):
         sink_rule=c.sink_rule,
         positions=c.positions,
         var_config=c.var,
+        tt_config=c.tt_register,
         progress=progress,
     )
 

@@ -108,3 +108,22 @@ def test_bad_settings():
         TestTimeRegister(((1, 0),), patches="median")
     with pytest.raises(SinkscopeError, match="at least one"):
         TestTimeRegister(())
+
+
+def test_eval_tt_register_variant(tmp_path):
+    """``--variant tt-register`` on a LLaVA with planted ViT sinks: with the register neurons found
+    on marked images the scores change and the summary names the neurons; without outliers in the
+    calibration scenes the default search fails in one line."""
+    from sinkscope.evaluation.run import evaluate
+
+    ad = load_tiny("tiny-llava", plant=Plant(layer=2))
+    found = register_neurons(ad.vision, _images(), detection_layer=3, rule=NormRule(threshold=100), progress=False)
+    cfg = TestTimeRegister.from_table(found, k=1)
+    kw = dict(limit=4, variants=("both", "tt-register"), progress=False)
+    res = evaluate(ad, "shapes", tt_config=cfg, out=tmp_path / "e", **kw)
+    assert res.summary["tt_register"]["neurons"] == [[1, 0]]
+    s = res.predictions.set_index(["variant", "id"]).scores
+    assert any(s["tt-register", i] != s["both", i] for i in s["both"].index)
+    assert "test-time register" in res.predictions[res.predictions.variant == "tt-register"].intervention.iloc[0]
+    with pytest.raises(SinkscopeError, match="no sink positions at layer 3"):
+        evaluate(ad, "shapes", **kw)  # shapes scenes have no pure marker-red patch: no outlier to find

@@ -65,6 +65,14 @@ def add_eval(sub) -> None:
         "sink_dims=1415+2533) (default: Kang et al.'s, sink dims discovered)",
     )  # fmt: skip
     e.add_argument(
+        "--tt-neurons", default=None, metavar="BLOCK:NEURON,...",
+        help="register neurons for --variant tt-register (default: the top 10 found on 32 training scenes)",
+    )  # fmt: skip
+    e.add_argument(
+        "--tt-patches", default="zero", choices=("zero", "mean"),
+        help="what the patches keep at the register neurons (default: %(default)s)",
+    )  # fmt: skip
+    e.add_argument(
         "--positions", default="reindex", choices=("reindex", "keep"),
         help="position ids of the intervened sequence: renumbered, or each token's original (default: %(default)s)",
     )  # fmt: skip
@@ -98,6 +106,7 @@ def eval_config(a: argparse.Namespace):
         sink_rule=a.sink_rule,
         positions=a.positions,
         var=_var_settings(a.var),
+        tt_register=_tt_settings(a.tt_neurons, a.tt_patches),
         mode=a.mode,
         chat=a.chat,
         seed=a.seed,
@@ -137,6 +146,25 @@ def _var_settings(text: str | None) -> dict | None:
         except ValueError:
             raise SinkscopeError(f"--var {part!r}: expected KEY=VALUE (e.g. p=0.6, sink_dims=1415+2533)") from None
     return out
+
+
+def _tt_settings(neurons: str | None, patches: str) -> dict | None:
+    """``1:0,3:17`` -> the dict of :class:`~sinkscope.interventions.TestTimeRegister`.
+
+    >>> _tt_settings("1:0,3:17", "zero")
+    {'neurons': [[1, 0], [3, 17]], 'patches': 'zero'}
+    """
+    from .._utils import SinkscopeError
+
+    if not neurons:
+        return None if patches == "zero" else {"patches": patches}
+    try:
+        pairs = [[int(x) for x in part.split(":")] for part in neurons.split(",")]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+    except ValueError:
+        raise SinkscopeError(f"--tt-neurons {neurons!r}: expected BLOCK:NEURON pairs, e.g. 1:0,3:17") from None
+    return {"neurons": pairs, "patches": patches}
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

@@ -17,7 +17,11 @@ normalisation (``mode="generate"``; the default for items without choices). Vari
   ViT token went;
 - ``var``: VAR (:mod:`~sinkscope.interventions.var`), the LLM's attention moved from its sink
   tokens to the image, with ``var_config`` (default: Kang et al.'s settings); the sink dims it
-  used are in the summary.
+  used are in the summary;
+- ``tt-register``: a test-time register in the vision tower
+  (:mod:`~sinkscope.interventions.registers`), with ``tt_config`` or, by default, the top 10
+  register neurons found on 32 training-split shapes scenes (norm >= 5x the image median at the
+  fed layer; a tower without such outliers has none, and the run says so).
 
 Output folder::
 
@@ -48,7 +52,16 @@ import numpy as np
 import pandas as pd
 
 from .._utils import SinkscopeError, check_out_folder, package_versions, progress_bar
-from ..interventions import TOKEN_VARIANTS, VAR, TokenIntervention, default_rule, rule_from, var
+from ..interventions import (
+    TOKEN_VARIANTS,
+    VAR,
+    TestTimeRegister,
+    TokenIntervention,
+    default_rule,
+    rule_from,
+    tt_register,
+    var,
+)
 from ..models import load_model
 from .items import VQAItem, load_items
 from .mme import COGNITION, PERCEPTION, mme_score
@@ -56,7 +69,7 @@ from .scoring import build_prompt, generate_answer, intervened, is_correct, scor
 from .stats import bootstrap_ci, paired_difference
 
 #: variants that change the model's attention (one context per run)
-ATTENTION_VARIANTS = ("var",)
+ATTENTION_VARIANTS = ("var", "tt-register")
 VARIANTS = ("default", "no-image") + TOKEN_VARIANTS + ATTENTION_VARIANTS
 MODES = ("auto", "choice", "generate")
 OUTPUT_FILES = ("predictions.jsonl", "results.csv", "summary.json", "paired.csv", "tokens_fed.parquet", "tokens_fed.jsonl")
@@ -102,6 +115,8 @@ def answer_item(
     if variant == "var" and getattr(adapter, "_sinkscope_var_live", None) is None:
         with var(adapter, intervention if isinstance(intervention, VAR) else None):
             return answer_item(adapter, item, variant, mode=mode, chat=chat, intervention=intervention)
+    if variant == "tt-register" and not isinstance(intervention, TestTimeRegister):
+        raise SinkscopeError("variant tt-register: pass intervention=TestTimeRegister(...) (evaluate finds one)")
     image = None if variant == "no-image" else item.image.load()
     prompt = build_prompt(adapter, image, item.question, chat=chat, min_side=item.min_side)
     extra: dict[str, Any] = {}
@@ -200,6 +215,7 @@ def evaluate(
     sink_rule: Any = None,
     positions: str = "reindex",
     var_config: VAR | dict | None = None,
+    tt_config: TestTimeRegister | dict | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (a name, path or adapter) on ``tasks`` (see
@@ -229,8 +245,10 @@ def evaluate(
     specs, why = _interventions(ad, variants, sink_rule, positions, seed)
     var_cfg = VAR(**var_config) if isinstance(var_config, dict) else (var_config or VAR())
     var_dims: tuple[int, ...] | None = None
+    tt_cfg = _tt_config(ad, tt_config) if "tt-register" in variants else None
     done = _done(pred_path) if pred_path is not None and resume else {}
-    _check_resumed(done, {**specs, **({"var": var_cfg} if "var" in variants else {})})
+    _check_resumed(done, {**specs, **({"var": var_cfg} if "var" in variants else {}),
+                          **({"tt-register": tt_cfg} if tt_cfg is not None else {})})  # fmt: skip
     todo = [(it, v) for v in variants for it in items if (it.id, v) not in done]
     records = list(done.values())
     bar = progress_bar(len(todo), progress, f"eval {ad.name}", unit="q")
@@ -239,13 +257,17 @@ def evaluate(
     fed_new: list[pd.DataFrame] = []
     with _appender(pred_path) as write, _appender(fed_path) as write_fed, contextlib.ExitStack() as stack:
         for it, v in todo:
-            if v == "var" and getattr(ad, "_sinkscope_var_live", None) is None:
-                var_dims = stack.enter_context(var(ad, var_cfg)).sink_dims  # one context for the run
-            elif v != "var":
+            if v != getattr(stack, "variant", None):  # one context per variant, for the whole run
                 stack.close()
-            rec = answer_item(ad, it, v, mode=mode, chat=chat, intervention=var_cfg if v == "var" else specs.get(v))
-            if v == "var":
-                rec["intervention"] = var_cfg.describe()
+                stack.variant = v
+                if v == "var":
+                    var_dims = stack.enter_context(var(ad, var_cfg)).sink_dims
+                elif v == "tt-register":
+                    stack.enter_context(tt_register(ad, tt_cfg))
+            extra = {"var": var_cfg, "tt-register": tt_cfg}.get(v, specs.get(v))
+            rec = answer_item(ad, it, v, mode=mode, chat=chat, intervention=extra)
+            if v in ATTENTION_VARIANTS:
+                rec["intervention"] = extra.describe()
             fed = rec.pop("_fed", None)
             if fed is not None:
                 rec["intervention"] = specs[v].describe()
@@ -273,6 +295,9 @@ def evaluate(
             "paired_with": REFERENCE,
             "paired": paired.to_dict(orient="records"),
         }
+    if tt_cfg is not None:
+        summary["tt_register"] = {**tt_cfg.to_dict(), "description": tt_cfg.describe()}
+        summary.setdefault("interventions", {"paired_with": REFERENCE, "paired": paired.to_dict(orient="records")})
     if "var" in variants:
         summary["var"] = {**var_cfg.to_dict(), "description": var_cfg.describe(), "sink_dims_used": var_dims}
         summary.setdefault("interventions", {"paired_with": REFERENCE, "paired": paired.to_dict(orient="records")})
@@ -287,6 +312,23 @@ def evaluate(
     else:
         res.tokens_fed = pd.concat(fed_new, ignore_index=True) if fed_new else None
     return res
+
+
+def _tt_config(ad, given) -> TestTimeRegister:
+    """The test-time register of a run: ``given`` (a config or its dict), else the top 10 register
+    neurons of ``ad``'s tower on 32 training-split shapes scenes (norm >= 5x the median at the fed layer)."""
+    if isinstance(given, TestTimeRegister):
+        return given
+    if isinstance(given, dict) and given.get("neurons"):
+        return TestTimeRegister(**given)
+    patches = (given or {}).get("patches", "zero") if isinstance(given, dict) else "zero"
+    from ..neurons import register_neurons
+    from ..sinks import NormRule
+    from . import shapes
+
+    scenes = [np.asarray(shapes.render(shapes.scene(i, "train"))) for i in range(32)]
+    found = register_neurons(ad.vision, scenes, detection_layer=ad.feature_layer, rule=NormRule(relative=5.0), progress=False)
+    return TestTimeRegister.from_table(found, k=10, patches=patches)
 
 
 def _interventions(ad, variants, sink_rule, positions, seed) -> tuple[dict[str, TokenIntervention], str | None]:
