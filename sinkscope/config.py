@@ -289,10 +289,24 @@ class FlowConfig(RunConfig):
     seed: int = 0
     chat: bool = False
     sink_dims_from: str = "text"
+    variants: tuple[str, ...] = ()
+    sink_rule: str | dict | None = None
+    positions: str = "reindex"
     out: str | None = None
 
     def __post_init__(self):
         from .flow.run import ANALYSES
+        from .flow.variants import FLOW_VARIANTS
+        from .interventions import rule_from
+
+        object.__setattr__(self, "variants", (self.variants,) if isinstance(self.variants, str) else tuple(self.variants))
+        bad_v = [v for v in self.variants if v not in FLOW_VARIANTS]
+        if bad_v:
+            raise SinkscopeError(f"variants: unknown {bad_v[0]!r}; choose from {', '.join(FLOW_VARIANTS)}")
+        if self.sink_rule is not None:
+            rule_from(self.sink_rule)
+        if self.positions not in ("reindex", "keep"):
+            raise SinkscopeError(f"positions: reindex or keep, got {self.positions!r}")
 
         bad = [a for a in self.analyses or () if a not in ANALYSES]
         if bad:

@@ -151,6 +151,9 @@ def _run_flow(c: FlowConfig, progress: bool):
         progress=progress,
         chat=c.chat,
         sink_dims_from=c.sink_dims_from,
+        variants=c.variants,
+        sink_rule=c.sink_rule,
+        positions=c.positions,
     )
 
 

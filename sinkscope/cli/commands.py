@@ -176,6 +176,9 @@ def flow_config(a: argparse.Namespace):
         dtype=a.dtype,
         chat=a.chat,
         sink_dims_from=a.sink_dims_from,
+        variants=tuple(v.strip() for arg in (a.variant or []) for v in arg.split(",") if v.strip()),
+        sink_rule=a.sink_rule,
+        positions=a.positions,
         out=a.out,
     )
 

@@ -346,6 +346,17 @@ def _add_flow_options(fl: argparse.ArgumentParser) -> None:
         help="where the LLM sink dims are discovered: a text-only pass of the prompt (Kang et al.; "
         "default), its first text token, or the whole multimodal sequence",
     )
+    fl.add_argument(
+        "--variant",
+        action="append",
+        help="repeatable or comma-separated interventions (both, sinks-front, sinks-end, sink-only, nonsink-only, "
+        "random-k, lowest-norm-k, var): the attention the LLM gives each token group under each, against both "
+        "-> attention_by_variant.csv",
+    )
+    fl.add_argument("--sink-rule", default=None, help="ViT sink rule for --variant (see sinkscope eval --help)")
+    fl.add_argument(
+        "--positions", default="reindex", choices=("reindex", "keep"), help="position ids for --variant"
+    )
 
 
 def _add_decode(sub) -> None:

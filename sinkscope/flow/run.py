@@ -24,6 +24,9 @@ Analyses (``--analysis``):
   accumulated through the LLM then the ViT up to the feature layer) beside rollout ->
   ``relevancy.csv`` (``image, image_name, vit_token, kind, row, col, llm_position, vit_norm,
   is_vit_sink, relevancy_llm, rollout_llm, relevancy, rollout``)
+- with ``--variant`` (VLM): ``attention_by_variant.csv`` (``variant, layer, group, n_tokens,
+  mean_attention, share``), the attention the LLM gives each token group under each intervention
+  against ``both`` (:mod:`sinkscope.flow.variants`)
 
 Under ``accelerate launch`` (several processes; ``out`` needed) the analyses run data-parallel
 (:mod:`sinkscope.distributed`): the ViT ones per batch of 8 images, ``knockout`` per set of pairs
@@ -147,6 +150,9 @@ def run_flow(
     progress: bool = True,
     chat: bool = False,
     sink_dims_from: str = "text",
+    variants: tuple[str, ...] | list[str] = (),
+    sink_rule: Any = None,
+    positions: str = "reindex",
 ) -> FlowResult:
     """Run the chosen analyses on one prompt with its images; return (and write) the tables.
 
@@ -155,6 +161,9 @@ def run_flow(
     ``sink_dims_from``: where the LLM sink dims are discovered - ``"text"`` (a text-only pass of
     the prompt, as Kang et al. fix them from the LLM's own first-token sink), ``"first_text_token"``
     or ``"multimodal"`` (see :func:`~sinkscope.flow.propagation.propagation`).
+    ``variants``: interventions (:mod:`sinkscope.flow.variants`) whose effect on the attention the
+    LLM gives each token group is measured against ``both`` -> ``attention_by_variant``, with
+    ``sink_rule`` and ``positions`` (main process only under several processes).
     Under several processes (``accelerate launch``) see the module's docstring.
     """
     t0 = time.perf_counter()
@@ -194,10 +203,28 @@ def run_flow(
     )  # knockout: one per pair
     st.bar = _steps(n_steps, progress and is_vlm or (progress and len(arrays) > 4))
     _run_steps(st, is_vlm)
+    if variants:
+        _variants_step(st, variants, sink_rule, positions)
     st.bar.close()
     if dist is not None:
         return _finish_distributed(st, t0, Path(out))
     return _finish(st, t0, out)
+
+
+def _variants_step(st: FlowState, variants, sink_rule, positions: str) -> None:
+    """``attention_by_variant`` (main process only: one prompt holds every image)."""
+    from .variants import attention_by_variant
+
+    if not isinstance(st.ad, LlavaAdapter):
+        raise SinkscopeError(f"flow variants need a LLaVA-style model; {st.ad.name!r} is {st.ad.family!r}")
+    if not st.is_main:
+        return
+    t = time.perf_counter()
+    table = attention_by_variant(st.ad, st.arrays, st.prompt, list(variants), sink_rule, positions, chat=st.chat)
+    st.tables["attention_by_variant"] = table
+    st.summary["variants"] = {"variants": ["both", *[v for v in variants if v != "both"]],
+                              "sink_rule": table.attrs["sink_rule"], "positions": positions}  # fmt: skip
+    st.timings["variants_s"] = time.perf_counter() - t
 
 
 def _finish(st: FlowState, t0: float, out: str | Path | None) -> FlowResult:
@@ -341,6 +368,7 @@ _TABLES = (
     "decode",
     "attribution",
     "relevancy",
+    "attention_by_variant",
 )
 
 

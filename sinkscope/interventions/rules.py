@@ -140,7 +140,9 @@ def default_rule(adapter) -> tuple[VisualSinkRule, str]:
     """
     vision = getattr(adapter, "vision", adapter)
     if getattr(vision, "family", "") == "dinov2" and not getattr(vision, "n_registers", 0):
-        lay = vision.layout_for(*(vision.image_size or vision._default_size()))
+        import numpy as np
+
+        lay = vision.prepare([np.zeros((64, 64, 3), np.uint8)]).layouts[0]  # the size the model is fed
         n_fed = len(adapter.fed_vit_tokens(lay.n_tokens))
         k = max(1, round(0.015 * n_fed))
         why = (
