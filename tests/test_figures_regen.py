@@ -533,6 +533,22 @@ PROJECT_RUNS = {
         "device": "cuda",
         "dtype": "float16",
     },
+    "eval-mini-llava-interventions": {
+        "model": "mini-llava",
+        "tasks": ("shapes",),
+        "limit": 16,
+        "variants": ("both", "sink-only", "nonsink-only", "var"),
+    },
+    "paper-eval-llava-sinks-front": {
+        "model": "llava-hf/llava-1.5-7b-hf",
+        "tasks": ("hf:lmms-lab/MME",),
+        "variants": ("both", "sinks-front", "sinks-end", "sink-only", "nonsink-only", "var"),
+        "sink_rule": "norm:100",
+        "positions": "keep",
+        "mode": "generate",
+        "device": "cuda",
+        "dtype": "float16",
+    },
 }
 
 

@@ -287,3 +287,14 @@ def eval_accuracy(run: RunData) -> Any:
 
 
 register_kind("eval_accuracy", "eval", eval_accuracy)
+
+
+def eval_paired(run: RunData) -> Any:
+    """Each intervention's accuracy minus ``both``'s on the same items, per task type, with paired
+    bootstrap intervals (an eval run with token variants, VAR or a test-time register)."""
+    from ..viz.eval_report import paired_figure
+
+    return paired_figure(run.table("paired"), run.summary.get("interventions", {}).get("paired_with", "both"))
+
+
+register_kind("eval_paired", "eval", eval_paired)
