@@ -148,3 +148,20 @@ def test_eval_var_variant(ad, tmp_path):
         np.testing.assert_allclose(
             score_choices(ad, prompt, it.choices), score_choices_direct(ad, prompt, it.choices), atol=1e-5
         )
+
+
+def test_the_fused_route_equals_the_eager_one(ad):
+    """Without anyone reading the probabilities VAR runs one fused SDPA call; its logits equal the
+    eager route's (``record=True`` forces that one), in prefill and in cached generation."""
+    call = _call(ad)
+    with torch.no_grad():
+        with var(ad, VAR(**CFG), record=True) as live:
+            eager = ad.model(**call).logits
+            g1 = ad.model.generate(**call, max_new_tokens=3, do_sample=False)
+        assert live.records  # the eager route did run
+        with var(ad, VAR(**CFG)) as live:
+            fused = ad.model(**call).logits
+            g2 = ad.model.generate(**call, max_new_tokens=3, do_sample=False)
+        assert not live.records
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    assert torch.equal(g1, g2)

@@ -110,16 +110,18 @@ def redistribute(probs: torch.Tensor, key_sink: torch.Tensor, key_image: torch.T
     ([0.3, 0.06, 0.48, 0.16], True)
     """
     p32 = probs.float()
-    snk = key_sink[:, None, None, :].to(p32.dtype)
-    img = key_image[:, None, None, :].to(p32.dtype)
-    a_img = (p32 * img).sum(-1)
-    a_sink_img = (p32 * img * snk).sum(-1)
-    rest = p32 * img * (1 - snk)
-    base = rest.sum(-1)
+    snk = key_sink[:, None, :, None].to(p32.dtype)  # [B, 1, K, 1]: reductions over keys are matmuls
+    img = key_image[:, None, :, None].to(p32.dtype)
+    ns = img * (1 - snk)
+    a_img = (p32 @ img)[..., 0]
+    a_sink_img = (p32 @ (img * snk))[..., 0]
+    base = (p32 @ ns)[..., 0]
+    sink_mass = (p32 @ snk)[..., 0]
     sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0)
-    freed = (1 - cfg.p) * (p32 * snk).sum(-1)
-    new = p32 * (1 - (1 - cfg.p) * snk) + rest * (freed / base.clamp_min(1e-30))[..., None]
-    return torch.where(sel[..., None], new, p32).to(probs.dtype), sel
+    drop = torch.where(sel, 1 - cfg.p, 0.0)  # the share of every sink key's attention taken away
+    gain = torch.where(sel, (1 - cfg.p) * sink_mass / base.clamp_min(1e-30), 0.0)  # given per unit of attention
+    scale = 1 - drop[..., None] * snk[..., 0][:, :, None, :] + gain[..., None] * ns[..., 0][:, :, None, :]
+    return (p32 * scale).to(probs.dtype), sel
 
 
 class VARLive:
@@ -144,17 +146,22 @@ class VARLive:
 
             groups = query.shape[1] // key.shape[1]
             k, v = repeat_kv(key, groups), repeat_kv(value, groups)
-            scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-            if attention_mask is not None:
-                scores = scores + attention_mask[..., : k.shape[-2]]
-            probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+            mask = None if attention_mask is None else attention_mask[..., : k.shape[-2]]
             sinks, image = self.last_sinks[layer], self.key_image
             if sinks.shape[1] != k.shape[2] or image is None or image.shape[1] != k.shape[2]:
                 raise SinkscopeError(
                     f"VAR layer {layer}: flags for {sinks.shape[1]} keys, attention over {k.shape[2]} "
                     "(a call VAR did not see from its start: run prefill and generate inside the context)"
                 )
-            new, sel = redistribute(probs, sinks.to(probs.device), image.to(probs.device), self.config)
+            sinks, image = sinks.to(v.device), image.to(v.device)
+            wanted = self.record or getattr(module, "_sinkscope_sel", None) is not None or getattr(module, "_sinkscope_keep", False)
+            if not wanted:  # nobody reads the probabilities: one fused SDPA call gives it all
+                return _fused(query, k, v, mask, scaling, sinks, image, self.config), None
+            scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+            if mask is not None:
+                scores = scores + mask
+            probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+            new, sel = redistribute(probs, sinks, image, self.config)
             if self.record:
                 self.records.append({"layer": layer, "before": probs.detach().cpu(), "after": new.detach().cpu(),
                                      "selected": sel.detach().cpu()})  # fmt: skip
@@ -162,6 +169,27 @@ class VARLive:
             return out, new
 
         return run
+
+
+def _fused(query, k, v, mask, scaling, sinks, image, cfg: VAR) -> torch.Tensor:
+    """VAR's output without materialising the attention: the redistributed output is linear in the
+    probabilities, ``out' = out - drop * sum_k p_k snk_k v_k + gain * sum_k p_k ns_k v_k``, and the
+    statistics that choose the rows (image attention, its sink share, the non-sink image mass, the
+    sink mass) are attention-weighted sums of key flags - so one fused SDPA call over the values
+    extended with ``v * snk``, ``v * ns`` and the four flags gives everything. Equal to the eager
+    route (tested); ``[B, Q, H, D]`` as the eager function returns it."""
+    B, H, K, D = v.shape
+    snk = sinks[:, None, :, None].to(v.dtype).expand(B, H, K, 1)
+    img = image[:, None, :, None].to(v.dtype).expand(B, H, K, 1)
+    ns = img * (1 - snk)
+    ext = torch.cat([v, v * snk, v * ns, img, img * snk, ns, snk], -1)
+    o = nn.functional.scaled_dot_product_attention(query, k, ext.to(query.dtype), attn_mask=mask, scale=scaling)
+    out, out_snk, out_ns = o[..., :D], o[..., D : 2 * D], o[..., 2 * D : 3 * D]
+    a_img, a_sink_img, base, sink_mass = (o[..., 3 * D + i].float() for i in range(4))
+    sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0)
+    drop = torch.where(sel, 1 - cfg.p, 0.0)[..., None].to(o.dtype)
+    gain = torch.where(sel, (1 - cfg.p) * sink_mass / base.clamp_min(1e-30), 0.0)[..., None].to(o.dtype)
+    return (out - drop * out_snk + gain * out_ns).transpose(1, 2).contiguous()
 
 
 def _discover_dims(adapter, cfg: VAR, layers: list[int]) -> tuple[int, ...]:
