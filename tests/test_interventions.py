@@ -204,3 +204,20 @@ def test_rules_and_errors(ad):
         TokenIntervention("both", rule="topk:x")
     with pytest.raises(SinkscopeError, match="pixel_values"):
         apply_tokens(ad, {"input_ids": inp["input_ids"]}, TokenIntervention())
+
+
+def test_labels_follow_their_text_and_a_capture_sees_the_intervened_sequence(ad):
+    """Training-style calls keep each text label on its token (image positions -100), and a
+    Capture of the LLM opened around the context measures the sequence the LLM really got."""
+    from sinkscope.capture import Capture
+
+    inp = _inputs(ad)
+    labels = inp["input_ids"].clone()
+    labels[labels == ad.image_token_id] = -100
+    out = apply_tokens(ad, {**inp, "labels": labels}, TokenIntervention("sink-only", rule=RULE))
+    new = out.kwargs["labels"][0]
+    text = labels[0][labels[0] != -100]
+    assert new[new != -100].tolist() == text.tolist() and int((new == -100).sum()) == 1  # the one sink fed
+    with torch.no_grad(), Capture(ad.llm, layers=[1]) as cap, intervene(ad, TokenIntervention("sink-only", rule=RULE)):
+        got = cap.run_fn(lambda: ad.model(**inp))
+    assert got.norms.shape[-1] == inp["input_ids"].shape[1] - (N_FED - 1)
