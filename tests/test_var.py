@@ -150,9 +150,14 @@ def test_eval_var_variant(ad, tmp_path):
         )
 
 
-def test_the_fused_route_equals_the_eager_one(ad):
+@pytest.mark.parametrize("cpu_lse", [True, False])
+def test_the_fused_route_equals_the_eager_one(ad, cpu_lse, monkeypatch):
     """Without anyone reading the probabilities VAR runs one fused SDPA call; its logits equal the
-    eager route's (``record=True`` forces that one), in prefill and in cached generation."""
+    eager route's (``record=True`` forces that one), in prefill and in cached generation - with the
+    CPU kernel's log-sum-exp and with the two-call route other devices take."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["sinkscope.interventions.var"], "_CPU_LSE", cpu_lse)
     call = _call(ad)
     with torch.no_grad():
         with var(ad, VAR(**CFG), record=True) as live:

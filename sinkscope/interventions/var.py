@@ -45,6 +45,8 @@ from torch import nn
 
 from .._utils import SinkscopeError
 
+#: use the CPU kernel's log-sum-exp (else the route other devices take; tests switch it off)
+_CPU_LSE = True
 CALIBRATION_TEXT = "A photo of a cat sitting on a wooden table next to a cup of coffee."
 
 
@@ -172,24 +174,64 @@ class VARLive:
 
 
 def _fused(query, k, v, mask, scaling, sinks, image, cfg: VAR) -> torch.Tensor:
-    """VAR's output without materialising the attention: the redistributed output is linear in the
-    probabilities, ``out' = out - drop * sum_k p_k snk_k v_k + gain * sum_k p_k ns_k v_k``, and the
-    statistics that choose the rows (image attention, its sink share, the non-sink image mass, the
-    sink mass) are attention-weighted sums of key flags - so one fused SDPA call over the values
-    extended with ``v * snk``, ``v * ns`` and the four flags gives everything. Equal to the eager
-    route (tested); ``[B, Q, H, D]`` as the eager function returns it."""
+    """VAR's output without materialising the attention over the image.
+
+    The redistributed output is linear in the probabilities: ``out' = out - drop * O_S + gain *
+    O_N`` with ``O_S`` / ``O_N`` the parts of ``out`` that come from sink keys / non-sink image
+    keys. Only the few keys that are *not* non-sink image tokens - the sinks ``S`` and the other
+    text ``T``, a few dozen - need their probabilities: on the CPU the fused kernel returns the
+    row's log-sum-exp with ``out``, so ``p_k = exp(s_k - lse)`` from those keys' own scores; on
+    other devices a second fused call with three key flags as the values gives the group masses,
+    and ``p_k = mass_group * softmax_group(s)_k``. The row statistics (image mass, its sink share,
+    sink mass) follow, ``O_S`` and ``O_T`` are products over the few keys, and ``O_N = out - O_S -
+    O_T``. Equal to the eager route (tested); ``[B, Q, H, D]`` as the eager function returns it."""
     B, H, K, D = v.shape
-    snk = sinks[:, None, :, None].to(v.dtype).expand(B, H, K, 1)
-    img = image[:, None, :, None].to(v.dtype).expand(B, H, K, 1)
-    ns = img * (1 - snk)
-    ext = torch.cat([v, v * snk, v * ns, img, img * snk, ns, snk], -1)
-    o = nn.functional.scaled_dot_product_attention(query, k, ext.to(query.dtype), attn_mask=mask, scale=scaling)
-    out, out_snk, out_ns = o[..., :D], o[..., D : 2 * D], o[..., 2 * D : 3 * D]
-    a_img, a_sink_img, base, sink_mass = (o[..., 3 * D + i].float() for i in range(4))
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+    few = (~image | sinks).any(0)  # the key columns some row needs probabilities for
+    s = torch.matmul(query.float(), k[:, :, few].float().transpose(2, 3)) * scaling
+    if mask is not None:
+        s = s + mask[..., few].float()
+    col_s = sinks[:, few][:, None, None, :]
+    col_t = (~image & ~sinks)[:, few][:, None, None, :]
+    col_si = (image & sinks)[:, few][:, None, None, :]
+    lse = None
+    if query.device.type == "cpu" and _CPU_LSE:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, k, v, 0.0, False, attn_mask=mask, scale=scaling
+            )
+        except (RuntimeError, AttributeError, TypeError):  # pragma: no cover - another torch build
+            lse = None
+    if lse is not None:
+        p = torch.exp(s - lse.float()[..., None])
+        p_s, p_t = p * col_s, p * col_t
+        sink_mass, a_sink_img = p_s.sum(-1), (p * col_si).sum(-1)
+        a_img = 1 - p_t.sum(-1) - (sink_mass - a_sink_img)
+    else:
+        sdpa = nn.functional.scaled_dot_product_attention
+        out = sdpa(query, k, v, attn_mask=mask, scale=scaling)
+        flags = v.new_zeros(B, H, K, D)  # as wide as the values, so the call stays on the fused kernel
+        flags[..., 0] = image[:, None, :].to(v.dtype)
+        flags[..., 1] = (image & sinks)[:, None, :].to(v.dtype)
+        flags[..., 2] = sinks[:, None, :].to(v.dtype)
+        stats = sdpa(query, k, flags, attn_mask=mask, scale=scaling)
+        a_img, a_sink_img, sink_mass = (stats[..., i].float() for i in range(3))
+        other = (1 - a_img - (sink_mass - a_sink_img)).clamp_min(0)
+
+        def group(cols: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(s.masked_fill(~cols, float("-inf")), -1).nan_to_num(0.0) * mass[..., None]
+
+        p_s, p_t = group(col_s, sink_mass), group(col_t, other)
+    vf = v[:, :, few].float()
+    o_s, o_t = torch.matmul(p_s, vf), torch.matmul(p_t, vf)
+    base = (a_img - a_sink_img).clamp_min(0)
     sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0)
-    drop = torch.where(sel, 1 - cfg.p, 0.0)[..., None].to(o.dtype)
-    gain = torch.where(sel, (1 - cfg.p) * sink_mass / base.clamp_min(1e-30), 0.0)[..., None].to(o.dtype)
-    return (out - drop * out_snk + gain * out_ns).transpose(1, 2).contiguous()
+    o_n = out.float() - o_s - o_t
+    drop = torch.where(sel, 1 - cfg.p, 0.0)[..., None]
+    gain = torch.where(sel, (1 - cfg.p) * sink_mass / base.clamp_min(1e-30), 0.0)[..., None]
+    new = out.float() - drop * o_s + gain * o_n
+    return new.to(query.dtype).transpose(1, 2).contiguous()
 
 
 def _discover_dims(adapter, cfg: VAR, layers: list[int]) -> tuple[int, ...]:
