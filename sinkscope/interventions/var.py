@@ -45,6 +45,9 @@ from torch import nn
 
 from .._utils import SinkscopeError
 
+#: calls with at most this many queries (decoding steps, scored candidates) take the eager route:
+#: their attention is a few rows, and the eager route runs fewer operations than the fused one
+SHORT_CALL = 8
 #: use the CPU kernel's log-sum-exp (else the route other devices take; tests switch it off)
 _CPU_LSE = True
 CALIBRATION_TEXT = "A photo of a cat sitting on a wooden table next to a cup of coffee."
@@ -115,10 +118,8 @@ def redistribute(probs: torch.Tensor, key_sink: torch.Tensor, key_image: torch.T
     snk = key_sink[:, None, :, None].to(p32.dtype)  # [B, 1, K, 1]: reductions over keys are matmuls
     img = key_image[:, None, :, None].to(p32.dtype)
     ns = img * (1 - snk)
-    a_img = (p32 @ img)[..., 0]
-    a_sink_img = (p32 @ (img * snk))[..., 0]
-    base = (p32 @ ns)[..., 0]
-    sink_mass = (p32 @ snk)[..., 0]
+    stats = p32 @ torch.cat([img, img * snk, ns, snk], -1)  # [B, H, Q, 4]: one product for the four sums
+    a_img, a_sink_img, base, sink_mass = stats.unbind(-1)
     sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0)
     drop = torch.where(sel, 1 - cfg.p, 0.0)  # the share of every sink key's attention taken away
     gain = torch.where(sel, (1 - cfg.p) * sink_mass / base.clamp_min(1e-30), 0.0)  # given per unit of attention
@@ -147,19 +148,23 @@ class VARLive:
             from transformers.integrations.sdpa_attention import repeat_kv
 
             groups = query.shape[1] // key.shape[1]
-            k, v = repeat_kv(key, groups), repeat_kv(value, groups)
-            mask = None if attention_mask is None else attention_mask[..., : k.shape[-2]]
+            n_keys = key.shape[2]
+            mask = None if attention_mask is None else attention_mask[..., :n_keys]
             sinks, image = self.last_sinks[layer], self.key_image
-            if sinks.shape[1] != k.shape[2] or image is None or image.shape[1] != k.shape[2]:
+            if sinks.shape[1] != n_keys or image is None or image.shape[1] != n_keys:
                 raise SinkscopeError(
-                    f"VAR layer {layer}: flags for {sinks.shape[1]} keys, attention over {k.shape[2]} "
+                    f"VAR layer {layer}: flags for {sinks.shape[1]} keys, attention over {n_keys} "
                     "(a call VAR did not see from its start: run prefill and generate inside the context)"
                 )
-            sinks, image = sinks.to(v.device), image.to(v.device)
+            sinks, image = sinks.to(value.device), image.to(value.device)
             wanted = self.record or getattr(module, "_sinkscope_sel", None) is not None or getattr(module, "_sinkscope_keep", False)
-            if not wanted:  # nobody reads the probabilities: one fused SDPA call gives it all
+            if not wanted and query.shape[2] > SHORT_CALL:  # nobody reads the probabilities
+                k, v = repeat_kv(key, groups), repeat_kv(value, groups)
                 return _fused(query, k, v, mask, scaling, sinks, image, self.config), None
-            scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+            # eager, with the query heads grouped over their key/value head (no copy of the cache)
+            B, H, Q, D = query.shape
+            qg = query.view(B, H // groups, groups, Q, D)
+            scores = torch.matmul(qg, key[:, :, None].transpose(-1, -2)).reshape(B, H, Q, n_keys) * scaling
             if mask is not None:
                 scores = scores + mask
             probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
@@ -167,7 +172,8 @@ class VARLive:
             if self.record:
                 self.records.append({"layer": layer, "before": probs.detach().cpu(), "after": new.detach().cpu(),
                                      "selected": sel.detach().cpu()})  # fmt: skip
-            out = torch.matmul(new.to(query.dtype), v).transpose(1, 2).contiguous()
+            pg = new.to(query.dtype).view(B, H // groups, groups, Q, n_keys)
+            out = torch.matmul(pg, value[:, :, None]).reshape(B, H, Q, -1).transpose(1, 2).contiguous()
             return out, new
 
         return run
