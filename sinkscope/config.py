@@ -510,6 +510,10 @@ class TrainProjectorConfig(RunConfig):
             raise SinkscopeError(f"real_limit: an integer >= 1 (questions per real-image set), got {self.real_limit!r}")
         if not 0 <= self.warmup < 1:
             raise SinkscopeError(f"warmup: a share of the steps in [0, 1), got {self.warmup!r}")
+        for name in ("init", "init_lora"):  # a missing start file fails here, before any folder is made
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise SinkscopeError(f"{name}: no file {path}")
         bad = [r for r in self.real if r not in ("textile", "lfw-faces", "digits")]
         if bad:
             raise SinkscopeError(f"real: choose from textile, lfw-faces, digits, got {bad[0]!r}")

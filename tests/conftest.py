@@ -27,3 +27,27 @@ def photo(seed: int = 0, size=(H, W)) -> np.ndarray:
 @pytest.fixture(scope="session")
 def marked_images() -> list[np.ndarray]:
     return [paint_markers(photo(i), cells) for i, cells in enumerate(CELLS)]
+
+
+@pytest.fixture
+def eval_calls(monkeypatch):
+    """Count (and optionally kill) the questions ``sinkscope eval`` asks: ``eval_calls(die_after=n)``
+    patches ``answer_item`` to raise KeyboardInterrupt before the ``n+1``-th question (a killed
+    run), ``eval_calls()`` only records; both return the list of ``(item id, variant)`` asked."""
+    from sinkscope.evaluation import run as run_mod
+
+    real = run_mod.answer_item
+
+    def patch(die_after: int | None = None) -> list:
+        calls: list = []
+
+        def answer(ad, it, v, **kw):
+            if die_after is not None and len(calls) == die_after:
+                raise KeyboardInterrupt
+            calls.append((it.id, v))
+            return real(ad, it, v, **kw)
+
+        monkeypatch.setattr(run_mod, "answer_item", answer)
+        return calls
+
+    return patch

@@ -213,29 +213,15 @@ def test_results_table_chance_and_majority():
 # -- the run -----------------------------------------------------------------------------------------
 
 
-def test_evaluate_writes_its_files_and_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
-    from sinkscope.evaluation import run as run_mod
-
+def test_evaluate_writes_its_files_and_resumes_without_duplicates(tiny, tmp_path, eval_calls):
     out = tmp_path / "ev"
-    real = run_mod.answer_item
-    calls = []
-
-    def dying(ad, it, v, **kw):
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        calls.append((it.id, v))
-        return real(ad, it, v, **kw)
-
-    monkeypatch.setattr(run_mod, "answer_item", dying)
+    eval_calls(die_after=5)
     with pytest.raises(KeyboardInterrupt):
         evaluate(tiny, "shapes", out=out, limit=8, variants=("default", "no-image"), progress=False)
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 5
     with pytest.raises(SinkscopeError, match="pass resume=True"):
         evaluate(tiny, "shapes", out=out, limit=8, progress=False)
-    calls.clear()
-    monkeypatch.setattr(
-        run_mod, "answer_item", lambda ad, it, v, **kw: calls.append((it.id, v)) or real(ad, it, v, **kw)
-    )
+    calls = eval_calls()
     res = evaluate(
         tiny, "shapes", out=out, limit=8, variants=("default", "no-image"), resume=True, progress=False
     )

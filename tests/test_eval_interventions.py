@@ -100,24 +100,13 @@ def test_a_run_with_variants_and_its_config_reproduce_the_tables(tmp_path):
     pd.testing.assert_frame_equal(again.paired, pd.read_csv(out / "paired.csv"), check_exact=False, atol=1e-6)
 
 
-def test_a_killed_run_resumes_and_a_changed_rule_is_refused(tiny, tmp_path, monkeypatch):
-    from sinkscope.evaluation import run as run_mod
-
+def test_a_killed_run_resumes_and_a_changed_rule_is_refused(tiny, tmp_path, eval_calls):
     out = tmp_path / "ev"
-    real = run_mod.answer_item
-    calls = []
-
-    def dying(ad, it, v, **kw):
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        calls.append((it.id, v))
-        return real(ad, it, v, **kw)
-
     kw = dict(limit=4, variants=("both", "sink-only"), sink_rule="topk:2", progress=False)
-    monkeypatch.setattr(run_mod, "answer_item", dying)
+    eval_calls(die_after=7)
     with pytest.raises(KeyboardInterrupt):
         evaluate(tiny, "shapes", out=out, **kw)
-    monkeypatch.setattr(run_mod, "answer_item", real)
+    eval_calls()
     with pytest.raises(SinkscopeError, match="not 'both, position ids reindex; ViT sinks: the 3"):
         evaluate(tiny, "shapes", out=out, resume=True, **{**kw, "sink_rule": "topk:3"})
     res = evaluate(tiny, "shapes", out=out, resume=True, **kw)

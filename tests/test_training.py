@@ -158,6 +158,12 @@ def test_init_lora_goes_on_from_a_finished_run(tmp_path):
     want = _loss(done, exs, load_file(str(a / "projector.safetensors")))
     assert abs(go_on.log[0]["loss"] - want) < 1e-3, (go_on.log[0]["loss"], want)
     assert abs(fresh.log[0]["loss"] - want) > 1e-2
+    from sinkscope.config import TrainProjectorConfig
+
+    for name in ("init", "init_lora"):  # a missing start file fails in the config, before any folder
+        with pytest.raises(SinkscopeError, match=f"{name}: no file"):
+            TrainProjectorConfig(model="tiny-llava", out=str(tmp_path / "e"), **{name: str(tmp_path / "missing")})
+    assert not (tmp_path / "e").exists()
     with pytest.raises(SinkscopeError, match="rank 4 in the file, 8 asked"):
         P.train_projector(
             load_model("tiny-llava"), out=tmp_path / "d", steps=1, init_lora=a / "lora.safetensors", lora_rank=8, **kw

@@ -61,22 +61,33 @@ def eval_findings(results: pd.DataFrame, summary: dict) -> list[str]:
     return out
 
 
+def _variant_bars(table: pd.DataFrame, value: str, first_color: int = 0, extra: str = "") -> tuple[go.Figure, list[str]]:
+    """One bar group per variant of ``table`` (rows per variant and task type), ``value`` with its
+    ``ci_low`` / ``ci_high`` as error bars; ``extra`` adds a column to the hover (as ``customdata``).
+    Returns the figure and the task types in their order."""
+    fig = go.Figure()
+    order = [t for t in TYPE_ORDER if t in set(table.task_type)]
+    fmt = "+.3f" if value == "diff" else ".3f"
+    for i, (variant, g) in enumerate(table.groupby("variant", sort=False)):
+        g = g.set_index("task_type").reindex(order)
+        more = {"customdata": g[extra]} if extra else {}
+        fig.add_bar(
+            x=order,
+            y=g[value],
+            name=variant,
+            marker_color=VARIANT_COLORS[(first_color + i) % len(VARIANT_COLORS)],
+            error_y={"type": "data", "array": g.ci_high - g[value], "arrayminus": g[value] - g.ci_low},
+            hovertemplate="%{x}: %{y:" + fmt + "}" + (" (McNemar p %{customdata:.3g})" if extra else "")
+            + "<extra>" + variant + "</extra>",
+            **more,
+        )
+    return fig, order
+
+
 def paired_figure(paired: pd.DataFrame, reference: str = "both") -> go.Figure:
     """Each variant's accuracy minus ``reference``'s on the same items, per task type, with the
     paired bootstrap interval; zero is no change."""
-    fig = go.Figure()
-    order = [t for t in TYPE_ORDER if t in set(paired.task_type)]
-    for i, (variant, g) in enumerate(paired.groupby("variant", sort=False)):
-        g = g.set_index("task_type").reindex(order)
-        fig.add_bar(
-            x=order,
-            y=g["diff"],
-            name=variant,
-            marker_color=VARIANT_COLORS[(i + 1) % len(VARIANT_COLORS)],
-            error_y={"type": "data", "array": g.ci_high - g["diff"], "arrayminus": g["diff"] - g.ci_low},
-            customdata=g.p_mcnemar,
-            hovertemplate="%{x}: %{y:+.3f} (McNemar p %{customdata:.3g})<extra>" + variant + "</extra>",
-        )
+    fig, _ = _variant_bars(paired, "diff", first_color=1, extra="p_mcnemar")  # colour 0 is the reference's
     fig.add_hline(y=0, line_color="#444")
     fig.update_layout(
         barmode="group", yaxis_title=f"accuracy minus {reference}", xaxis_title="task type", height=380
@@ -87,18 +98,7 @@ def paired_figure(paired: pd.DataFrame, reference: str = "both") -> go.Figure:
 def accuracy_figure(results: pd.DataFrame) -> go.Figure:
     """Accuracy by task type, one bar group per variant, 95% bootstrap intervals, chance as ticks."""
     types = results[results.task == "*"]
-    fig = go.Figure()
-    order = [t for t in TYPE_ORDER if t in set(types.task_type)]
-    for i, (variant, g) in enumerate(types.groupby("variant", sort=False)):
-        g = g.set_index("task_type").reindex(order)
-        fig.add_bar(
-            x=order,
-            y=g.accuracy,
-            name=variant,
-            marker_color=VARIANT_COLORS[i % len(VARIANT_COLORS)],
-            error_y={"type": "data", "array": g.ci_high - g.accuracy, "arrayminus": g.accuracy - g.ci_low},
-            hovertemplate="%{x}: %{y:.3f}<extra>" + variant + "</extra>",
-        )
+    fig, order = _variant_bars(types, "accuracy")
     chance = types.drop_duplicates("task_type").set_index("task_type").reindex(order)
     fig.add_scatter(
         x=order,
