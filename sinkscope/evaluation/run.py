@@ -247,8 +247,10 @@ def evaluate(
     var_dims: tuple[int, ...] | None = None
     tt_cfg = _tt_config(ad, tt_config) if "tt-register" in variants else None
     done = _done(pred_path) if pred_path is not None and resume else {}
-    _check_resumed(done, {**specs, **({"var": var_cfg} if "var" in variants else {}),
-                          **({"tt-register": tt_cfg} if tt_cfg is not None else {})})  # fmt: skip
+    configs: dict[str, Any] = {**specs, **({"var": var_cfg} if "var" in variants else {})}
+    if tt_cfg is not None:
+        configs["tt-register"] = tt_cfg
+    _check_resumed(done, configs)
     todo = [(it, v) for v in variants for it in items if (it.id, v) not in done]
     records = list(done.values())
     bar = progress_bar(len(todo), progress, f"eval {ad.name}", unit="q")
@@ -264,13 +266,12 @@ def evaluate(
                     var_dims = stack.enter_context(var(ad, var_cfg)).sink_dims
                 elif v == "tt-register":
                     stack.enter_context(tt_register(ad, tt_cfg))
-            extra = {"var": var_cfg, "tt-register": tt_cfg}.get(v, specs.get(v))
+            extra = configs.get(v)
             rec = answer_item(ad, it, v, mode=mode, chat=chat, intervention=extra)
-            if v in ATTENTION_VARIANTS:
+            if extra is not None:
                 rec["intervention"] = extra.describe()
             fed = rec.pop("_fed", None)
             if fed is not None:
-                rec["intervention"] = specs[v].describe()
                 fed = fed.drop(columns=["rule", "variant", "batch_row"]).assign(id=it.id, variant=v)
                 fed_new.append(fed)
                 write_fed({"id": it.id, "variant": v, "rows": fed.drop(columns=["id", "variant"]).to_dict(orient="list")})
@@ -283,24 +284,18 @@ def evaluate(
     results = results_table(pred, n_boot=n_boot, seed=seed)
     paired = paired_table(pred, n_boot=n_boot, seed=seed)
     summary = _summary(ad, tasks, split, limit, variants, mode, results, pred, len(todo), t0, t1)
+    if configs:
+        summary["interventions"] = {"paired_with": REFERENCE, "paired": paired.to_dict(orient="records")}
     if specs:
         rule = next(iter(specs.values())).rule
-        summary["interventions"] = {
-            "rule": rule.to_dict(),
-            "rule_description": rule.describe(),
-            "rule_reason": why,
-            "positions": positions,
-            "seed": seed,
-            "tokens_fed": _fed_counts(pred),
-            "paired_with": REFERENCE,
-            "paired": paired.to_dict(orient="records"),
-        }
+        summary["interventions"].update(
+            rule=rule.to_dict(), rule_description=rule.describe(), rule_reason=why,
+            positions=positions, seed=seed, tokens_fed=_fed_counts(pred),
+        )  # fmt: skip
     if tt_cfg is not None:
         summary["tt_register"] = {**tt_cfg.to_dict(), "description": tt_cfg.describe()}
-        summary.setdefault("interventions", {"paired_with": REFERENCE, "paired": paired.to_dict(orient="records")})
     if "var" in variants:
         summary["var"] = {**var_cfg.to_dict(), "description": var_cfg.describe(), "sink_dims_used": var_dims}
-        summary.setdefault("interventions", {"paired_with": REFERENCE, "paired": paired.to_dict(orient="records")})
     res = EvalResult(
         pred, results, summary, Path(out) if out is not None else None, timings=summary["timings"]
     )
