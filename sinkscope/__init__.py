@@ -17,7 +17,7 @@ Layer convention: layer ``i`` is ``hidden_states[i]`` of the Hugging Face model,
 embedding output.
 """
 
-from . import flow
+from . import diysink, flow
 from ._utils import SinkscopeError
 from .api import probe, run, scan
 from .capture import BatchCapture, Capture, parse_layers
@@ -69,6 +69,7 @@ __all__ = [
     "detect",
     "evaluate",
     "extract_group_features",
+    "diysink",
     "flow",
     "image_items",
     "list_models",

@@ -385,7 +385,9 @@ class EvalConfig(RunConfig):
     ``variants``: ``default``, ``no-image`` and the visual-token interventions (``both``,
     ``sinks-front``, ...; :mod:`sinkscope.interventions.tokens`) under ``sink_rule`` (``None``: the
     model's default rule) and ``positions``; ``mode``: ``auto`` (choices by log-likelihood, else
-    generation), ``choice`` or ``generate``.
+    generation), ``choice`` or ``generate``. The DIYSink variants (``baseline``, ``dual``,
+    ``dual-sink-only``, ``dual-nonsink-only``, ``cot``, ``rew``) need a dual model; ``router``: the
+    ReW router folder (default: the model's ``router/``).
 
     >>> EvalConfig(model="tiny-llava", tasks=("shapes",), limit=8).variants
     ('default',)
@@ -410,6 +412,7 @@ class EvalConfig(RunConfig):
     positions: str = "reindex"
     var: dict | None = None
     tt_register: dict | None = None
+    router: str | None = None
 
     def __post_init__(self):
         from .evaluation.items import SPLITS
@@ -445,6 +448,8 @@ class EvalConfig(RunConfig):
                 VAR(**self.var)
             except TypeError as e:
                 raise SinkscopeError(f"var: {e}; expected p, rho, alpha, tau, start_layer, sink_dims") from None
+        if self.router is not None and not (Path(self.router) / "router.json").is_file():
+            raise SinkscopeError(f"router: no ReW router in {self.router} (router.json)")
         if self.tt_register is not None and self.tt_register.get("neurons"):
             from .interventions import TestTimeRegister
 
@@ -522,4 +527,113 @@ class TrainProjectorConfig(RunConfig):
         self._check_common()
 
 
-__all__ = ["CONFIGS", "SCHEMA_VERSION", "DecodeConfig", "EvalConfig", "TrainProjectorConfig", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]
+@_register
+@dataclass(frozen=True)
+class DIYSinkInitConfig(RunConfig):
+    """``sinkscope diysink init``: a LLaVA model with the dual connector, untrained (both MLPs
+    copies of its projector, weights 1; :func:`sinkscope.training.diysink.init_diysink`), saved in
+    ``OUT/model``. ``sink_rule``: ``None`` for the model's default rule.
+
+    >>> DIYSinkInitConfig(model="tiny-llava", sink_rule="topk:2", out="runs/d").sink_rule
+    'topk:2'
+    """
+
+    analysis: ClassVar[str] = "diysink-init"
+    model: str = "mini-llava"
+    sink_rule: str | dict | None = None
+    out: str | None = "runs/diysink"
+
+    def __post_init__(self):
+        from .diysink.connector import check_rule
+        from .interventions import rule_from
+
+        if self.sink_rule is not None:
+            check_rule(rule_from(self.sink_rule), has_cls=True)  # cls is checked against the model later
+        if self.out is None:
+            raise SinkscopeError("out: the dual model needs an output folder")
+        self._check_common()
+
+
+@_register
+@dataclass(frozen=True)
+class DIYSinkTrainConfig(RunConfig):
+    """``sinkscope diysink train``: one stage of DIYSink's training
+    (:func:`sinkscope.training.diysink.train_diysink`): ``1`` (each MLP alone on its tokens), ``2``
+    (both on the concatenation; ``lora_rank`` adds LoRA on the LLM) or ``router`` (the ReW router:
+    ``samples`` questions, ``epochs`` epochs, batches of ``batch_size``).
+
+    >>> DIYSinkTrainConfig(model="runs/d", stage="router", batch_size=20, lr=1e-2).epochs
+    10
+    """
+
+    analysis: ClassVar[str] = "diysink-train"
+    model: str = "runs/diysink"
+    stage: str = "2"
+    steps: int | None = None
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup: float = 0.03
+    n_per_task: int = 200
+    turns: int = 4
+    real: tuple[str, ...] = ("textile", "lfw-faces", "digits")
+    real_limit: int | None = None
+    mlps: tuple[str, ...] = ("sink", "nonsink")
+    lora_rank: int | None = None
+    lora_lr: float = 2e-4
+    samples: int = 120
+    epochs: int = 10
+    router_hidden: int = 128
+    router_norm: str | None = None
+    encoder: str | None = None
+    seed: int = 0
+    save_every: int = 50
+    cache_dir: str | None = None
+    device: str | None = None
+    mixed_precision: str = "no"
+    out: str | None = "runs/diysink-train"
+    resume: bool = False
+
+    def __post_init__(self):
+        from .diysink import NORMALISATIONS
+        from .training.diysink import MLPS, STAGES
+
+        for name in ("real", "mlps"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        object.__setattr__(self, "stage", str(self.stage))
+        if self.stage not in STAGES:
+            raise SinkscopeError(f"stage: one of {', '.join(STAGES)}, got {self.stage!r}")
+        for name in ("batch_size", "n_per_task", "turns", "save_every", "samples", "epochs", "router_hidden"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise SinkscopeError(f"{name}: must be an integer >= 1, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise SinkscopeError(f"steps: must be an integer >= 1, got {self.steps!r}")
+        if self.steps is not None and self.stage == "router":
+            raise SinkscopeError("steps: the router stage runs --epochs over --samples questions, not --steps")
+        _positive("lr", self.lr)
+        _positive("lora_lr", self.lora_lr)
+        if not 0 <= self.warmup < 1:
+            raise SinkscopeError(f"warmup: a share of the steps in [0, 1), got {self.warmup!r}")
+        bad = [k for k in self.mlps if k not in MLPS]
+        if bad or not self.mlps:
+            raise SinkscopeError(f"mlps: choose from {', '.join(MLPS)}, got {list(self.mlps)}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise SinkscopeError(f"lora_rank: an integer >= 1 (LoRA rank), got {self.lora_rank!r}")
+        if self.lora_rank is not None and self.stage != "2":
+            raise SinkscopeError(f"lora_rank: LoRA on the LLM belongs to stage 2, not stage {self.stage}")
+        if self.router_norm is not None and self.router_norm not in NORMALISATIONS:
+            raise SinkscopeError(f"router_norm: one of {', '.join(NORMALISATIONS)}, got {self.router_norm!r}")
+        if self.real_limit is not None and (not isinstance(self.real_limit, int) or self.real_limit < 1):
+            raise SinkscopeError(f"real_limit: an integer >= 1 (questions per real-image set), got {self.real_limit!r}")
+        bad = [r for r in self.real if r not in ("textile", "lfw-faces", "digits")]
+        if bad:
+            raise SinkscopeError(f"real: choose from textile, lfw-faces, digits, got {bad[0]!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.out is None:
+            raise SinkscopeError("out: training needs an output folder")
+        self._check_common()
+
+
+__all__ = ["CONFIGS", "SCHEMA_VERSION", "DIYSinkInitConfig", "DIYSinkTrainConfig", "DecodeConfig", "EvalConfig", "TrainProjectorConfig", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]

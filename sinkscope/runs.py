@@ -24,6 +24,8 @@ from ._utils import SinkscopeError
 from .config import (
     SCHEMA_VERSION,
     DecodeConfig,
+    DIYSinkInitConfig,
+    DIYSinkTrainConfig,
     EvalConfig,
     FlowConfig,
     ProbeConfig,
@@ -58,6 +60,12 @@ def execute(config: RunConfig, progress: bool = True):
         res = _run_eval(config, progress)
     elif isinstance(config, TrainProjectorConfig):
         res = _run_train_projector(config, progress)
+    elif isinstance(config, DIYSinkInitConfig):
+        from .training.diysink import init_diysink
+
+        res = init_diysink(config.model, config.out, rule=config.sink_rule, progress=progress)
+    elif isinstance(config, DIYSinkTrainConfig):
+        res = _run_diysink_train(config, progress)
     else:
         raise SinkscopeError(f"run: not an analysis config: {type(config).__name__}")
     res.config = config
@@ -217,6 +225,7 @@ def _run_eval(c: EvalConfig, progress: bool):
         positions=c.positions,
         var_config=c.var,
         tt_config=c.tt_register,
+        router=c.router,
         progress=progress,
     )
 
@@ -238,6 +247,15 @@ def _run_train_projector(c: TrainProjectorConfig, progress: bool):
         progress=progress,
         **{k: getattr(c, k) for k in fields},
     )
+
+
+def _run_diysink_train(c: DIYSinkTrainConfig, progress: bool):
+    from dataclasses import fields
+
+    from .training.diysink import train_diysink
+
+    kw = {f.name: getattr(c, f.name) for f in fields(c) if f.name not in ("model", "out")}
+    return train_diysink(c.model, c.out, progress=progress, **kw)
 
 
 # -- reading run folders back ---------------------------------------------------------------------

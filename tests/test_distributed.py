@@ -288,8 +288,9 @@ def test_a_two_process_flow_writes_the_tables_of_one_process(tmp_path):
     for name in FLOW_TABLES:  # the same rows in the same order, the same values up to float rounding
         read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
         # a process of the group runs torch with other thread counts than a lone process, so sums
-        # of floats may round differently in the last digits (seen in CI on relevancy.csv)
-        pd.testing.assert_frame_equal(read(out / name), read(one / name), rtol=1e-5, atol=1e-9, obj=name)
+        # of floats may round differently in the last digits (seen in CI on relevancy.csv), and a relative change - a difference of two close logits over
+        # one of them - loses digits to cancellation: 1e-6 absolute on values of order 1e-3 (seen on knockout.csv)
+        pd.testing.assert_frame_equal(read(out / name), read(one / name), rtol=1e-5, atol=1e-6, obj=name)
     s = json.loads((out / "summary.json").read_text())
     s1 = json.loads((one / "summary.json").read_text())
     for key in ("images", "redundancy", "knockout", "propagation", "attribution", "relevancy"):

@@ -224,6 +224,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("capture", ("sinkscope.capture", "sinkscope.store")),
     ("sinks", ("sinkscope.sinks",)),
     ("interventions", ("sinkscope.interventions",)),
+    ("diysink", ("sinkscope.diysink",)),  # the dual connector and its routers (uses the sink rules)
     (
         "analyses",
         (

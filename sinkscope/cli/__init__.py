@@ -45,6 +45,7 @@ from .commands import _cmd_report as _cmd_report
 from .commands import _cmd_scan as _cmd_scan
 from .commands import _config as _config
 from .commands import _tuple as _tuple
+from .diysink_cmd import cmd_diysink
 from .eval_cmd import cmd_eval
 from .examples import (
     DECODE_EXAMPLES,
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {**COMMANDS, "eval": cmd_eval, "train-projector": cmd_train}[a.command](a)
+        return {**COMMANDS, "eval": cmd_eval, "train-projector": cmd_train, "diysink": cmd_diysink}[a.command](a)
     except UsageError as e:
         print(f"sinkscope {a.command}: error: {e}", file=sys.stderr)
         return 2

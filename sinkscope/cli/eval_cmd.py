@@ -51,7 +51,8 @@ def add_eval(sub) -> None:
         action="append",
         help="repeatable or comma-separated: default (the model as loaded), no-image (the image removed), and "
         "the visual-token interventions both, sinks-front, sinks-end, sink-only, nonsink-only, random-k, "
-        "lowest-norm-k (compared with both on the same items) (default: default)",
+        "lowest-norm-k (compared with both on the same items), var, tt-register, and for a DIYSink model "
+        "baseline, dual, dual-sink-only, dual-nonsink-only, cot, rew (compared with baseline) (default: default)",
     )
     e.add_argument(
         "--sink-rule",
@@ -72,6 +73,7 @@ def add_eval(sub) -> None:
         "--tt-patches", default="zero", choices=("zero", "mean"),
         help="what the patches keep at the register neurons (default: %(default)s)",
     )  # fmt: skip
+    e.add_argument("--router", default=None, help="ReW router folder for --variant rew (default: MODEL/model/router)")
     e.add_argument(
         "--positions", default="reindex", choices=("reindex", "keep"),
         help="position ids of the intervened sequence: renumbered, or each token's original (default: %(default)s)",
@@ -107,6 +109,7 @@ def eval_config(a: argparse.Namespace):
         positions=a.positions,
         var=_var_settings(a.var),
         tt_register=_tt_settings(a.tt_neurons, a.tt_patches),
+        router=a.router,
         mode=a.mode,
         chat=a.chat,
         seed=a.seed,
@@ -182,6 +185,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
             print(f"\n{iv['rule_description']} ({iv['rule_reason']}); position ids: {iv['positions']}")
         if "var" in res.summary:
             print(f"{res.summary['var']['description']}; sink dims used: {res.summary['var']['sink_dims_used']}")
+        if "diysink" in res.summary:
+            ds = res.summary["diysink"]
+            print(f"DIYSink: {ds['rule_description']}; seconds per question: {ds.get('seconds_per_question')}")
+            if "cot" in ds:
+                print(f"CoT routes {ds['cot']['routes']}, {ds['cot']['fallbacks']} of {ds['cot']['n']} unparseable (fell back to both)")
+            if "rew" in ds:
+                print(f"ReW mean [w_sink, w_nonsink] per task type: {ds['rew']['mean_weights']}")
         pcols = ["variant", "task_type", "n", "accuracy", "diff", "ci_low", "ci_high", "p_mcnemar"]
         print(res.paired[pcols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote predictions.jsonl, results.csv, summary.json and eval.html to {a.out}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from .diysink_cmd import add_diysink
 from .eval_cmd import add_eval
 from .examples import (
     DECODE_EXAMPLES,
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_scan, _add_probe, _add_flow, _add_decode, add_eval, add_train, _add_report, _add_figures, _add_models):
+    for add in (_add_scan, _add_probe, _add_flow, _add_decode, add_eval, add_train, add_diysink, _add_report, _add_figures, _add_models):
         add(sub)
     return p
 

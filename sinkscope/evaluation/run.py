@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import SinkscopeError, check_out_folder, package_versions, progress_bar
+from ..diysink import dual_projector
 from ..interventions import (
     TOKEN_VARIANTS,
     VAR,
@@ -63,6 +64,7 @@ from ..interventions import (
     var,
 )
 from ..models import load_model
+from .dual import DUAL_VARIANTS, ROUTING_COLUMNS, DualVariant, dual_variants, plan_item
 from .items import VQAItem, load_items
 from .mme import COGNITION, PERCEPTION, mme_score
 from .scoring import build_prompt, generate_answer, intervened, is_correct, score_choices
@@ -70,9 +72,12 @@ from .stats import bootstrap_ci, paired_difference
 
 #: variants that change the model's attention (one context per run)
 ATTENTION_VARIANTS = ("var", "tt-register")
-VARIANTS = ("default", "no-image") + TOKEN_VARIANTS + ATTENTION_VARIANTS
+VARIANTS = ("default", "no-image") + TOKEN_VARIANTS + ATTENTION_VARIANTS + DUAL_VARIANTS
 MODES = ("auto", "choice", "generate")
-OUTPUT_FILES = ("predictions.jsonl", "results.csv", "summary.json", "paired.csv", "tokens_fed.parquet", "tokens_fed.jsonl")
+OUTPUT_FILES = (
+    "predictions.jsonl", "results.csv", "summary.json", "paired.csv", "tokens_fed.parquet", "tokens_fed.jsonl",
+    "routing.parquet",
+)  # fmt: skip
 #: the variant the interventions are compared with (the same path, nothing moved)
 REFERENCE = "both"
 
@@ -90,6 +95,7 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     paired: pd.DataFrame | None = None
     tokens_fed: pd.DataFrame | None = None
+    routing: pd.DataFrame | None = None
 
 
 def answer_item(
@@ -117,16 +123,32 @@ def answer_item(
             return answer_item(adapter, item, variant, mode=mode, chat=chat, intervention=intervention)
     if variant == "tt-register" and not isinstance(intervention, TestTimeRegister):
         raise SinkscopeError("variant tt-register: pass intervention=TestTimeRegister(...) (evaluate finds one)")
+    t0 = time.perf_counter()
     image = None if variant == "no-image" else item.image.load()
-    prompt = build_prompt(adapter, image, item.question, chat=chat, min_side=item.min_side)
     extra: dict[str, Any] = {}
-    if variant in TOKEN_VARIANTS:
-        spec = intervention if intervention is not None else TokenIntervention(variant, rule=default_rule(adapter)[0])
-        if spec.variant != variant:
+    ctx: Any = contextlib.nullcontext()
+    token = variant if variant in TOKEN_VARIANTS else None
+    if variant in DUAL_VARIANTS:  # the dual connector's route (and the router's decision) for this item
+        spec = intervention if isinstance(intervention, DualVariant) else dual_variants(adapter, [variant])[variant]
+        plan = plan_item(adapter, spec, image, item.question, min_side=item.min_side)
+        extra, ctx, token = dict(plan.record), plan.context(adapter), plan.token_variant
+        if token is not None:
+            intervention = TokenIntervention(token, rule=dual_projector(adapter).rule)
+    with ctx:
+        rec = _answer(adapter, item, image, variant, token, mode, chat, intervention, extra)
+    rec["seconds"] = round(time.perf_counter() - t0, 4)
+    return rec
+
+
+def _answer(adapter, item, image, variant, token, mode, chat, intervention, extra) -> dict[str, Any]:
+    prompt = build_prompt(adapter, image, item.question, chat=chat, min_side=item.min_side)
+    if token is not None:
+        spec = intervention if intervention is not None else TokenIntervention(token, rule=default_rule(adapter)[0])
+        if spec.variant != token:
             raise SinkscopeError(f"variant {variant!r} asked with an intervention for {spec.variant!r}")
         prompt = intervened(adapter, prompt, spec)
         fed = prompt.fed
-        extra = {"n_visual_fed": int(fed["llm_position"].notna().sum()), "n_sinks": int(fed["is_vit_sink"].sum()), "_fed": fed}
+        extra = {**extra, "n_visual_fed": int(fed["llm_position"].notna().sum()), "n_sinks": int(fed["is_vit_sink"].sum()), "_fed": fed}
     use_choice = mode == "choice" or (mode == "auto" and item.choices)
     if use_choice:
         if not item.choices:
@@ -216,6 +238,7 @@ def evaluate(
     positions: str = "reindex",
     var_config: VAR | dict | None = None,
     tt_config: TestTimeRegister | dict | None = None,
+    router: str | Path | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (a name, path or adapter) on ``tasks`` (see
@@ -224,7 +247,10 @@ def evaluate(
     when given. ``sink_rule`` (a :class:`~sinkscope.interventions.VisualSinkRule` or its short
     string, e.g. ``"norm:100"``, ``"topk:4"``) and ``positions`` (``reindex`` / ``keep``) set the
     token variants; ``seed`` also seeds ``random-k``; ``var_config`` sets ``var`` (a
-    :class:`~sinkscope.interventions.VAR` or its dict)."""
+    :class:`~sinkscope.interventions.VAR` or its dict). The DIYSink variants
+    (:mod:`~sinkscope.evaluation.dual`) need a model with the dual connector; ``rew`` uses
+    ``router`` (default: the model folder's ``router/``), and the paired tests then compare with
+    ``baseline``."""
     t0 = time.perf_counter()
     if mode not in MODES:
         raise SinkscopeError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -248,6 +274,7 @@ def evaluate(
     tt_cfg = _tt_config(ad, tt_config) if "tt-register" in variants else None
     done = _done(pred_path) if pred_path is not None and resume else {}
     configs: dict[str, Any] = {**specs, **({"var": var_cfg} if "var" in variants else {})}
+    configs.update(dual_variants(ad, variants, router))
     if tt_cfg is not None:
         configs["tt-register"] = tt_cfg
     _check_resumed(done, configs)
@@ -282,10 +309,13 @@ def evaluate(
     keep = {(it.id, v) for v in variants for it in items}
     pred = pd.DataFrame([r for r in records if (r["id"], r["variant"]) in keep])
     results = results_table(pred, n_boot=n_boot, seed=seed)
-    paired = paired_table(pred, n_boot=n_boot, seed=seed)
+    reference = "baseline" if "baseline" in variants else REFERENCE
+    paired = paired_table(pred, n_boot=n_boot, seed=seed, reference=reference)
     summary = _summary(ad, tasks, split, limit, variants, mode, results, pred, len(todo), t0, t1)
     if configs:
-        summary["interventions"] = {"paired_with": REFERENCE, "paired": paired.to_dict(orient="records")}
+        summary["interventions"] = {"paired_with": reference, "paired": paired.to_dict(orient="records")}
+    if any(v in DUAL_VARIANTS for v in variants):
+        summary["diysink"] = _dual_summary(ad, configs, pred)
     if specs:
         rule = next(iter(specs.values())).rule
         summary["interventions"].update(
@@ -300,13 +330,51 @@ def evaluate(
         pred, results, summary, Path(out) if out is not None else None, timings=summary["timings"]
     )
     res.paired = paired
+    res.routing = _routing_table(pred)
     if out is not None:
         write_eval_outputs(res)
-        if specs:
+        if specs or any(c.token_variant for c in configs.values() if isinstance(c, DualVariant)):
             _write_fed(res.out, fed_path)
+        if res.routing is not None:
+            res.routing.to_parquet(res.out / "routing.parquet", index=False)
     else:
         res.tokens_fed = pd.concat(fed_new, ignore_index=True) if fed_new else None
     return res
+
+
+def _routing_table(pred: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per routed item (``cot`` / ``rew``): :data:`~sinkscope.evaluation.dual.ROUTING_COLUMNS`."""
+    if "route" not in pred.columns:
+        return None
+    rows = pred[pred["route"].notna()]
+    if not len(rows):
+        return None
+    return rows.reindex(columns=list(ROUTING_COLUMNS)).reset_index(drop=True)
+
+
+def _dual_summary(ad, configs: dict, pred: pd.DataFrame) -> dict[str, Any]:
+    """The connector's rule and history, seconds per question per variant, CoT's routes and
+    fallbacks, ReW's mean weights per task type."""
+    dual = dual_projector(ad)
+    d = dict(getattr(ad.model.config, "diysink", {}) or {})
+    out: dict[str, Any] = {
+        "rule": dual.rule.to_dict(), "rule_description": dual.rule.describe(), "weights": dual.weights.tolist(),
+        "history": d.get("history", []),
+        "variants": {v: c.describe() for v, c in configs.items() if isinstance(c, DualVariant)},
+    }  # fmt: skip
+    if "seconds" in pred.columns:
+        out["seconds_per_question"] = {v: round(float(g["seconds"].median()), 4) for v, g in pred.groupby("variant") if g["seconds"].notna().any()}
+    cot = pred[pred.variant == "cot"]
+    if len(cot):
+        out["cot"] = {"routes": {str(k): int(n) for k, n in cot["route"].value_counts().items()},
+                      "fallbacks": int(cot["fallback"].fillna(False).astype(bool).sum()), "n": len(cot),
+                      "routing_s_median": round(float(cot["routing_s"].median()), 4)}  # fmt: skip
+    rew = pred[pred.variant == "rew"]
+    if len(rew):
+        out["rew"] = {"router": configs["rew"].router, "routing_s_median": round(float(rew["routing_s"].median()), 4),
+                      "mean_weights": {tt: [round(float(g["w_sink"].mean()), 4), round(float(g["w_nonsink"].mean()), 4)]
+                                       for tt, g in rew.groupby("task_type")}}  # fmt: skip
+    return out
 
 
 def _tt_config(ad, given) -> TestTimeRegister:

@@ -6,7 +6,8 @@ A model is named by
   SmolLM2-135M-Instruct), or a tiny seeded random model (``tiny-clip``, ``tiny-siglip``,
   ``tiny-dinov2``, ``tiny-dinov2-reg``, ``tiny-vit``, ``tiny-llama``, ``tiny-llava``; append
   ``+sinks`` for planted sinks, e.g. ``tiny-dinov2+sinks``);
-- a local directory saved with ``save_pretrained`` (with its image processor / tokenizer);
+- a local directory saved with ``save_pretrained`` (with its image processor / tokenizer), or a
+  run folder that holds one in ``model/`` (``sinkscope diysink init`` / ``train``);
 - a Hugging Face hub id (``openai/clip-vit-large-patch14-336``, ``llava-hf/llava-1.5-7b-hf``).
 
 >>> ad = load_model("tiny-dinov2+sinks")
@@ -122,6 +123,9 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
     import transformers as T
 
     local = Path(src).expanduser()
+    if (local / "model" / "config.json").is_file() and _is_run_folder(local):
+        local = local / "model"  # a run folder holding its model (sinkscope diysink init / train)
+        src = str(local)
     if not local.exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
         raise SinkscopeError(f"model path {src!r} does not exist")
     hub_kw = {} if local.exists() else _hub_access(src)
@@ -135,10 +139,13 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
     if dtype is not None:
         kw["dtype"] = dtype
     mtype = config.model_type
-    if mtype == "llava":
-        model = _weights(T.LlavaForConditionalGeneration, src, kw)
+    if isinstance(config, T.LlavaConfig):  # LLaVA, or a registered subclass (sinkscope.diysink's dual model)
+        cls = T.LlavaForConditionalGeneration if mtype == "llava" else T.AutoModelForImageTextToText
+        model = _weights(cls, src, kw)
         processor = _try(lambda: T.AutoProcessor.from_pretrained(src, **hub_kw))
-        return LlavaAdapter(model, name, processor, image_size=image_size)
+        ad = LlavaAdapter(model, name, processor, image_size=image_size)
+        ad.source = str(local) if local.exists() else None  # where a dual model's router lives
+        return ad
     if mtype in ("clip", "siglip") or vision_family_of(config) is not None:
         cls = {
             "clip": T.CLIPVisionModel,
@@ -173,6 +180,19 @@ def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> 
         ) from None
 
 
+def _is_run_folder(d: Path) -> bool:
+    """A sinkscope run folder: its ``config.json`` is a run config (it names an analysis)."""
+    import json
+
+    p = d / "config.json"
+    if not p.is_file():
+        return True
+    try:
+        return "analysis" in json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 class _NotCausal(Exception):
     pass
 
@@ -183,6 +203,7 @@ def _weights(cls, src: str, kw: dict[str, Any]):
 
     verbosity = T.logging.get_verbosity()
     T.logging.set_verbosity_error()  # a full CLIP checkpoint lists every text weight as unused
+    T.utils.logging.disable_progress_bar()  # one bar per load is noise in sinkscope's own output
     try:
         return cls.from_pretrained(src, **kw)
     except ValueError as e:
@@ -193,6 +214,7 @@ def _weights(cls, src: str, kw: dict[str, Any]):
         raise SinkscopeError(f"cannot load the weights of {src!r}: {_first_line(e)}") from None
     finally:
         T.logging.set_verbosity(verbosity)
+        T.utils.logging.enable_progress_bar()
 
 
 def _first_line(e: BaseException) -> str:

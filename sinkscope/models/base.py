@@ -103,6 +103,8 @@ class Adapter:
     """
 
     family: str = "base"
+    #: the local folder the model was loaded from (``None``: embedded, built or from the hub)
+    source: str | None = None
     #: whether ``hidden_states[-1]`` of the HF model is the final norm's output (LLMs) rather
     #: than the last block's output (CLIP, SigLIP, DINOv2, ViT)
     last_layer_normed: bool = False

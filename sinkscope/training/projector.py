@@ -163,6 +163,25 @@ def _save_checkpoint(ck: Path, m, lora, opt, sched, step: int, seen: int) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+
+def accelerator(device: str | None):
+    """The ``accelerate.Accelerator`` of a training run. On a machine without a GPU it is built with
+    ``cpu=True`` even when no device was named: ``Accelerator(cpu=False)`` there ignores the
+    launcher's ``WORLD_SIZE`` and every process of ``accelerate launch`` would train alone."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu" or (device is None and not torch.cuda.is_available()))
+
+
+def cached_features(acc, adapter, folder: str | Path, images, progress: bool) -> FeatureCache:
+    """The feature cache of ``images``, filled by the main process while the others wait at a
+    barrier (two processes must not write the same shards), then opened by every process."""
+    if acc.is_main_process:
+        FeatureCache(adapter, folder).ensure(images, progress=progress, min_side=1)
+    acc.wait_for_everyone()
+    return FeatureCache(adapter, folder)
+
+
 def train_projector(
     model: Any = "mini-llava",
     out: str | Path = "runs/projector",
@@ -204,19 +223,18 @@ def train_projector(
     step's weights, and ``resume=True`` with a later ``stop_after`` goes on) - for time-boxed runs.
     ``init_lora``: a ``lora.safetensors`` to start the adapters from (with ``init``, a finished run
     goes on under a new schedule; the rank comes from the file when ``lora_rank`` is not given)."""
-    from accelerate import Accelerator
-
     if stage not in STAGES:
         raise SinkscopeError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
     out = Path(out)
     ck = out / "checkpoint"
+    acc = accelerator(device)
     if out.exists() and any(out.iterdir()) and not resume:
         raise SinkscopeError(f"{out} is not empty; pass resume=True (--resume) to continue the run there")
+    acc.wait_for_everyone()  # every process checked the folder before any writes to it
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {mixed_precision!r}")
-    acc = Accelerator(cpu=device == "cpu")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     ad = model if hasattr(model, "model") else load_model(model, device=str(acc.device))
     m = ad.model
@@ -231,9 +249,8 @@ def train_projector(
     per_step = batch_size * acc.num_processes
     end = steps if stop_after is None else max(1, min(steps, stop_after))
     used = {order[k % len(order)] for k in range(end * per_step)}  # cache only what is trained on
-    cache = FeatureCache(ad, cache_dir or out / "features")
     # the training sets are built-in (224-px scenes; real sets of small pictures the processor enlarges)
-    cache.ensure([exs[i].image for i in sorted(used)], progress=progress and acc.is_main_process, min_side=1)
+    cache = cached_features(acc, ad, cache_dir or out / "features", [exs[i].image for i in sorted(used)], progress)
     n_img = cache.get(exs[order[0]].image.name).shape[0]
     groups = [{"params": list(projector.parameters()), "lr": lr}]
     if lora:

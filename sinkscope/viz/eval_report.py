@@ -52,6 +52,7 @@ def eval_findings(results: pd.DataFrame, summary: dict) -> list[str]:
         )
         out.append(f"Interventions: {iv['rule_description']} ({iv['rule_reason']}); position ids {iv['positions']}. "
                    f"Fed per image: {fed}.")  # fmt: skip
+    out += diysink_findings(summary.get("diysink") or {})
     for r in (iv or {}).get("paired", []):
         if r["task_type"] != "all" and r["p_mcnemar"] < 0.05:
             out.append(
@@ -59,6 +60,53 @@ def eval_findings(results: pd.DataFrame, summary: dict) -> list[str]:
                 f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], McNemar p = {r['p_mcnemar']:.3g} (n={r['n']})."
             )
     return out
+
+
+def diysink_findings(d: dict) -> list[str]:
+    """The DIYSink lines of a run's findings (``summary["diysink"]``): the connector's rule and
+    training history, CoT's routes and fallbacks, ReW's mean weights per task type, latency.
+
+    >>> diysink_findings({"rule_description": "top-4 by norm", "weights": [1.0, 1.0], "history": [],
+    ...                   "cot": {"routes": {"both": 3}, "fallbacks": 1, "n": 3, "routing_s_median": 0.2}})[1]
+    'CoT routing: both 3 of 3; 1 unparseable answer(s) fell back to both; 0.200 s per question.'
+    """
+    if not d:
+        return []
+    steps = ", ".join(h.get("step", "?") for h in d.get("history", [])) or "untrained"
+    out = [f"DIYSink connector: {d.get('rule_description')}; weights {d.get('weights')}; training: {steps}."]
+    if "cot" in d:
+        c = d["cot"]
+        routes = ", ".join(f"{k} {n}" for k, n in c["routes"].items())
+        out.append(f"CoT routing: {routes} of {c['n']}; {c['fallbacks']} unparseable answer(s) fell back to both; "
+                   f"{c['routing_s_median']:.3f} s per question.")  # fmt: skip
+    if "rew" in d:
+        r = d["rew"]
+        w = "; ".join(f"{t} [{a:.2f}, {b:.2f}]" for t, (a, b) in r["mean_weights"].items())
+        out.append(f"ReW mean weights [w_sink, w_nonsink] by task type: {w}; {1000 * r['routing_s_median']:.1f} ms per question.")
+    if d.get("seconds_per_question"):
+        lat = ", ".join(f"{v} {s:.3f} s" for v, s in d["seconds_per_question"].items())
+        out.append(f"Seconds per question (median, routing included): {lat}.")
+    return out
+
+
+def routing_figure(summary: dict) -> go.Figure | None:
+    """Seconds per question per variant (median, routing included) and, when the run has the ReW
+    router, its mean ``w_sink`` / ``w_nonsink`` per task type; ``None`` for a run without DIYSink."""
+    from plotly.subplots import make_subplots
+
+    d = summary.get("diysink") or {}
+    if not d.get("seconds_per_question"):
+        return None
+    rew = (d.get("rew") or {}).get("mean_weights") or {}
+    fig = make_subplots(1, 2 if rew else 1, subplot_titles=["seconds per question", "ReW mean weights"][: 1 + bool(rew)])
+    lat = d["seconds_per_question"]
+    fig.add_bar(x=list(lat), y=list(lat.values()), name="s / question", marker_color=VARIANT_COLORS[0], row=1, col=1)
+    if rew:
+        types = [t for t in TYPE_ORDER if t in rew]
+        for i, name in enumerate(("w_sink", "w_nonsink")):
+            fig.add_bar(x=types, y=[rew[t][i] for t in types], name=name, marker_color=VARIANT_COLORS[1 + i], row=1, col=2)
+    fig.update_layout(barmode="group", height=360)
+    return fig
 
 
 def _variant_bars(table: pd.DataFrame, value: str, first_color: int = 0, extra: str = "") -> tuple[go.Figure, list[str]]:
@@ -123,6 +171,9 @@ def _section(results: pd.DataFrame, summary: dict, path: Path) -> RunSection:
         ref = summary["interventions"]["paired_with"]
         figures.append((f"Each intervention minus {ref}, same items (paired bootstrap 95%)", paired_figure(paired, ref)))
         tables = f"<h3>Paired with {ref}</h3>" + paired.round(4).to_html(index=False)
+    routed = routing_figure(summary)
+    if routed is not None:
+        figures.append(("DIYSink: latency and router weights", routed))
     return RunSection(
         "eval",
         path,
@@ -148,4 +199,7 @@ def write_eval_report(
     return write_page([sec], path, title=f"sinkscope eval - {name}", overwrite=overwrite)
 
 
-__all__ = ["accuracy_figure", "eval_findings", "eval_section", "paired_figure", "write_eval_report"]
+__all__ = [
+    "accuracy_figure", "diysink_findings", "eval_findings", "eval_section", "paired_figure", "routing_figure",
+    "write_eval_report",
+]  # fmt: skip

@@ -1,0 +1,131 @@
+"""The DIYSink variants of ``sinkscope eval``, for a model with the dual connector
+(:mod:`sinkscope.diysink`):
+
+- ``baseline``: the original projector (the connector's frozen ``base`` copy), every token;
+- ``dual``: both MLPs, sinks first, the saved weights;
+- ``dual-sink-only`` / ``dual-nonsink-only``: only ``f_sink`` on the sinks / ``f_nonsink`` on the
+  others (the other tokens dropped, as the token interventions drop them);
+- ``cot``: per question, :class:`~sinkscope.diysink.CoTRouter` picks ``sink-only``,
+  ``nonsink-only`` or ``both``;
+- ``rew``: per question, the model's ReW router (``MODEL/router``) sets ``[w_sink, w_nonsink]``.
+
+Every record of a routed variant adds its routing (route or weights, the router's raw answers,
+whether CoT fell back) and ``routing_s``; ``routing.parquet`` collects them.
+
+>>> DualVariant("dual-sink-only", rule="topk:2").token_variant
+'sink-only'
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._utils import SinkscopeError
+from ..diysink import CoTRouter, QuestionEncoder, ReWRouter, dual_projector, routing
+
+DUAL_VARIANTS = ("baseline", "dual", "dual-sink-only", "dual-nonsink-only", "cot", "rew")
+#: the columns of ``routing.parquet``
+ROUTING_COLUMNS = (
+    "id", "variant", "route", "w_sink", "w_nonsink", "image_kind", "question_kind", "fallback",
+    "image_answer", "question_answer", "routing_s",
+)  # fmt: skip
+
+
+@dataclass
+class DualVariant:
+    """One DIYSink variant of a run: its name, the connector's rule (for the description) and,
+    for ``cot`` / ``rew``, the router (``router``: a ReW router folder; loaded once)."""
+
+    variant: str
+    rule: str = ""
+    router: str | None = None
+    cot: CoTRouter = field(default_factory=CoTRouter)
+    _rew: Any = None
+    _encoder: Any = None
+
+    def __post_init__(self):
+        if self.variant not in DUAL_VARIANTS:
+            raise SinkscopeError(f"variant {self.variant!r}: expected one of {', '.join(DUAL_VARIANTS)}")
+
+    @property
+    def token_variant(self) -> str | None:
+        return {"dual-sink-only": "sink-only", "dual-nonsink-only": "nonsink-only"}.get(self.variant)
+
+    def describe(self) -> str:
+        what = {
+            "baseline": "the original projector on every token",
+            "dual": "dual connector, sinks first",
+            "dual-sink-only": "f_sink on the sinks only",
+            "dual-nonsink-only": "f_nonsink on the non-sinks only",
+            "cot": "CoT routing (two questions to the model)",
+            "rew": f"ReW routing ({self.router})",
+        }[self.variant]
+        return f"{what}; {self.rule}"
+
+    def rew(self) -> tuple[ReWRouter, QuestionEncoder]:
+        if self._rew is None:
+            self._rew = ReWRouter.load(self.router)
+            self._encoder = QuestionEncoder(self._rew.encoder)
+        return self._rew, self._encoder
+
+
+def dual_variants(adapter, variants, router: str | Path | None = None) -> dict[str, DualVariant]:
+    """One :class:`DualVariant` per DIYSink variant asked; ``router`` (default ``MODEL/router``)."""
+    asked = [v for v in variants if v in DUAL_VARIANTS]
+    if not asked:
+        return {}
+    dual = dual_projector(adapter)  # a one-line error for a model without the connector
+    if "rew" in asked and router is None:
+        src = getattr(adapter, "source", None)
+        router = Path(src) / "router" if src else None
+        if router is None or not (router / "router.json").is_file():
+            raise SinkscopeError(
+                f"variant rew: model {adapter.name!r} has no ReW router (MODEL/router); "
+                "train one with sinkscope diysink train --stage router, or pass router="
+            )
+    return {v: DualVariant(v, dual.rule.describe(), str(router) if router else None) for v in asked}
+
+
+@dataclass
+class DualPlan:
+    """How one item runs under a DIYSink variant: the connector's route, the token selection (a
+    variant of :mod:`~sinkscope.interventions.tokens`, or ``None``) and the routing record."""
+
+    mode: str
+    token_variant: str | None
+    weights: torch.Tensor | None
+    record: dict[str, Any]
+
+    def context(self, adapter):
+        return routing(adapter, mode=self.mode, weights=self.weights, vit_order=self.token_variant is not None)
+
+
+def plan_item(adapter, spec: DualVariant, image, question: str, min_side: int | None = None) -> DualPlan:
+    """Route one question under ``spec`` (CoT asks the dual model its two questions; ReW embeds
+    the question) and say how to run it."""
+    v = spec.variant
+    if v == "baseline":
+        return DualPlan("base", None, None, {})
+    if v in ("dual", "dual-sink-only", "dual-nonsink-only"):
+        return DualPlan("dual", spec.token_variant, None, {})
+    t0 = time.perf_counter()
+    if v == "cot":
+        with routing(adapter, mode="dual"):
+            d = spec.cot.route(adapter, image, question, min_side=min_side)
+        rec = {"route": d.route, "image_kind": d.image_kind, "question_kind": d.question_kind, "fallback": d.fallback,
+               "image_answer": d.image_answer, "question_answer": d.question_answer, "routing_s": round(d.seconds, 4)}  # fmt: skip
+        return DualPlan("dual", None if d.route == "both" else d.route, None, rec)
+    router, encoder = spec.rew()
+    with torch.no_grad():
+        w = router(encoder([question]))[0]
+    rec = {"route": "weights", "w_sink": round(float(w[0]), 5), "w_nonsink": round(float(w[1]), 5),
+           "routing_s": round(time.perf_counter() - t0, 4)}  # fmt: skip
+    return DualPlan("dual", None, w.detach(), rec)
+
+
+__all__ = ["DUAL_VARIANTS", "ROUTING_COLUMNS", "DualPlan", "DualVariant", "dual_variants", "plan_item"]
