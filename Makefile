@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 OUT    ?= sinkscope-out
 STAMP  := $(VENV)/.sinkscope-installed
 
-.PHONY: install browser scan test lint bench figures mini-llava clean
+.PHONY: install browser scan test lint bench figures mini-llava diysink clean
 
 install: $(STAMP)
 
@@ -59,6 +59,22 @@ mini-llava: install
 	  --n-per-task 2000 --real-limit 150 --lora-rank 16 --lora-lr 4e-4 --save-every 20 \
 	  --snapshot-every 100 --stop-after 600 --out $(MINI)/vqa
 	$(PY) -m sinkscope.training.card $(MINI)
+
+# DIYSink on mini-llava, the whole recipe (README: "DIYSink"): the dual model from mini-llava's own
+# trained projector, stage 1 (each MLP alone on its own tokens), stage 2 (both on the concatenation,
+# connector only), the ReW router (120 questions, 10 epochs, batch 20, lr 1e-2 as in the paper), then
+# the comparison on the shapes test split. Seed 0, fp32 (bf16 autocast is slow on a CPU without AMX);
+# nothing here ships with the package
+DIY := runs/diysink
+DIYTRAIN := $(VENV)/bin/sinkscope diysink train --mixed-precision no --cache-dir $(DIY)/features --seed 0
+DIYDATA := --batch-size 4 --lr 2e-4 --n-per-task 100 --real-limit 50
+diysink: install
+	$(VENV)/bin/sinkscope diysink init --model mini-llava --out $(DIY)/init
+	$(DIYTRAIN) --model $(DIY)/init --stage 1 --steps 80 $(DIYDATA) --out $(DIY)/stage1
+	$(DIYTRAIN) --model $(DIY)/stage1 --stage 2 --steps 80 $(DIYDATA) --out $(DIY)/stage2
+	$(DIYTRAIN) --model $(DIY)/stage2 --stage router --out $(DIY)/router
+	$(VENV)/bin/sinkscope eval --model $(DIY)/router --tasks shapes --split test --limit 240 \
+	  --variant baseline,dual,dual-sink-only,dual-nonsink-only,cot,cot-score,rew --out $(DIY)/eval
 
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info

@@ -386,7 +386,7 @@ class EvalConfig(RunConfig):
     ``sinks-front``, ...; :mod:`sinkscope.interventions.tokens`) under ``sink_rule`` (``None``: the
     model's default rule) and ``positions``; ``mode``: ``auto`` (choices by log-likelihood, else
     generation), ``choice`` or ``generate``. The DIYSink variants (``baseline``, ``dual``,
-    ``dual-sink-only``, ``dual-nonsink-only``, ``cot``, ``rew``) need a dual model; ``router``: the
+    ``dual-sink-only``, ``dual-nonsink-only``, ``cot``, ``cot-score``, ``rew``) need a dual model; ``router``: the
     ReW router folder (default: the model's ``router/``).
 
     >>> EvalConfig(model="tiny-llava", tasks=("shapes",), limit=8).variants

@@ -264,6 +264,30 @@ def test_cot_parsing_on_canned_answers(monkeypatch):
     assert (d.route, d.fallback) == ("sink-only", False) and d.seconds >= 0
 
 
+def test_cot_score_mode_is_the_option_words_log_likelihood():
+    """``mode="score"``: each option's score is its tokens' mean log-probability after the prompt,
+    as one full forward of prompt + option gives it (the batched, padded forward must not change
+    it); the route follows the higher scores and never falls back."""
+    ad = _tiny()
+    make_dual(ad, rule=RULE)
+    img = _image([(1, 2)])
+    cot = CoTRouter(mode="score")
+    got = cot.score(ad, img, cot.image_prompt, ("simple", "complex"))
+    inp, _ = cot._inputs(ad, img, cot.image_prompt, None)
+    ids = inp["input_ids"]
+    for option, score in got.items():
+        opt = torch.tensor([ad.tokenizer(" " + option, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            logits = ad.model(input_ids=torch.cat([ids, opt], 1), pixel_values=inp["pixel_values"]).logits
+        lp = torch.log_softmax(logits[0, ids.shape[1] - 1 : -1].float(), -1)
+        assert score == pytest.approx(float(lp[torch.arange(opt.shape[1]), opt[0]].mean()), abs=1e-5)
+    d = cot.route(ad, img, "What colour is the background?")
+    assert not d.fallback and d.image_kind == max(got, key=got.get)
+    assert d.route == cot_route(d.image_kind, d.question_kind)
+    with pytest.raises(SinkscopeError, match="CoT mode 'guess'"):
+        CoTRouter(mode="guess")
+
+
 def test_eval_variants_against_the_token_interventions(tmp_path, monkeypatch):
     """``baseline`` answers as the original model, ``dual`` as the original under ``sinks-front``,
     ``dual-sink-only`` / ``dual-nonsink-only`` as ``sink-only`` / ``nonsink-only`` (the MLPs are

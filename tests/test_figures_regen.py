@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,11 @@ def test_every_kind_in_the_registry_is_covered_by_the_project_list():
     missing = set(KINDS) - ci_kinds
     assert not missing, f"add a ci-tier figure to figures/figures.toml for the kind(s) {sorted(missing)}"
     paper = {spec.runs[f.run_id].model for f in spec.figures if f.tier == "paper"}
-    assert paper == {"openai/clip-vit-large-patch14-336", "llava-hf/llava-1.5-7b-hf"}
+    assert paper == {"openai/clip-vit-large-patch14-336", "llava-hf/llava-1.5-7b-hf", "run:paper-diysink-router"}
+    # the DIYSink chain starts from a TinyLLaVA-0.5B-style hub model (SigLIP + Qwen 0.5B)
+    chain = spec.runs["paper-eval-diysink"].chain()
+    assert [r.analysis for r in chain] == ["diysink-init"] + ["diysink-train"] * 3 + ["eval"]
+    assert chain[0].model == "llava-hf/llava-interleave-qwen-0.5b-hf"
     assert {spec.runs[f.run_id].analysis for f in spec.figures if f.tier == "paper"} == {
         "scan",
         "probe",
@@ -539,6 +544,28 @@ PROJECT_RUNS = {
         "limit": 16,
         "variants": ("both", "sink-only", "nonsink-only", "var"),
     },
+    "paper-diysink-init": {"model": "llava-hf/llava-interleave-qwen-0.5b-hf", "sink_rule": "norm"},
+    "paper-diysink-stage1": {
+        "model": str(PROJECT_LIST.parent.resolve() / "out" / "runs" / "paper-diysink-init"),
+        "stage": "1", "steps": 2000, "batch_size": 16, "lr": 2e-5, "mixed_precision": "bf16", "device": "cuda",
+    },
+    "paper-diysink-stage2": {
+        "model": str(PROJECT_LIST.parent.resolve() / "out" / "runs" / "paper-diysink-stage1"),
+        "stage": "2", "steps": 2000, "batch_size": 16, "lr": 2e-5, "lora_rank": 16, "mixed_precision": "bf16",
+        "device": "cuda",
+    },
+    "paper-diysink-router": {
+        "model": str(PROJECT_LIST.parent.resolve() / "out" / "runs" / "paper-diysink-stage2"),
+        "stage": "router", "batch_size": 20, "lr": 1e-2, "mixed_precision": "bf16", "device": "cuda",
+    },
+    "paper-eval-diysink": {
+        "model": str(PROJECT_LIST.parent.resolve() / "out" / "runs" / "paper-diysink-router"),
+        "tasks": ("hf:lmms-lab/MME",),
+        "variants": ("baseline", "dual", "dual-sink-only", "dual-nonsink-only", "cot", "rew"),
+        "mode": "generate",
+        "device": "cuda",
+        "dtype": "bfloat16",
+    },
     "paper-eval-llava-sinks-front": {
         "model": "llava-hf/llava-1.5-7b-hf",
         "tasks": ("hf:lmms-lab/MME",),
@@ -567,7 +594,7 @@ def test_every_run_of_the_project_list_builds_its_config_without_running():
         assert {k: getattr(c, k) for k in want} == want, rid
         assert c.out == str(PROJECT_LIST.parent.resolve() / "out" / "runs" / rid)
         d = json.loads(c.to_json())  # JSON types only; the float threshold stays a float
-        assert d["analysis"] == run.analysis and d["device"] == want.get("device")
+        assert d["analysis"] == run.analysis and d.get("device") == want.get("device")
         # the table above checks every param the list gives
         assert set(config_fields(run.analysis, run.params)) <= set(want), rid
     assert {r.tier for r in spec.runs.values()} == {"ci", "paper"}
@@ -668,3 +695,64 @@ def test_a_paper_run_on_a_machine_without_its_device_fails_in_one_line_before_an
     assert spy == ["paper-clip"] and not rep.ok
     assert "device: 'cuda' asked, but this machine has no CUDA device" in rep.figures[0].error
     assert not any((figdir / "out" / "runs").iterdir())  # nothing left behind
+
+
+CHAIN = """
+[runs.dual0]
+analysis = "diysink-init"
+model = "tiny-llava+sinks"
+params = { sink_rule = "norm:100" }
+
+[runs.dual1]
+analysis = "diysink-train"
+model = "run:dual0"
+params = { stage = "2", steps = STEPS, batch_size = 2, n_per_task = 2, real = [] }
+
+[runs.dual-eval]
+analysis = "eval"
+model = "run:dual1"
+data = "shapes"
+params = { limit = 2, variants = ["baseline", "dual"] }
+
+[[figures]]
+name = "dual-acc"
+run = "dual-eval"
+kind = "eval_accuracy"
+"""
+
+
+def test_a_chain_of_runs_trains_then_evaluates_and_reruns_only_from_what_changed(tmp_path, spy):
+    """``model = "run:ID"``: DIYSink's init -> stage 2 -> evaluation run in that order, each on
+    the previous run's folder; a second pass does nothing; a changed stage reruns itself and the
+    evaluation after it, not the init before it."""
+    root = tmp_path / "figures"
+    root.mkdir()
+    (root / "figures.toml").write_text(CHAIN.replace("STEPS", "1"))
+    rep, _ = _regen(root, png=False)
+    assert not rep.failed and spy == ["dual0", "dual1", "dual-eval"]
+    runs = root / "out" / "runs"
+    cfg = json.loads((runs / "dual-eval" / "config.json").read_text())
+    assert cfg["model"] == str((runs / "dual1").resolve())
+    s = json.loads((runs / "dual-eval" / "summary.json").read_text())
+    assert [h["step"] for h in s["diysink"]["history"]][-1] == "stage 2"
+    spy.clear()
+    _regen(root, png=False)
+    assert spy == []
+    (root / "figures.toml").write_text(CHAIN.replace("STEPS", "2"))
+    _regen(root, png=False)
+    assert spy == ["dual1", "dual-eval"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (('model = "run:dual0"', 'model = "run:nope"'), "run 'dual1': model 'run:nope': no run 'nope' in the list"),
+        (('model = "tiny-llava+sinks"', 'model = "run:dual-eval"'), "makes a cycle: dual0 -> dual-eval -> dual1 -> dual0"),
+        (('model = "tiny-llava+sinks"', 'model = "tiny-llava+sinks"\ndata = "shapes"'), "diysink-init reads no data"),
+    ],
+)
+def test_chained_run_errors_name_the_run(tmp_path, edit, message):
+    p = tmp_path / "figures.toml"
+    p.write_text(CHAIN.replace("STEPS", "1").replace(*edit))
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_figure_list(p)

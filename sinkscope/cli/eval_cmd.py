@@ -52,7 +52,7 @@ def add_eval(sub) -> None:
         help="repeatable or comma-separated: default (the model as loaded), no-image (the image removed), and "
         "the visual-token interventions both, sinks-front, sinks-end, sink-only, nonsink-only, random-k, "
         "lowest-norm-k (compared with both on the same items), var, tt-register, and for a DIYSink model "
-        "baseline, dual, dual-sink-only, dual-nonsink-only, cot, rew (compared with baseline) (default: default)",
+        "baseline, dual, dual-sink-only, dual-nonsink-only, cot, cot-score, rew (compared with baseline) (default: default)",
     )
     e.add_argument(
         "--sink-rule",
@@ -188,8 +188,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if "diysink" in res.summary:
             ds = res.summary["diysink"]
             print(f"DIYSink: {ds['rule_description']}; seconds per question: {ds.get('seconds_per_question')}")
-            if "cot" in ds:
-                print(f"CoT routes {ds['cot']['routes']}, {ds['cot']['fallbacks']} of {ds['cot']['n']} unparseable (fell back to both)")
+            for name in ("cot", "cot-score"):
+                if name in ds:
+                    c = ds[name]
+                    print(f"{name} routes {c['routes']}, {c['fallbacks']} of {c['n']} unparseable (fell back to both)")
             if "rew" in ds:
                 print(f"ReW mean [w_sink, w_nonsink] per task type: {ds['rew']['mean_weights']}")
         pcols = ["variant", "task_type", "n", "accuracy", "diff", "ci_low", "ci_high", "p_mcnemar"]

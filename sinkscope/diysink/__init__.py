@@ -26,6 +26,7 @@ from .connector import (
     save_dual,
 )
 from .routers import (
+    COT_MODES,
     ROUTES,
     CoTDecision,
     CoTRouter,
@@ -36,6 +37,7 @@ from .routers import (
 )
 
 __all__ = [
+    "COT_MODES",
     "CoTDecision",
     "CoTRouter",
     "DIYSinkConfig",

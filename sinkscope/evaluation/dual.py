@@ -6,8 +6,11 @@
 - ``dual-sink-only`` / ``dual-nonsink-only``: only ``f_sink`` on the sinks / ``f_nonsink`` on the
   others (the other tokens dropped, as the token interventions drop them);
 - ``cot``: per question, :class:`~sinkscope.diysink.CoTRouter` picks ``sink-only``,
-  ``nonsink-only`` or ``both``;
-- ``rew``: per question, the model's ReW router (``MODEL/router``) sets ``[w_sink, w_nonsink]``.
+  ``nonsink-only`` or ``both`` from the model's free answers (the paper's);
+- ``cot-score``: the same two questions, the option words scored instead of parsed;
+- ``rew``: per question, the model's ReW router (``MODEL/router``) sets ``[w_sink, w_nonsink]``;
+  :func:`~sinkscope.evaluation.evaluate` embeds the run's questions in batches first
+  (:meth:`DualVariant.prepare`), and each record's ``routing_s`` is its share of that plus ``R``.
 
 Every record of a routed variant adds its routing (route or weights, the router's raw answers,
 whether CoT fell back) and ``routing_s``; ``routing.parquet`` collects them.
@@ -28,10 +31,10 @@ import torch
 from .._utils import SinkscopeError
 from ..diysink import CoTRouter, QuestionEncoder, ReWRouter, dual_projector, routing
 
-DUAL_VARIANTS = ("baseline", "dual", "dual-sink-only", "dual-nonsink-only", "cot", "rew")
+DUAL_VARIANTS = ("baseline", "dual", "dual-sink-only", "dual-nonsink-only", "cot", "cot-score", "rew")
 #: the columns of ``routing.parquet``
 ROUTING_COLUMNS = (
-    "id", "variant", "route", "w_sink", "w_nonsink", "image_kind", "question_kind", "fallback",
+    "id", "variant", "task_type", "route", "w_sink", "w_nonsink", "image_kind", "question_kind", "fallback",
     "image_answer", "question_answer", "routing_s",
 )  # fmt: skip
 
@@ -47,10 +50,14 @@ class DualVariant:
     cot: CoTRouter = field(default_factory=CoTRouter)
     _rew: Any = None
     _encoder: Any = None
+    _embedded: dict = field(default_factory=dict)
+    _encode_s: float = 0.0
 
     def __post_init__(self):
         if self.variant not in DUAL_VARIANTS:
             raise SinkscopeError(f"variant {self.variant!r}: expected one of {', '.join(DUAL_VARIANTS)}")
+        if self.variant == "cot-score":
+            self.cot = CoTRouter(mode="score")
 
     @property
     def token_variant(self) -> str | None:
@@ -62,7 +69,8 @@ class DualVariant:
             "dual": "dual connector, sinks first",
             "dual-sink-only": "f_sink on the sinks only",
             "dual-nonsink-only": "f_nonsink on the non-sinks only",
-            "cot": "CoT routing (two questions to the model)",
+            "cot": "CoT routing (two questions to the model, answers parsed)",
+            "cot-score": "CoT routing (two questions to the model, option words scored)",
             "rew": f"ReW routing ({self.router})",
         }[self.variant]
         return f"{what}; {self.rule}"
@@ -72,6 +80,26 @@ class DualVariant:
             self._rew = ReWRouter.load(self.router)
             self._encoder = QuestionEncoder(self._rew.encoder)
         return self._rew, self._encoder
+
+    def prepare(self, questions, batch_size: int = 64) -> None:
+        """Embed ``questions`` (ReW) in batches, once each; a question's routing then costs its
+        share of the batches plus ``R``."""
+        _, encoder = self.rew()
+        todo = sorted({q for q in questions if q not in self._embedded})
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        for s in range(0, len(todo), batch_size):
+            part = todo[s : s + batch_size]
+            self._embedded.update(zip(part, encoder(part)))
+        self._encode_s = (time.perf_counter() - t0) / len(todo)
+
+    def embed(self, question: str) -> tuple[torch.Tensor, float]:
+        """The question's embedding and its encoding seconds (batched share, or one call)."""
+        if question in self._embedded:
+            return self._embedded[question], self._encode_s
+        t0 = time.perf_counter()
+        return self.rew()[1]([question])[0], time.perf_counter() - t0
 
 
 def dual_variants(adapter, variants, router: str | Path | None = None) -> dict[str, DualVariant]:
@@ -114,17 +142,19 @@ def plan_item(adapter, spec: DualVariant, image, question: str, min_side: int | 
     if v in ("dual", "dual-sink-only", "dual-nonsink-only"):
         return DualPlan("dual", spec.token_variant, None, {})
     t0 = time.perf_counter()
-    if v == "cot":
+    if v in ("cot", "cot-score"):
         with routing(adapter, mode="dual"):
             d = spec.cot.route(adapter, image, question, min_side=min_side)
         rec = {"route": d.route, "image_kind": d.image_kind, "question_kind": d.question_kind, "fallback": d.fallback,
                "image_answer": d.image_answer, "question_answer": d.question_answer, "routing_s": round(d.seconds, 4)}  # fmt: skip
         return DualPlan("dual", None if d.route == "both" else d.route, None, rec)
-    router, encoder = spec.rew()
+    router, _ = spec.rew()
+    emb, encode_s = spec.embed(question)
+    t0 = time.perf_counter()
     with torch.no_grad():
-        w = router(encoder([question]))[0]
+        w = router(emb[None])[0]
     rec = {"route": "weights", "w_sink": round(float(w[0]), 5), "w_nonsink": round(float(w[1]), 5),
-           "routing_s": round(time.perf_counter() - t0, 4)}  # fmt: skip
+           "routing_s": round(encode_s + time.perf_counter() - t0, 5)}  # fmt: skip
     return DualPlan("dual", None, w.detach(), rec)
 
 

@@ -279,6 +279,8 @@ def evaluate(
         configs["tt-register"] = tt_cfg
     _check_resumed(done, configs)
     todo = [(it, v) for v in variants for it in items if (it.id, v) not in done]
+    if "rew" in configs:  # the questions ReW routes, embedded in batches once
+        configs["rew"].prepare([it.question for it, v in todo if v == "rew"])
     records = list(done.values())
     bar = progress_bar(len(todo), progress, f"eval {ad.name}", unit="q")
     t1 = time.perf_counter()
@@ -364,9 +366,11 @@ def _dual_summary(ad, configs: dict, pred: pd.DataFrame) -> dict[str, Any]:
     }  # fmt: skip
     if "seconds" in pred.columns:
         out["seconds_per_question"] = {v: round(float(g["seconds"].median()), 4) for v, g in pred.groupby("variant") if g["seconds"].notna().any()}
-    cot = pred[pred.variant == "cot"]
-    if len(cot):
-        out["cot"] = {"routes": {str(k): int(n) for k, n in cot["route"].value_counts().items()},
+    for name in ("cot", "cot-score"):
+        cot = pred[pred.variant == name]
+        if not len(cot):
+            continue
+        out[name] = {"routes": {str(k): int(n) for k, n in cot["route"].value_counts().items()},
                       "fallbacks": int(cot["fallback"].fillna(False).astype(bool).sum()), "n": len(cot),
                       "routing_s_median": round(float(cot["routing_s"].median()), 4)}  # fmt: skip
     rew = pred[pred.variant == "rew"]

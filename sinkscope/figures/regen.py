@@ -151,6 +151,8 @@ def execute_run(
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     changes: dict[str, Any] = {"out": str(tmp)}
+    if run.after is not None:  # model = run:ID - that run's folder beside this one
+        changes["model"] = str((dest.parent / run.after).resolve())
     if fresh_features and run.analysis == "probe":
         changes["cache"] = False
     t0 = time.perf_counter()
@@ -380,9 +382,12 @@ def _regenerate(
             for run_id, figs in groups.items():
                 run = spec.runs[run_id]
                 run_dir = runs_dir / run_id
-                ro = runs[run_id] = _ensure_run(run, run_dir, force, progress, echo)
+                for r in run.chain():  # the runs whose output is this run's model, first
+                    if r.id not in runs:
+                        runs[r.id] = _ensure_chained(r, runs, runs_dir, force, progress, echo)
+                        p.manifest["runs"][r.id] = _run_record(r, runs[r.id], read_run_meta(runs_dir / r.id))
+                ro = runs[run_id]
                 meta = read_run_meta(run_dir)
-                p.manifest["runs"][run_id] = _run_record(run, ro, meta)
                 figures += [_ensure_figure(fig, run, ro, run_dir, meta, p) for fig in figs]
                 _write_manifest(out, p.manifest)
     finally:
@@ -404,6 +409,16 @@ def _echo_summary(rep: RegenReport, echo: Callable[[str], None]) -> None:
     )
     for f in rep.failed:
         echo(f"FAILED   {f.name}: {f.error}")
+
+
+def _ensure_chained(run: RunSpec, done: dict[str, RunOutcome], runs_dir: Path, force: bool, progress: bool, echo) -> RunOutcome:
+    """:func:`_ensure_run`, unless the run its model comes from failed (then this one fails too)."""
+    up = done.get(run.after) if run.after is not None else None
+    if up is not None and up.status == "failed":
+        msg = f"its model, run {run.after!r}, failed"
+        _line(echo, "FAILED", run.id, msg)
+        return RunOutcome(run.id, "failed", run_fingerprint(run)[0], reason="upstream failed", error=msg)
+    return _ensure_run(run, runs_dir / run.id, force, progress, echo)
 
 
 def _ensure_run(run: RunSpec, run_dir: Path, force: bool, progress: bool, echo) -> RunOutcome:

@@ -9,6 +9,10 @@ A list has named analysis runs and figures drawn from them::
     params = { method = "all" }        # fields of the analysis' config (ScanConfig, ...)
     tier = "ci"                        # ci (offline, small) | paper (hub models, GPU)
 
+    [runs.dual-train]                  # a run whose model is another run's output folder:
+    analysis = "diysink-train"         # model = "run:ID" (DIYSink's stages and their evaluation);
+    model = "run:dual-init"            # the run ID runs first, and its fingerprint is part of this one's
+
     [[figures]]
     name = "dinov2-norms"
     run = "scan-dinov2"                # or inline analysis/model/data/params/tier
@@ -46,7 +50,9 @@ from ..config import RunConfig
 from .params import SpecError, build_config, config_fields, describe_config
 
 TIERS = ("ci", "paper")
-ANALYSES = ("scan", "probe", "flow", "eval")
+ANALYSES = ("scan", "probe", "flow", "eval", "diysink-init", "diysink-train")
+#: ``model = "run:ID"``: the output folder of run ``ID`` (which then runs first)
+RUN_MODEL = "run:"
 DEFAULT_SIZE = (1000, 600)
 
 #: sinkscope source files (relative to the package, folders end in /) whose content is part of
@@ -56,7 +62,9 @@ ANALYSIS_SOURCES: dict[str, tuple[str, ...]] = {
     "scan": ("scanning/", "distributed.py"),
     "probe": ("probing/", "scanning/"),
     "flow": ("flow/", "scanning/"),
-    "eval": ("evaluation/",),
+    "eval": ("evaluation/", "diysink/"),
+    "diysink-init": ("diysink/", "training/"),
+    "diysink-train": ("diysink/", "training/"),
 }
 COMMON_SOURCES = (
     "_utils.py",
@@ -97,6 +105,16 @@ class RunSpec:
     tier: str
     base: Path  # the list's folder: relative paths are resolved against it
     config: RunConfig = field(compare=False)
+    upstream: RunSpec | None = field(default=None, compare=False)  # the run of ``model = "run:ID"``
+
+    @property
+    def after(self) -> str | None:
+        """The run ID of ``model = "run:ID"`` (this run's model is that run's output), else ``None``."""
+        return self.model[len(RUN_MODEL) :] if self.model.startswith(RUN_MODEL) else None
+
+    def chain(self) -> list[RunSpec]:
+        """The runs this one needs, first to last, ending with itself."""
+        return (self.upstream.chain() if self.upstream is not None else []) + [self]
 
     def describe(self) -> str:
         texts = getattr(self.config, "texts", None)
@@ -230,6 +248,9 @@ def load_figure_list(path: str | Path | None = None) -> FigureList:
         except SpecError as e:
             errors.append(f"run {rid!r}: {e}")
             bad_runs.add(rid)
+    for rid, e in _link_runs(runs).items():
+        errors.append(f"run {rid!r}: {e}")
+        bad_runs.add(rid)
     figures: list[FigureSpec] = []
     names: set[str] = set()
     for i, body in enumerate(raw.get("figures") or []):
@@ -250,8 +271,28 @@ def load_figure_list(path: str | Path | None = None) -> FigureList:
         raise SpecError(
             (f"{path}: " + errors[0]) if len(errors) == 1 else (f"{path}:\n  " + "\n  ".join(errors))
         )
-    used = {f.run_id for f in figures}
+    used = {r.id for f in figures for r in runs[f.run_id].chain()}
     return FigureList(path, {k: v for k, v in runs.items() if k in used}, figures)
+
+
+def _link_runs(runs: dict[str, RunSpec]) -> dict[str, str]:
+    """Set each ``model = "run:ID"`` run's ``upstream`` (in place); the errors by run."""
+    errors: dict[str, str] = {}
+    for rid, run in runs.items():
+        seen, r = [rid], run
+        while r.after is not None:
+            if r.after not in runs:
+                errors[rid] = f"model {r.model!r}: no run {r.after!r} in the list"
+                break
+            if r.after in seen:
+                errors[rid] = "model = run:... makes a cycle: " + " -> ".join([*seen, r.after])
+                break
+            seen.append(r.after)
+            r = runs[r.after]
+    for rid, run in runs.items():
+        if rid not in errors and run.after is not None:
+            object.__setattr__(run, "upstream", runs[run.after])
+    return errors
 
 
 def _figure_spec(body: Any, runs: dict[str, RunSpec], base: Path) -> FigureSpec:
@@ -340,6 +381,8 @@ def _run_spec(rid: str | None, body: dict, base: Path) -> RunSpec:
     if tier not in TIERS:
         raise SpecError(f"tier must be one of {TIERS}, got {tier!r}")
     kwargs = config_fields(analysis, params)
+    if analysis.startswith("diysink") and data:
+        raise SpecError(f"{analysis} reads no data (its training sets are built in): drop data")
     if rid is None:
         digest = _hash({"analysis": analysis, "model": model, "data": data, "config": kwargs})[:8]
         rid = f"{analysis}-{_slug(model)}-{digest}"
@@ -352,7 +395,9 @@ def _run_spec(rid: str | None, body: dict, base: Path) -> RunSpec:
             kwargs["tasks"] = tuple(resolved)
     elif resolved:
         kwargs["images"] = tuple(_embedded(d) for d in resolved)
-    kwargs.update(model=_resolve_model(model, base), out=str(base / "out" / "runs" / rid))
+    # a run:ID model is the other run's default output folder; the regeneration names its real one
+    where = str(base / "out" / "runs" / model[len(RUN_MODEL) :]) if model.startswith(RUN_MODEL) else _resolve_model(model, base)
+    kwargs.update(model=where, out=str(base / "out" / "runs" / rid))
     config = build_config(analysis, kwargs)
     return RunSpec(rid, analysis, model, tuple(data), dict(params), tier, base, config)
 
@@ -525,11 +570,13 @@ def run_fingerprint(run: RunSpec) -> tuple[str, dict[str, Any]]:
     model_path = Path(_resolve_model(run.model, run.base))
     config = {k: v for k, v in run.config.to_dict().items() if k not in ("out", "model", "images", "dataset")}
     parts = {
+        # a run:ID model: that run's fingerprint (its outputs change exactly when it does)
+        "upstream": run_fingerprint(run.upstream)[0] if run.upstream is not None else None,
         "analysis": run.analysis,
         "model": run.model,
         "data": list(run.data),
         "config": config,
-        "model_files": _hash(_stat_entries(model_path))[:16] if model_path.exists() else None,
+        "model_files": _hash(_stat_entries(model_path))[:16] if model_path.exists() and run.after is None else None,
         "data_files": data_digest(run),
         "sources": source_digest(ANALYSIS_SOURCES[run.analysis] + COMMON_SOURCES),
         "versions": package_versions(FINGERPRINT_PACKAGES),

@@ -74,11 +74,12 @@ def diysink_findings(d: dict) -> list[str]:
         return []
     steps = ", ".join(h.get("step", "?") for h in d.get("history", [])) or "untrained"
     out = [f"DIYSink connector: {d.get('rule_description')}; weights {d.get('weights')}; training: {steps}."]
-    if "cot" in d:
-        c = d["cot"]
-        routes = ", ".join(f"{k} {n}" for k, n in c["routes"].items())
-        out.append(f"CoT routing: {routes} of {c['n']}; {c['fallbacks']} unparseable answer(s) fell back to both; "
-                   f"{c['routing_s_median']:.3f} s per question.")  # fmt: skip
+    for name, label in (("cot", "CoT routing"), ("cot-score", "CoT routing (scored)")):
+        if name in d:
+            c = d[name]
+            routes = ", ".join(f"{k} {n}" for k, n in c["routes"].items())
+            out.append(f"{label}: {routes} of {c['n']}; {c['fallbacks']} unparseable answer(s) fell back to both; "
+                       f"{c['routing_s_median']:.3f} s per question.")  # fmt: skip
     if "rew" in d:
         r = d["rew"]
         w = "; ".join(f"{t} [{a:.2f}, {b:.2f}]" for t, (a, b) in r["mean_weights"].items())
