@@ -35,6 +35,11 @@ EXPECTED: dict[str, tuple[list[str], int]] = {
         ],
         7,
     ),
+    "04_diysink": (
+        # the fresh dual connector is the original model under sinks-front (the known answer)
+        ["equal to 1e-4: True", "stage 1     : trained f_sink, f_nonsink", "stage router: trained router"],
+        2,
+    ),
     "05_eval": (["projector trained: True | items: 32", "task type"], 2),
 }
 #: wall-clock budget per notebook (they take well under a minute on 2 CPU cores)
