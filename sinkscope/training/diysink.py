@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from .projector import (
     _read_log,
     accelerator,
     cached_features,
+    write_checkpoint,
 )
 
 log_ = logging.getLogger("sinkscope")
@@ -319,17 +318,8 @@ def _trainable_state(step_mod: nn.Module) -> dict[str, torch.Tensor]:
 def _save_checkpoint(ck: Path, step_mod, opt, sched, step: int, seen: int) -> None:
     from safetensors.torch import save_file
 
-    tmp = ck.with_name(ck.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(step_mod), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "seen": seen}, tmp / "state.pt")
-    old = ck.with_name(ck.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ck.exists():
-        os.replace(ck, old)
-    os.replace(tmp, ck)
-    shutil.rmtree(old, ignore_errors=True)
+    write = lambda tmp: save_file(_trainable_state(step_mod), str(tmp / "trainable.safetensors"))  # noqa: E731
+    write_checkpoint(ck, write, opt, sched, step, seen)
 
 
 def _restore(ck: Path, step_mod, opt, sched) -> tuple[int, int]:

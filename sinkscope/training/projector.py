@@ -148,9 +148,17 @@ def _save_weights(folder: Path, m: nn.Module, lora: dict | None, name: str = "")
 
 
 def _save_checkpoint(ck: Path, m, lora, opt, sched, step: int, seen: int) -> None:
+    write_checkpoint(ck, lambda tmp: _save_weights(tmp, m, lora), opt, sched, step, seen)
+
+
+def write_checkpoint(ck: Path, write_weights, opt, sched, step: int, seen: int) -> None:
+    """The checkpoint folder ``ck``: ``write_weights(folder)`` plus ``state.pt`` (optimizer,
+    scheduler, step, sequences seen), written beside it and swapped in whole, so a kill at any
+    moment leaves either the previous checkpoint or the new one."""
     tmp = ck.with_name(ck.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_weights(tmp, m, lora)
+    tmp.mkdir(parents=True)
+    write_weights(tmp)
     torch.save(
         {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "seen": seen},
         tmp / "state.pt",
@@ -161,7 +169,6 @@ def _save_checkpoint(ck: Path, m, lora, opt, sched, step: int, seen: int) -> Non
         os.replace(ck, old)
     os.replace(tmp, ck)
     shutil.rmtree(old, ignore_errors=True)
-
 
 
 def accelerator(device: str | None):
