@@ -236,7 +236,7 @@ def mem_worker(mode: str, n: int, batch_size: int) -> dict:
         before = maxrss_mb()
         with tempfile.TemporaryDirectory() as tmp:
             res = scan(ad, images=items, method="all", batch_size=batch_size, out=Path(tmp) / "run",
-                       report=False, progress=False)  # fmt: skip
+                       progress=False)  # fmt: skip
             kept = len(res.tokens)
             extra["tokens_table_mb"] = round(float(res.tokens.memory_usage(deep=True).sum()) / 2**20, 1)
     elif mode in ("sinkscope", "hf"):

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .. import distributed
-from .._utils import SinkscopeError, progress_bar
+from .._utils import SinkscopeError, progress_bar, release_memory
 from ..capture import Capture
 from ..data import ImageItem
 from ..models import Adapter, load_model
@@ -151,8 +151,8 @@ def _finish(result: ScanResult, run: _RunDir | None, dist: Any, status: dict[str
 @dataclass
 class _Scanner:
     """The batch loop of one scan and what it gathers: each item's last record (``status``), the
-    rows (``frames``, in memory when there is no run folder), the pictures the model saw and the
-    time spent in forward passes."""
+    rows (``frames``) and the pictures the model saw (``pixels``), both in memory only when there
+    is no run folder, and the time spent in forward passes."""
 
     job: ScanJob
     run: _RunDir | None
@@ -200,6 +200,7 @@ class _Scanner:
                     records += self._forward(cap, good, arrays)
                 if self.run:
                     self.run.log(records)
+                release_memory()  # the batch's buffers, so the peak does not creep up with the batches
                 bar.update(len(chunk))
         bar.close()
 
@@ -262,10 +263,11 @@ class _Scanner:
         n_saved = sum(1 for r in self.status.values() if r.get("seen")) if run else len(self.pixels)
         first = self.job.dist is None or rec["image"] in self.first_names
         if inputs.pixels and n_saved < MAX_SAVED_IMAGES and first:
-            self.pixels[rec["image"]] = inputs.pixels[k]
-            if run:
+            if run:  # on disk only: read back at the end, so memory does not grow with the run
                 rec["seen"] = run.next_seen()
                 save_seen(run.seen / rec["seen"], inputs.pixels[k])
+            else:
+                self.pixels[rec["image"]] = inputs.pixels[k]
 
     def all_rows(self, status: dict[str, dict]) -> pd.DataFrame:
         """Every scanned row (from the parts on disk, or in memory), and the kept pictures of items
