@@ -184,3 +184,30 @@ def test_train_mode_dropout_does_not_change_the_statistic():
                 got = cap.run_fn(lambda: ad.forward(batch), attention_mask=mask, query_mask=qmask)
             for b in range(ad.n_layers):
                 torch.testing.assert_close(got.attn_received[b].sum(-1), torch.ones(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("chunk", [13, 40, 1 << 20])
+def test_blockwise_route_equals_eager_for_any_block_size(arch, chunk, monkeypatch):
+    """Every query counts: the attention runs block by block (``chunk`` weights at a time: one row
+    of one head, a few rows, everything) and never as a full eager pass; the reduced attention
+    equals Hugging Face's eager maps and the hidden states equal a plain forward's."""
+    monkeypatch.setattr(capture_mod, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(capture_mod, "_eager_of", lambda m: pytest.fail("full eager pass taken"))
+    model = _models()[arch].eval()
+    ad = CausalLMAdapter(model, arch)
+    batch = _inputs()
+    mask = batch.attention_mask
+    with torch.no_grad():
+        plain = ad.forward(batch, output_hidden_states=True).hidden_states
+        with Capture(ad, layers="all", attention="all", keep=[1, 2]) as cap:
+            got = cap.run_fn(lambda: ad.forward(batch), attention_mask=mask, query_mask=mask.bool())
+        model.set_attn_implementation("eager")
+        ref = ad.forward(batch, output_attentions=True).attentions
+        model.set_attn_implementation("sdpa")
+    q = mask[:, None, :, None].float()
+    valid = mask[..., None].float()
+    for b in range(ad.n_layers):
+        expected = (ref[b].float() * q).sum(2) / q.sum(2)
+        torch.testing.assert_close(got.attn_received_heads[b], expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.hidden[b + 1] * valid, plain[b + 1] * valid, atol=1e-5, rtol=1e-5)

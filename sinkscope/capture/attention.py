@@ -5,8 +5,11 @@
 :class:`~sinkscope.capture.Capture` wants carries ``_sinkscope_sel`` (a function giving the
 ``[batch, query]`` weights of the queries that count): SDPA computes the block's output and the
 softmax is evaluated only for the chosen query rows, reduced to ``sum over chosen queries`` per key
-and left on the module as ``_sinkscope_out`` for the capture's hook to pick up. Blocks without a
-selection run plain SDPA, so switching a whole decoder to this implementation changes nothing else.
+and left on the module as ``_sinkscope_out`` for the capture's hook to pick up. When most rows
+count, fp32 on the CPU runs the attention block by block (:func:`_chunked_attention`: a few heads
+at a time in one reused buffer, output and statistic from the same weights), elsewhere one eager
+pass. Blocks without a selection run plain SDPA, so switching a whole decoder to this
+implementation changes nothing else.
 
 >>> ATTN_IMPL
 'sinkscope'
@@ -53,7 +56,8 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
     float mask). A block whose attention :class:`Capture` wants carries ``_sinkscope_sel``: the
     output then comes from SDPA and the softmax is computed only for the chosen query rows, reduced
     to ``sum over chosen queries`` per key and stored on the module (``_sinkscope_out``); when most
-    rows are wanted, one eager pass gives both. Blocks without a selection run plain SDPA. A block
+    rows are wanted, one blockwise pass (fp32 on the CPU) or one eager pass gives both. Blocks
+    without a selection run plain SDPA. A block
     carrying ``_sinkscope_var`` (an intervention that changes the attention, e.g. VAR) runs that
     callable instead, and a selection reduces the changed attention.
     Extras an eager function does not ignore (soft-capping, learned sinks, head masks) fall back
@@ -78,6 +82,10 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
     B, H, Q, D = query.shape
     keep = getattr(module, "_sinkscope_keep", False)
     qm = sel(B, Q) if sel is not None else None  # [batch, query] weights (1 = this query counts)
+    if not (extras or qm is None or keep or module.training) and _chunkable(query):
+        out, received = _chunked_attention(query, key, value, attention_mask, scaling, qm)
+        module._sinkscope_out = (received, qm.sum(1), Q)
+        return out, None
     if extras or qm is None or keep or (qm > 0).any(0).float().mean() > 0.5:
         out, w = _eager_of(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -94,6 +102,67 @@ def sinkscope_attention(module, query, key, value, attention_mask, scaling=None,
     )
     module._sinkscope_out = (*_row_stats(query, key, attention_mask, scaling, qm), Q)
     return out, None
+
+
+#: the largest ``[heads, queries, keys]`` block of attention weights one step of
+#: :func:`_chunked_attention` holds (elements: 1M fp32 = 4 MB, a few cache-sized pages)
+CHUNK_ELEMENTS = 1 << 20
+_work: dict[tuple, torch.Tensor] = {}  # the reused block buffer, per (device, dtype)
+
+
+def _chunkable(query: torch.Tensor) -> bool:
+    """The blockwise route runs fp32 on the CPU, where eager's full weight tensors cost page
+    faults and memory traffic; elsewhere (GPU, half precision) the eager pass stays."""
+    return query.device.type == "cpu" and query.dtype == torch.float32
+
+
+def _chunked_attention(query, key, value, attention_mask, scaling, qm: torch.Tensor):
+    """Attention output ``[B, Q, H, D]`` and ``sum over queries of qm * softmax(q k^T)`` per key
+    ``[B, H, K]``, computed a few heads (and query rows) at a time in one reused buffer.
+
+    The same arithmetic as an eager pass - scores, mask, softmax, weights times values - but no
+    ``[B, H, Q, K]`` tensor is ever allocated: each block is reduced and multiplied by the values
+    while it is in cache, so the cost stays near a fused SDPA forward (see
+    ``benchmarks/bench_paper_scale.py``).
+
+    >>> q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+    >>> out, rec = _chunked_attention(q, k, v, None, 8**-0.5, torch.ones(2, 5))
+    >>> w = torch.softmax(q @ k.transpose(2, 3) * 8**-0.5, -1)
+    >>> torch.allclose(out, (w @ v).transpose(1, 2), atol=1e-6), torch.allclose(rec, w.sum(2), atol=1e-6)
+    (True, True)
+    """
+    B, H, Q, D = query.shape
+    K = key.shape[2]
+    if key.shape[1] != H:  # grouped-query attention: each key/value head serves H / H_kv query heads
+        key, value = (t.repeat_interleave(H // key.shape[1], dim=1) for t in (key, value))
+    qs = query * (scaling if scaling is not None else D**-0.5)
+    kt = key.transpose(2, 3)
+    out = torch.empty(B, Q, H, D, dtype=query.dtype, device=query.device)
+    received = torch.empty(B, H, K, dtype=torch.float32, device=query.device)
+    rows = max(1, min(Q, CHUNK_ELEMENTS // K))  # query rows per block
+    hc = max(1, min(H, CHUNK_ELEMENTS // (rows * K)))  # heads per block
+    buf = _work.get((query.device, query.dtype))
+    if buf is None or buf.numel() < hc * rows * K:
+        buf = _work[(query.device, query.dtype)] = torch.empty(hc * rows * K, dtype=query.dtype, device=query.device)
+    w_all = qm.to(query.dtype)
+    for b in range(B):
+        mask = attention_mask[b] if attention_mask is not None else None
+        for h0 in range(0, H, hc):
+            h1 = min(H, h0 + hc)
+            k_b, v_b = kt[b, h0:h1], value[b, h0:h1]
+            acc = None
+            for r0 in range(0, Q, rows):
+                r1 = min(Q, r0 + rows)
+                blk = buf[: (h1 - h0) * (r1 - r0) * K].view(h1 - h0, r1 - r0, K)
+                torch.matmul(qs[b, h0:h1, r0:r1], k_b, out=blk)
+                if mask is not None:
+                    blk.add_(mask[:, r0:r1] if mask.shape[0] == 1 else mask[h0:h1, r0:r1])
+                torch.ops.aten._softmax.out(blk, -1, False, out=blk)
+                part = torch.matmul(w_all[b, r0:r1], blk)  # [heads, keys]
+                acc = part if acc is None else acc.add_(part)
+                out[b, r0:r1, h0:h1] = torch.matmul(blk, v_b).transpose(0, 1)
+            received[b, h0:h1] = acc
+    return out, received
 
 
 def _row_stats(query, key, attention_mask, scaling, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
