@@ -258,9 +258,7 @@ def vit_part(a) -> dict:
         norms, received = usual_attention()
         err_attn = float((cap_received(bc).float() - received.float()).abs().max())
         err_norm = float(((bc.norms.float() - norms.float()).abs() / norms.float().abs()).max())
-    print(f"equivalence: attention received max abs err {err_attn:.1e}, norms max rel err {err_norm:.1e}")
-    if err_attn > ATTN_ATOL * (1 if a.dtype == torch.float32 else 100):
-        sys.exit("sinkscope's attention received differs from the usual route: not comparable")
+    check_equivalent(err_attn, err_norm, a.dtype)
     times = time_routes(routes, a.repeats, a.device)
     res = summarise(f"ViT-L/14-336 shape ({n_tok} tokens, batch {a.images})", times, VIT_TARGETS,
                     memory_rows(a, "vit", routes))  # fmt: skip
@@ -268,6 +266,13 @@ def vit_part(a) -> dict:
     res["targets"]["sinkscope_attention_below_usual"] = _below_usual(res, "sinkscope_attention", "hf_attentions_received")
     res.update(tokens=n_tok, batch=a.images, equivalence={"attention_abs": err_attn, "norms_rel": err_norm})
     return res
+
+
+def check_equivalent(err_attn: float, err_norm: float, dtype: torch.dtype) -> None:
+    """Print the agreement with the usual route; stop when the attention statistics differ."""
+    print(f"equivalence: attention received max abs err {err_attn:.1e}, norms max rel err {err_norm:.1e}")
+    if err_attn > ATTN_ATOL * (1 if dtype == torch.float32 else 100):
+        sys.exit("sinkscope's attention received differs from the usual route: not comparable")
 
 
 def _sdpa_target(res: dict, route: str) -> dict:
@@ -373,9 +378,7 @@ def llava_part(a) -> dict:
         ours = torch.stack([got.attn_received[b][0].float() for b in range(ad.llm.n_layers)])
         err_attn = float((ours - recv).abs().max())
         err_norm = float(((got.norms[0].float() - norms).abs() / norms.abs()).max())
-    print(f"equivalence: attention received max abs err {err_attn:.1e}, norms max rel err {err_norm:.1e}")
-    if err_attn > ATTN_ATOL * (1 if a.dtype == torch.float32 else 100):
-        sys.exit("sinkscope's attention received differs from the usual route: not comparable")
+    check_equivalent(err_attn, err_norm, a.dtype)
     times = time_routes(routes, a.repeats, a.device)
     res = summarise(f"LLaVA, 7B layer shape x {a.llm_layers} layers ({seq} tokens)", times, LLAVA_TARGETS,
                     memory_rows(a, "llava", routes))  # fmt: skip
