@@ -135,9 +135,9 @@ def _chunked_attention(query, key, value, attention_mask, scaling, qm: torch.Ten
     K = key.shape[2]
     if key.shape[1] != H:  # grouped-query attention: each key/value head serves H / H_kv query heads
         key, value = (t.repeat_interleave(H // key.shape[1], dim=1) for t in (key, value))
-    qs = query * (scaling if scaling is not None else D**-0.5)
+    scale = scaling if scaling is not None else D**-0.5
     kt = key.transpose(2, 3)
-    out = torch.empty(B, Q, H, D, dtype=query.dtype, device=query.device)
+    out = torch.empty(B, H, Q, D, dtype=query.dtype, device=query.device)
     received = torch.empty(B, H, K, dtype=torch.float32, device=query.device)
     rows = max(1, min(Q, CHUNK_ELEMENTS // K))  # query rows per block
     hc = max(1, min(H, CHUNK_ELEMENTS // (rows * K)))  # heads per block
@@ -154,14 +154,21 @@ def _chunked_attention(query, key, value, attention_mask, scaling, qm: torch.Ten
             for r0 in range(0, Q, rows):
                 r1 = min(Q, r0 + rows)
                 blk = buf[: (h1 - h0) * (r1 - r0) * K].view(h1 - h0, r1 - r0, K)
-                torch.matmul(qs[b, h0:h1, r0:r1], k_b, out=blk)
-                if mask is not None:
-                    blk.add_(mask[:, r0:r1] if mask.shape[0] == 1 else mask[h0:h1, r0:r1])
+                q_blk = query[b, h0:h1, r0:r1]
+                if mask is None:  # scores, scaled in the product (beta=0: blk's old values are ignored)
+                    torch.baddbmm(blk, q_blk, k_b, beta=0, alpha=scale, out=blk)
+                else:  # mask + scaled scores in one call
+                    m = mask[:, r0:r1] if mask.shape[0] == 1 else mask[h0:h1, r0:r1]
+                    torch.baddbmm(m.expand(h1 - h0, -1, -1), q_blk, k_b, alpha=scale, out=blk)
                 torch.ops.aten._softmax.out(blk, -1, False, out=blk)
                 part = torch.matmul(w_all[b, r0:r1], blk)  # [heads, keys]
                 acc = part if acc is None else acc.add_(part)
-                out[b, r0:r1, h0:h1] = torch.matmul(blk, v_b).transpose(0, 1)
+                if r1 - r0 == Q:  # whole heads: the product lands in place
+                    torch.bmm(blk, v_b, out=out[b, h0:h1])
+                else:
+                    out[b, h0:h1, r0:r1] = torch.bmm(blk, v_b)
             received[b, h0:h1] = acc
+    return out.transpose(1, 2).contiguous(), received
     return out, received
 
 
