@@ -9,6 +9,8 @@ Four measurements on one model (default ``mini-llava``), medians of interleaved 
    against the same epoch recomputing the tower for every batch. Target >= 3x faster. The tower
    alone over the epoch's images is timed too: ``(cached epoch + tower) / cached epoch`` is the
    most any cache can give (it removes the tower and nothing else), reported beside the ratio.
+   Measured for stage 2 (every visual token through the dual connector) and for stage 1 of the
+   sink MLP (only the sinks reach the LLM, so the LLM's share of the epoch is small).
 3. **ReW routing**: embed the question with the frozen sentence encoder and run ``R``, per
    question: one at a time (online) and in one batch of the run's questions (as ``sinkscope eval``
    does). Target <= 10 ms.
@@ -89,12 +91,12 @@ def main(argv=None) -> dict:
         opt_dual.step()
         opt_dual.zero_grad()
 
-    def epoch(recompute: bool):
+    def epoch(recompute: bool, mode: str = "dual"):
         def run():
             for s in range(0, a.epoch, a.batch_size):
                 idx = list(range(s, min(s + a.batch_size, a.epoch)))
                 feats = tower_features(ad, [exs[i].image.load() for i in idx], min_side=1) if recompute else None
-                loss = dual_loss(m, batch_of(idx, feats), tok, "dual")
+                loss = dual_loss(m, batch_of(idx, feats), tok, mode)
                 loss.backward()
                 opt_dual.step()
                 opt_dual.zero_grad()
@@ -105,8 +107,11 @@ def main(argv=None) -> dict:
         for s in range(0, a.epoch, a.batch_size):
             tower_features(ad, [exs[i].image.load() for i in range(s, min(s + a.batch_size, a.epoch))], min_side=1)
 
+    # stage 2 (both MLPs on every visual token) and stage 1 of the sink MLP (only the sinks reach
+    # the LLM: a short sequence, so the tower is a larger share of the epoch)
     routes = {"plain_step": plain_step, "diysink_step": dual_step, "epoch_cached": epoch(False),
-              "epoch_recomputed": epoch(True), "tower_only": tower_only}  # fmt: skip
+              "epoch_recomputed": epoch(True), "epoch_cached_stage1_sink": epoch(False, "sink-only"),
+              "epoch_recomputed_stage1_sink": epoch(True, "sink-only"), "tower_only": tower_only}  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in routes}
     m.train(False)
     for fn in routes.values():  # warm-up
@@ -161,6 +166,8 @@ def main(argv=None) -> dict:
         # epoch is the most it can give; the measured speed-up should reach it
         "cached_epoch_bound": (med["epoch_cached"] + med["tower_only"]) / med["epoch_cached"],
         "tower_share_of_recomputed_epoch": med["tower_only"] / med["epoch_recomputed"],
+        "cached_epoch_speedup_stage1_sink": med["epoch_recomputed_stage1_sink"] / med["epoch_cached_stage1_sink"],
+        "cached_epoch_bound_stage1_sink": (med["epoch_cached_stage1_sink"] + med["tower_only"]) / med["epoch_cached_stage1_sink"],
         "rew_ms_per_question": 1000 * statistics.median(rew_s),
         "rew_ms_per_question_batched": 1000 * statistics.median(rew_batched_s),
         "cot_s_per_question": statistics.median(cot_s),
@@ -169,7 +176,8 @@ def main(argv=None) -> dict:
         "cot_fallbacks": f"{fallbacks} of {len(items)}",
         "paper_cot_extra_s": 0.16,
         "targets": {
-            "diysink_step_vs_plain": "<= 1.15", "cached_epoch_speedup": ">= 3", "rew_ms_per_question": "<= 10",
+            "diysink_step_vs_plain": "<= 1.15", "cached_epoch_speedup": ">= 3", "cached_epoch_speedup_stage1_sink": ">= 3",
+            "rew_ms_per_question": "<= 10",
             "rew_ms_per_question_batched": "<= 10",
         },  # fmt: skip
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -177,6 +185,7 @@ def main(argv=None) -> dict:
     res["met"] = {
         "diysink_step_vs_plain": res["diysink_step_vs_plain"] <= 1.15,
         "cached_epoch_speedup": res["cached_epoch_speedup"] >= 3,
+        "cached_epoch_speedup_stage1_sink": res["cached_epoch_speedup_stage1_sink"] >= 3,
         "rew_ms_per_question": res["rew_ms_per_question"] <= 10,
         "rew_ms_per_question_batched": res["rew_ms_per_question_batched"] <= 10,
     }
@@ -188,6 +197,10 @@ def main(argv=None) -> dict:
         f"epoch recomputing the tower / cached: {res['cached_epoch_speedup']:.2f}x (target >= 3x); the tower is "
         f"{100 * res['tower_share_of_recomputed_epoch']:.0f}% of a recomputed epoch, so no cache can give more than "
         f"{res['cached_epoch_bound']:.2f}x here"
+    )
+    print(
+        f"stage 1 of the sink MLP (only the sinks fed): {res['cached_epoch_speedup_stage1_sink']:.2f}x "
+        f"(target >= 3x; bound {res['cached_epoch_bound_stage1_sink']:.2f}x)"
     )
     print(
         f"ReW routing: {res['rew_ms_per_question']:.1f} ms per question one at a time, "
