@@ -91,10 +91,11 @@ def main(argv=None) -> dict:
         opt_dual.step()
         opt_dual.zero_grad()
 
+    epoch_batches = [list(range(s, min(s + a.batch_size, a.epoch))) for s in range(0, a.epoch, a.batch_size)]
+
     def epoch(recompute: bool, mode: str = "dual"):
         def run():
-            for s in range(0, a.epoch, a.batch_size):
-                idx = list(range(s, min(s + a.batch_size, a.epoch)))
+            for idx in epoch_batches:
                 feats = tower_features(ad, [exs[i].image.load() for i in idx], min_side=1) if recompute else None
                 loss = dual_loss(m, batch_of(idx, feats), tok, mode)
                 loss.backward()
@@ -104,8 +105,8 @@ def main(argv=None) -> dict:
         return run
 
     def tower_only():  # what a cache can save at most: the tower over the epoch's images
-        for s in range(0, a.epoch, a.batch_size):
-            tower_features(ad, [exs[i].image.load() for i in range(s, min(s + a.batch_size, a.epoch))], min_side=1)
+        for idx in epoch_batches:
+            tower_features(ad, [exs[i].image.load() for i in idx], min_side=1)
 
     # stage 2 (both MLPs on every visual token) and stage 1 of the sink MLP (only the sinks reach
     # the LLM: a short sequence, so the tower is a larger share of the epoch)

@@ -169,7 +169,6 @@ def _chunked_attention(query, key, value, attention_mask, scaling, qm: torch.Ten
                     out[b, h0:h1, r0:r1] = torch.bmm(blk, v_b)
             received[b, h0:h1] = acc
     return out.transpose(1, 2).contiguous(), received
-    return out, received
 
 
 def _row_stats(query, key, attention_mask, scaling, qm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
