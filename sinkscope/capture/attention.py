@@ -163,10 +163,7 @@ def _chunked_attention(query, key, value, attention_mask, scaling, qm: torch.Ten
                 torch.ops.aten._softmax.out(blk, -1, False, out=blk)
                 part = torch.matmul(w_all[b, r0:r1], blk)  # [heads, keys]
                 acc = part if acc is None else acc.add_(part)
-                if r1 - r0 == Q:  # whole heads: the product lands in place
-                    torch.bmm(blk, v_b, out=out[b, h0:h1])
-                else:
-                    out[b, h0:h1, r0:r1] = torch.bmm(blk, v_b)
+                torch.bmm(blk, v_b, out=out[b, h0:h1, r0:r1])  # written in place
             received[b, h0:h1] = acc
     return out.transpose(1, 2).contiguous(), received
 
