@@ -559,7 +559,8 @@ class DIYSinkInitConfig(RunConfig):
 class DIYSinkTrainConfig(RunConfig):
     """``sinkscope diysink train``: one stage of DIYSink's training
     (:func:`sinkscope.training.diysink.train_diysink`): ``1`` (each MLP alone on its tokens), ``2``
-    (both on the concatenation; ``lora_rank`` adds LoRA on the LLM) or ``router`` (the ReW router:
+    (both on the concatenation and the LLM: ``llm`` = ``lora`` (default, rank ``lora_rank``, 16),
+    ``full`` or ``frozen`` for the connector alone) or ``router`` (the ReW router:
     ``samples`` questions, ``epochs`` epochs, batches of ``batch_size``).
 
     >>> DIYSinkTrainConfig(model="runs/d", stage="router", batch_size=20, lr=1e-2).epochs
@@ -579,7 +580,7 @@ class DIYSinkTrainConfig(RunConfig):
     real_limit: int | None = None
     mlps: tuple[str, ...] = ("sink", "nonsink")
     lora_rank: int | None = None
-    lora_lr: float = 2e-4
+    llm_lr: float | None = None
     samples: int = 120
     epochs: int = 10
     router_hidden: int = 128
@@ -595,10 +596,11 @@ class DIYSinkTrainConfig(RunConfig):
 
     def __post_init__(self):
         from .diysink import NORMALISATIONS
-        from .training.diysink import MLPS, STAGES
+        from .training.diysink import LLM_MODES, MLPS, STAGES
 
         for name in ("real", "mlps"):
             v = getattr(self, name)
+    llm: str = "lora"
             object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
         object.__setattr__(self, "stage", str(self.stage))
         if self.stage not in STAGES:
@@ -612,7 +614,10 @@ class DIYSinkTrainConfig(RunConfig):
         if self.steps is not None and self.stage == "router":
             raise SinkscopeError("steps: the router stage runs --epochs over --samples questions, not --steps")
         _positive("lr", self.lr)
-        _positive("lora_lr", self.lora_lr)
+        if self.llm_lr is not None:
+            _positive("llm_lr", self.llm_lr)
+        if self.llm not in LLM_MODES:
+            raise SinkscopeError(f"llm: one of {', '.join(LLM_MODES)} (how stage 2 trains the LLM), got {self.llm!r}")
         if not 0 <= self.warmup < 1:
             raise SinkscopeError(f"warmup: a share of the steps in [0, 1), got {self.warmup!r}")
         bad = [k for k in self.mlps if k not in MLPS]
@@ -637,3 +642,5 @@ class DIYSinkTrainConfig(RunConfig):
 
 
 __all__ = ["CONFIGS", "SCHEMA_VERSION", "DIYSinkInitConfig", "DIYSinkTrainConfig", "DecodeConfig", "EvalConfig", "TrainProjectorConfig", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]
+        if self.lora_rank is not None and self.llm != "lora":
+            raise SinkscopeError(f"lora_rank: LoRA adapters need llm='lora', not {self.llm!r}")

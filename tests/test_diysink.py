@@ -167,7 +167,7 @@ def test_stage_one_changes_only_its_own_mlp(tmp_path):
     before, after = _state(tmp_path / "d0"), _state(tmp_path / "d1")
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(".multi_modal_projector.f_sink." in k for k in changed)
+    assert changed and all(k.split(".")[-3:-2] == ["f_sink"] and "multi_modal_projector." in k for k in changed)
     hist = json.loads((tmp_path / "d1" / "model" / "config.json").read_text())["diysink"]["history"]
     assert [h["step"] for h in hist] == ["init", "stage 1"]
 
@@ -235,7 +235,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, stage):
 
 def test_stage_two_with_lora_merges_into_the_saved_llm(tmp_path):
     D.init_diysink(_tiny(), tmp_path / "d0", rule=TRAIN_RULE)
-    res = D.train_diysink(str(tmp_path / "d0"), tmp_path / "s2", stage="2", steps=3, lora_rank=2, lora_lr=1e-2, **KW)
+    res = D.train_diysink(str(tmp_path / "d0"), tmp_path / "s2", stage="2", steps=3, lora_rank=2, llm_lr=1e-2, **KW)
     assert res.summary["lora"]["rank"] == 2 and (tmp_path / "s2" / "lora.safetensors").is_file()
     before, after = _state(tmp_path / "d0"), _state(tmp_path / "s2")
     assert before.keys() == after.keys()  # no peft keys left: a plain dual model
@@ -243,6 +243,33 @@ def test_stage_two_with_lora_merges_into_the_saved_llm(tmp_path):
     assert any("language_model" in k for k in changed) and any(".f_nonsink." in k for k in changed)
     assert not any(".base." in k or "vision_tower" in k for k in changed)
     assert load_model(str(tmp_path / "s2")).projector.rule.describe() == load_model(str(tmp_path / "d0")).projector.rule.describe()
+
+
+@pytest.mark.parametrize("llm", ["lora", "full", "frozen"])
+def test_stage_two_trains_the_llm_by_default_and_baseline_says_which_llm(tmp_path, llm):
+    """Stage 2 is the paper's usual LVLM fine-tuning: connector and LLM (LoRA by default, every
+    weight with ``full``); ``frozen`` keeps the connector-only option. An evaluation's ``baseline``
+    then names the fine-tuned LLM it runs with."""
+    from sinkscope.evaluation.dual import dual_variants
+
+    D.init_diysink(_tiny(), tmp_path / "d0", rule=TRAIN_RULE)
+    kw = {} if llm == "lora" else {"llm": llm}
+    res = D.train_diysink(str(tmp_path / "d0"), tmp_path / "s2", stage="2", steps=2, **kw, **KW)
+    assert res.summary["llm"] == llm and (res.summary["lora"] or {}).get("rank") == (16 if llm == "lora" else None)
+    before, after = _state(tmp_path / "d0"), _state(tmp_path / "s2")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    llm_changed = {k for k in changed if "language_model" in k}
+    assert any(".f_sink." in k for k in changed) and any(".f_nonsink." in k for k in changed)
+    assert bool(llm_changed) == (llm != "frozen")
+    if llm == "full":  # every weight of the LLM trains, norms included (LoRA touches the projections only)
+        assert any("layernorm" in k or ".norm." in k for k in llm_changed)
+    elif llm == "lora":
+        assert not any("layernorm" in k or ".norm." in k for k in llm_changed)
+    base = dual_variants(load_model(str(tmp_path / "s2")), ["baseline"])["baseline"].describe()
+    if llm == "frozen":
+        assert "with the original LLM" in base
+    else:
+        assert f"the LLM fine-tuned in stage 2 ({llm}, 2 steps; not the original)" in base
 
 
 def test_cot_parsing_on_canned_answers(monkeypatch):

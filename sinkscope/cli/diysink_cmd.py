@@ -54,8 +54,12 @@ def add_diysink(sub) -> None:
     t.add_argument("--no-real", action="store_true", help="shapes only")
     t.add_argument("--real-limit", type=int, default=None, help="training questions per real-image set (default: all)")
     t.add_argument("--mlps", default="sink,nonsink", help="stage 1: which MLPs train (default: %(default)s)")
-    t.add_argument("--lora-rank", type=int, default=None, help="stage 2: also LoRA on the LLM, merged when saved")
-    t.add_argument("--lora-lr", type=float, default=2e-4, help="(default: %(default)s)")
+    t.add_argument("--llm", default="lora", choices=("lora", "full", "frozen"),
+                   help="stage 2: how the LLM trains with the connector - LoRA adapters merged when saved, every weight, "
+                   "or not at all (default: %(default)s)")  # fmt: skip
+    t.add_argument("--lora-rank", type=int, default=None, help="stage 2, --llm lora: the adapters' rank (default: 16)")
+    t.add_argument("--llm-lr", "--lora-lr", dest="llm_lr", type=float, default=None,
+                   help="stage 2: the LLM's learning rate (default: 2e-4 with LoRA, 2e-5 with --llm full)")  # fmt: skip
     t.add_argument("--samples", type=int, default=120, help="router: questions, balanced over task types (default: %(default)s)")
     t.add_argument("--epochs", type=int, default=10, help="router: epochs (default: %(default)s)")
     t.add_argument("--router-hidden", type=int, default=128, help="router: hidden units (default: %(default)s)")
@@ -83,8 +87,8 @@ def diysink_config(a: argparse.Namespace):
     return DIYSinkTrainConfig(
         model=a.model, stage=a.stage, steps=a.steps, batch_size=a.batch_size or (20 if router else 4),
         lr=a.lr or (1e-2 if router else 1e-3), warmup=a.warmup, n_per_task=a.n_per_task, turns=a.turns, real=real,
-        real_limit=a.real_limit, mlps=tuple(x.strip() for x in a.mlps.split(",") if x.strip()), lora_rank=a.lora_rank,
-        lora_lr=a.lora_lr, samples=a.samples, epochs=a.epochs, router_hidden=a.router_hidden, router_norm=a.router_norm,
+        real_limit=a.real_limit, mlps=tuple(x.strip() for x in a.mlps.split(",") if x.strip()), llm=a.llm,
+        lora_rank=a.lora_rank, llm_lr=a.llm_lr, samples=a.samples, epochs=a.epochs, router_hidden=a.router_hidden, router_norm=a.router_norm,
         encoder=a.encoder, seed=a.seed, save_every=a.save_every, mixed_precision=a.mixed_precision,
         cache_dir=a.cache_dir, device=a.device, out=a.out, resume=a.resume,
     )  # fmt: skip

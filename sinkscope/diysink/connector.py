@@ -214,6 +214,14 @@ def register() -> None:
 
     T.AutoConfig.register(MODEL_TYPE, DIYSinkConfig, exist_ok=True)
     T.AutoModelForImageTextToText.register(DIYSinkConfig, DIYSinkForConditionalGeneration, exist_ok=True)
+    # LLaVA's key renamings (a plain LlavaForConditionalGeneration.save_pretrained writes the legacy
+    # layout: ``language_model.lm_head.weight``, ``language_model.model.*``, ...) go with the model
+    # type, so the dual model needs them under its own type; without them an untied LM head (Vicuna
+    # in LLaVA-1.5) does not land and is initialised at random
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    if get_checkpoint_conversion_mapping(MODEL_TYPE) is None:
+        register_checkpoint_conversion_mapping(MODEL_TYPE, get_checkpoint_conversion_mapping("llava"))
     _registered = True
 
 

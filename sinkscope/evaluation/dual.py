@@ -47,6 +47,7 @@ class DualVariant:
     variant: str
     rule: str = ""
     router: str | None = None
+    llm: str = "the original LLM"
     cot: CoTRouter = field(default_factory=CoTRouter)
     _rew: Any = None
     _encoder: Any = None
@@ -65,7 +66,7 @@ class DualVariant:
 
     def describe(self) -> str:
         what = {
-            "baseline": "the original projector on every token",
+            "baseline": f"the original projector on every token, with {self.llm}",
             "dual": "dual connector, sinks first",
             "dual-sink-only": "f_sink on the sinks only",
             "dual-nonsink-only": "f_nonsink on the non-sinks only",
@@ -116,7 +117,26 @@ def dual_variants(adapter, variants, router: str | Path | None = None) -> dict[s
                 f"variant rew: model {adapter.name!r} has no ReW router (MODEL/router); "
                 "train one with sinkscope diysink train --stage router, or pass router="
             )
-    return {v: DualVariant(v, dual.rule.describe(), str(router) if router else None) for v in asked}
+    llm = llm_of(adapter)
+    return {v: DualVariant(v, dual.rule.describe(), str(router) if router else None, llm) for v in asked}
+
+
+def llm_of(adapter) -> str:
+    """Which LLM a dual model holds, from the training history saved in its config: the original
+    one, or the one its stage 2 fine-tuned (so ``baseline`` says it is not the untouched model).
+
+    >>> class _C: diysink = {"history": [{"step": "init"}, {"step": "stage 2", "llm": "lora", "steps": 80}]}
+    >>> class _M: config = _C()
+    >>> class _A: model = _M()
+    >>> llm_of(_A())
+    'the LLM fine-tuned in stage 2 (lora, 80 steps; not the original)'
+    """
+    history = (getattr(adapter.model.config, "diysink", None) or {}).get("history", [])
+    tuned = [h for h in history if h.get("llm") not in (None, "frozen")]
+    if not tuned:
+        return "the original LLM"
+    what = ", ".join(f"{h['llm']}, {h.get('steps')} steps" for h in tuned)
+    return f"the LLM fine-tuned in stage 2 ({what}; not the original)"
 
 
 @dataclass

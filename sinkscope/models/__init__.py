@@ -205,7 +205,9 @@ def _weights(cls, src: str, kw: dict[str, Any]):
     T.logging.set_verbosity_error()  # a full CLIP checkpoint lists every text weight as unused
     T.utils.logging.disable_progress_bar()  # one bar per load is noise in sinkscope's own output
     try:
-        return cls.from_pretrained(src, **kw)
+        model, info = cls.from_pretrained(src, output_loading_info=True, **kw)
+        check_loaded(model, info, src)
+        return model
     except ValueError as e:
         if cls is T.AutoModelForCausalLM and "Unrecognized configuration class" in str(e):
             raise _NotCausal(str(e).strip().splitlines()[0]) from None
@@ -215,6 +217,36 @@ def _weights(cls, src: str, kw: dict[str, Any]):
     finally:
         T.logging.set_verbosity(verbosity)
         T.utils.logging.enable_progress_bar()
+
+
+def check_loaded(model, info: dict[str, Any], src: str) -> None:
+    """Refuse a load where a weight of the file did not land: a missing key (initialised at random),
+    a shape mismatch, or an unexpected key under one of the model's own parts (a renamed weight that
+    no mapping caught, as a legacy ``language_model.lm_head.weight`` would be). Unexpected keys of
+    parts the model does not have are the rest of a bigger checkpoint (a CLIP tower loaded from a
+    full CLIP: its text tower) and pass.
+
+    >>> import torch.nn as nn
+    >>> check_loaded(nn.Linear(2, 2), {"missing_keys": set(), "unexpected_keys": {"text_model.w"}}, "d")
+    >>> check_loaded(nn.Linear(2, 2), {"missing_keys": {"weight"}}, "d")
+    Traceback (most recent call last):
+    ...
+    sinkscope._utils.SinkscopeError: cannot load the weights of 'd': 1 weight(s) not in the file (would be random): weight
+    """
+    own = {k.split(".")[0] for k in model.state_dict()}
+    groups = {
+        "not in the file (would be random)": info.get("missing_keys") or (),
+        "of another shape in the file": [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()],
+        "in the file with no place in the model": [k for k in info.get("unexpected_keys") or () if k.split(".")[0] in own],
+    }
+    problems = []
+    for what, keys in groups.items():
+        keys = sorted(keys)
+        if keys:
+            shown = ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} weight(s) {what}: {shown}")
+    if problems:
+        raise SinkscopeError(f"cannot load the weights of {src!r}: " + "; ".join(problems))
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,9 +6,10 @@ paper's stages (:mod:`sinkscope.diysink`).
 - :func:`train_diysink` with ``stage="1"``: each MLP alone, the LLM seeing only that MLP's tokens
   (``f_sink`` on the sinks, ``f_nonsink`` on the others; ``mlps`` picks which; the two losses are
   summed), LM loss on answer tokens;
-- ``stage="2"``: both MLPs on the concatenation (sinks first), as usual LVLM fine-tuning; the
-  connector only by default, ``lora_rank`` adds LoRA adapters on the LLM (merged into its weights
-  when saved);
+- ``stage="2"``: both MLPs on the concatenation (sinks first) **and the LLM**, as the paper's "usual
+  LVLM fine-tuning": ``llm="lora"`` (the default) trains LoRA adapters of ``lora_rank`` (16) on the
+  LLM and merges them into its weights when saved, ``llm="full"`` trains every LLM weight (the
+  TinyLLaVA recipe, lr 2e-5; memory for a GPU), ``llm="frozen"`` the connector only;
 - ``stage="router"``: the ReW router ``R`` only (the model frozen; gradients reach ``R`` through
   the LLM): ``samples`` questions balanced over Global / Local / Mixed from the ``shapes``
   training split, ``epochs`` epochs (the paper: 120 samples, 10 epochs, lr 1e-2, batch 20).
@@ -61,6 +62,8 @@ STAGES = ("1", "2", "router")
 #: the dual model's folder inside a run folder (``load_model(RUN)`` finds it there)
 MODEL_DIR = "model"
 MLPS = ("sink", "nonsink")
+#: how stage 2 trains the LLM: LoRA adapters (merged when saved), every weight, or not at all
+LLM_MODES = ("lora", "full", "frozen")
 
 
 @dataclass
@@ -179,8 +182,9 @@ def train_diysink(
     real: tuple[str, ...] = ("textile", "lfw-faces", "digits"),
     real_limit: int | None = None,
     mlps: tuple[str, ...] = MLPS,
+    llm: str = "lora",
     lora_rank: int | None = None,
-    lora_lr: float = 2e-4,
+    llm_lr: float | None = None,
     samples: int = 120,
     epochs: int = 10,
     router_hidden: int = 128,
@@ -200,9 +204,16 @@ def train_diysink(
     default 100); the router stage runs ``epochs`` over ``samples`` questions in batches of
     ``batch_size`` instead (the paper: 20). ``router_norm``: the router's normalisation
     (default: the model's ``router_norm``, ``x2-softmax``); ``encoder``: the question encoder
-    (default: offline all-MiniLM-L6-v2)."""
+    (default: offline all-MiniLM-L6-v2). Stage 2 only: ``llm`` (:data:`LLM_MODES`: ``lora``,
+    ``full``, ``frozen``), ``lora_rank`` (default 16) and ``llm_lr``, the LLM's learning rate
+    (default 2e-4 for LoRA, 2e-5 for ``full``)."""
     if stage not in STAGES:
         raise SinkscopeError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+    if llm not in LLM_MODES:
+        raise SinkscopeError(f"llm {llm!r}: expected one of {', '.join(LLM_MODES)}")
+    llm = llm if stage == "2" else "frozen"  # stage 1 and the router train their own parts only
+    if llm_lr is None:
+        llm_lr = 2e-5 if llm == "full" else 2e-4
     bad = [k for k in mlps if k not in MLPS]
     if bad or not mlps:
         raise SinkscopeError(f"mlps: choose from sink, nonsink, got {list(mlps)}")
@@ -228,17 +239,23 @@ def train_diysink(
     if stage == "1":
         trained = [f"f_{k}" for k in mlps]
     elif stage == "2":
-        trained = ["f_sink", "f_nonsink"]
-        lora = _add_lora(m, lora_rank) if lora_rank else None
+        trained = ["f_sink", "f_nonsink"] + ({"lora": ["llm (LoRA)"], "full": ["llm"]}.get(llm, []))
+        lora = _add_lora(m, lora_rank or 16) if llm == "lora" else None
     else:
         trained = ["router"]
         encoder_obj = QuestionEncoder(encoder)
         router = ReWRouter(encoder_obj.dim, router_hidden, router_norm or settings.get("router_norm", "x2-softmax"), encoder)
         router.to(acc.device)
     for name in trained:
-        if name != "router":
+        if name.startswith("f_"):
             for p in getattr(dual, name).parameters():
                 p.requires_grad_(True)
+    llm_params = set()
+    if llm != "frozen":  # LoRA: the injected adapters (trainable as made); full: every LLM weight
+        for n, p in [*m.model.language_model.named_parameters(), *m.lm_head.named_parameters()]:
+            if llm == "full" or ".lora_" in n:
+                p.requires_grad_(True)
+                llm_params.add(id(p))
     if stage == "router":
         exs = router_examples(samples, seed)
         enc_cache = dict(zip([e.key for e in exs], encoder_obj([e.turns[0][0] for e in exs])))
@@ -261,9 +278,10 @@ def train_diysink(
     if int(counts.max()) == 0:
         log_.warning("diysink: the rule (%s) finds no sink in any training image; f_sink gets no data", dual.rule.describe())
     step_mod = _Step(m, ad.image_token_id, stage, tuple(mlps), router)
-    groups = [{"params": [p for n, p in step_mod.named_parameters() if p.requires_grad and ".lora_" not in n], "lr": lr}]
-    if lora:
-        groups.append({"params": [p for n, p in step_mod.named_parameters() if ".lora_" in n], "lr": lora_lr})
+    trainable = [p for p in step_mod.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in llm_params], "lr": lr}]
+    if llm_params:
+        groups.append({"params": [p for p in trainable if id(p) in llm_params], "lr": llm_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
     step_fn, opt = acc.prepare(step_mod, opt)
@@ -300,6 +318,7 @@ def train_diysink(
         "examples": len(exs), "sequences_seen": log[-1]["seen"] if log else 0,
         "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
         "seconds": log[-1]["s"] if log else 0, "mixed_precision": mixed_precision,
+        "llm": llm, "llm_lr": llm_lr if llm != "frozen" else None,
         "lora": {k: v for k, v in lora.items()} if lora else None,
         "router": router.settings() if router is not None else None,
         "rule": settings.get("rule"), "rule_description": settings.get("rule_description"), "sinks_per_image": sinks_seen,
@@ -360,8 +379,9 @@ def _save_model(ad, out: Path, stage: str, summary: dict, lora: dict | None, rou
     m = ad.model
     settings = dict(m.config.diysink)
     settings["history"] = list(settings.get("history", [])) + [
-        {"step": f"stage {stage}", "trained": summary["trained"], "steps": summary["steps"], "final_loss": summary["final_loss"]}
-    ]
+        {"step": f"stage {stage}", "trained": summary["trained"], "llm": summary["llm"], "steps": summary["steps"],
+         "final_loss": summary["final_loss"]}
+    ]  # fmt: skip
     if router is not None:
         settings["router_norm"] = router.norm
     m.config.diysink = settings
@@ -374,4 +394,4 @@ def _save_model(ad, out: Path, stage: str, summary: dict, lora: dict | None, rou
         router.cpu().save(out / MODEL_DIR / "router")
 
 
-__all__ = ["DIYSinkResult", "MLPS", "MODEL_DIR", "STAGES", "dual_loss", "init_diysink", "router_examples", "train_diysink"]
+__all__ = ["DIYSinkResult", "LLM_MODES", "MLPS", "MODEL_DIR", "STAGES", "dual_loss", "init_diysink", "router_examples", "train_diysink"]
