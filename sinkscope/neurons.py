@@ -1,8 +1,11 @@
 """Register neurons (Jiang et al., *Vision Transformers Don't Need Trained Registers*).
 
 Over a set of images, take the positions that are sinks at a detection layer (by a norm rule),
-then rank the MLP neurons of the blocks before it by their mean |activation| at those positions.
-The neurons that write the sinks rank first.
+then rank the MLP neurons of the blocks before it by their mean |activation| at those positions:
+averaged over each image's sink positions, then over the images that have any (an image without a
+sink is skipped, not counted as 0), as the reference's ``find_register_neurons``
+(``nickjiang2378/test-time-registers``, ``shared/algorithms.py``). The neurons that write the sinks
+rank first.
 
 >>> from sinkscope import Plant, load_model
 >>> from sinkscope.models.tiny import paint_markers
@@ -33,13 +36,17 @@ from .sinks import NormRule, Rule, detect, rule_to_dict
 @dataclass
 class RegisterNeurons:
     """Ranked MLP neurons. ``table`` columns: ``block, neuron, mean_abs_sink, mean_abs_other,
-    ratio, contribution, rank`` (rank 1 = strongest at sink positions)."""
+    ratio, contribution, rank`` (rank 1 = strongest at sink positions). ``mean_abs_sink`` (and
+    ``mean_abs_other``) is the mean over images of each image's mean |activation| at its sink
+    (other) positions, over the ``n_sink_images`` images that have a sink (the images with another
+    position)."""
 
     table: pd.DataFrame
     detection_layer: int
     rule: dict[str, Any]
     n_sink_positions: int
     n_other_positions: int
+    n_sink_images: int = 0
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` best-ranked neurons (Jiang et al.: 10 for ViT-B/16, 50 for DINOv2-L)."""
@@ -56,7 +63,8 @@ def register_neurons(
     progress: bool = True,
     score: str = "activation",
 ) -> RegisterNeurons:
-    """Rank MLP neurons by mean |activation| at sink positions of ``detection_layer``.
+    """Rank MLP neurons by mean |activation| at sink positions of ``detection_layer``, per image
+    and then over the images with a sink (images without one are skipped).
 
     ``images``: arrays, PIL images or :class:`~sinkscope.data.ImageItem`. ``rule``: the norm rule
     that defines sink positions at the detection layer (Jiang et al. use absolute thresholds:
@@ -69,7 +77,7 @@ def register_neurons(
     layer, blocks = _check_request(adapter, rule, detection_layer, blocks, score)
     sums_s = {b: 0.0 for b in blocks}
     sums_o = {b: 0.0 for b in blocks}
-    n_s = n_o = 0
+    n_s = n_o = img_s = img_o = 0
     bar = progress_bar(len(images), enabled=progress, desc="register neurons")
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -78,6 +86,8 @@ def register_neurons(
         mask, other = _sink_positions(adapter, inputs, layer, rule)
         n_s += int(mask.sum())
         n_o += int(other.sum())
+        img_s += int(mask.any(1).sum())
+        img_o += int(other.any(1).sum())
         # pass 2: reduce every neuron's |activation| inside the hooks, in fp32, with the known masks
         _accumulate(adapter, inputs, blocks, mask, other, sums_s, sums_o)
         bar.update(len(chunk))
@@ -86,8 +96,8 @@ def register_neurons(
         raise SinkscopeError(
             f"no sink positions at layer {layer} under rule '{rule.describe()}': nothing to rank neurons by"
         )
-    table = _rank(adapter, blocks, sums_s, sums_o, n_s, n_o, score)
-    return RegisterNeurons(table, layer, rule_to_dict(rule), n_s, n_o)
+    table = _rank(adapter, blocks, sums_s, sums_o, img_s, img_o, score)
+    return RegisterNeurons(table, layer, rule_to_dict(rule), n_s, n_o, img_s)
 
 
 def _check_request(
@@ -128,7 +138,8 @@ def _sink_positions(adapter: Adapter, inputs, layer: int, rule: Rule) -> tuple[t
 
 def _rank(adapter: Adapter, blocks, sums_s, sums_o, n_s: int, n_o: int, score: str) -> pd.DataFrame:
     """The neurons of ``blocks`` ranked by mean |activation| at sink positions (``score``
-    ``"activation"``) or by that times their output weights' L2 norm (``"contribution"``)."""
+    ``"activation"``) or by that times their output weights' L2 norm (``"contribution"``).
+    ``sums_*``: per-image means summed over images; ``n_*``: how many images were summed."""
     frames = []
     for b in blocks:
         ms = (sums_s[b] / n_s).cpu().numpy()
@@ -154,16 +165,19 @@ def _rank(adapter: Adapter, blocks, sums_s, sums_o, n_s: int, n_o: int, score: s
 
 @torch.no_grad()
 def _accumulate(adapter, inputs, blocks, mask, other, sums_s, sums_o) -> None:
-    """One forward whose MLP activations are reduced by a :class:`Capture` reducer: |activation|
-    per neuron summed at sink and at other positions (fp32), the forward stopping after the last
-    block searched."""
+    """One forward whose MLP activations are reduced by a :class:`Capture` reducer: per image and
+    neuron the mean |activation| at its sink and at its other positions (fp32), summed over the
+    batch's images (an image with no such position adds 0: the caller does not count it), the
+    forward stopping after the last block searched."""
     dev = adapter.device
     m_s, m_o = mask.to(dev, torch.float32), other.to(dev, torch.float32)
+    w_s = m_s / m_s.sum(1, keepdim=True).clamp(min=1)  # per image: 1 / its number of sink positions
+    w_o = m_o / m_o.sum(1, keepdim=True).clamp(min=1)
 
     def reduce(b: int, act: torch.Tensor) -> None:
         act = act.float().abs()  # [batch, tokens, neurons]
-        sums_s[b] = sums_s[b] + torch.einsum("bt,btf->f", m_s, act)
-        sums_o[b] = sums_o[b] + torch.einsum("bt,btf->f", m_o, act)
+        sums_s[b] = sums_s[b] + torch.einsum("bt,btf->f", w_s, act)
+        sums_o[b] = sums_o[b] + torch.einsum("bt,btf->f", w_o, act)
 
     with Capture(adapter, layers=None, mlp=blocks, mlp_reducer=reduce, stop_early=True) as cap:
         cap.run(inputs)

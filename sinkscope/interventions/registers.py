@@ -1,21 +1,40 @@
 """Test-time registers (Jiang et al., *Vision Transformers Don't Need Trained Registers*): one added
 token takes over the register neurons' activations, so the patches stop being sinks.
 
-Inside :func:`tt_register` a ViT (alone, or the tower of a LLaVA model):
+Inside :func:`tt_register` a ViT (alone, or the tower of a LLaVA model), as the reference code
+(``nickjiang2378/test-time-registers``) does it:
 
-- gets one **all-zero token appended after the patches** at the input of its first block (after
-  the embeddings, so it has no position embedding; after CLIP's pre-layernorm, so it is zero);
-- at every **register neuron** ``(block, neuron)`` (from :func:`~sinkscope.neurons.register_neurons`,
-  hooked on the MLP activation, i.e. the input of the MLP's output projection) the added token's
-  activation is set to the patches' extreme activation (the largest in magnitude, sign kept, per
-  image and neuron) and the patches' activation is set to zero (``patches="zero"``, the
-  reference's default) or to their mean (``patches="mean"``). CLS and trained registers are left
-  alone;
+- gets one **all-zero token appended after the patches at the output of its embeddings**, i.e.
+  after the position embeddings (the token has none) and before anything else. Where the zero
+  token then enters block 0 depends on the family:
+
+  - CLIP: the embeddings feed ``pre_layrnorm``, so the token enters block 0 as
+    ``LayerNorm(0) = pre_layrnorm.bias`` (the reference concatenates it before ``ln_pre``), not
+    as 0;
+  - SigLIP, DINOv2 (with or without trained registers), ViT: no norm between the embeddings and
+    block 0, so the token enters block 0 as 0 (the reference's DINOv2 concatenates zeros after
+    ``prepare_tokens``: CLS, position embeddings and trained registers already in place);
+
+- at the **register neurons** ``(block, neuron)`` (from :func:`~sinkscope.neurons.register_neurons`,
+  hooked on the MLP activation, i.e. the input of the MLP's output projection) of one block, the
+  added token gets **one value on every register neuron of that block**: the reference's
+  ``sign_max``, the activation largest in magnitude (sign kept; on a tie of ``+a`` and ``-a`` the
+  negative one) over all the image's tokens - CLS, trained registers and the added token
+  included - and all the block's register neurons (:func:`sign_max`). The patches' activations
+  there are set to zero (``patches="zero"``, the reference's default) or to each neuron's mean
+  over the patches (``patches="mean"``). CLS and trained registers keep theirs;
 - inside LLaVA the added token is **dropped from the tower's outputs** before the projector reads
   them, so the LLM sees as many image tokens as before.
 
-A tower used alone returns the added token as its last token. :func:`register_effect` measures
-what the intervention did to the sink norms (before and after, per layer).
+A tower used alone returns the added token as its last token (in every ``hidden_states`` entry,
+the first included). :func:`register_effect` measures what the intervention did to the sink norms
+(before and after, per layer).
+
+Before issue 25 the token was appended after CLIP's pre-layernorm (0 at block 0, not the bias) and
+each register neuron got its own extreme over the patches only (on the planted ``tiny-clip``,
+neurons ``(1, 0), (1, 1)``: ``[20.55, 0.53]`` where the reference puts ``[20.55, 20.55]``);
+neither is kept as an option: no paper or reference code does either, and the old zero token
+was an artefact of where the hook sat.
 
 >>> import numpy as np
 >>> from sinkscope.models.tiny import Plant, load_tiny, paint_markers
@@ -83,30 +102,42 @@ def _vision(adapter):
     return adapter.vision if getattr(adapter, "family", None) == "llava" else adapter
 
 
-def _signed_extreme(x: torch.Tensor) -> torch.Tensor:
-    """Per row of ``[B, T, F]`` over ``T``: the value largest in magnitude, with its sign."""
-    idx = x.abs().argmax(1, keepdim=True)
-    return x.gather(1, idx).squeeze(1)
+def sign_max(x: torch.Tensor) -> torch.Tensor:
+    """Per image of ``[B, T, F]``: the one value largest in magnitude over all ``T`` tokens and ``F``
+    neurons, sign kept; on a tie of ``+a`` and ``-a``, ``-a`` (the reference's ``sign_max``).
+
+    >>> sign_max(torch.tensor([[[1.0, -3.0], [2.0, 0.5]], [[4.0, 0.0], [-4.0, 1.0]]])).tolist()
+    [-3.0, -4.0]
+    """
+    flat = x.flatten(1)
+    hi, lo = flat.amax(1), flat.amin(1)
+    return torch.where(hi.abs() > lo.abs(), hi, lo)
+
+
+def _embeddings(vis) -> torch.nn.Module:
+    emb = getattr(vis.model, "embeddings", None)
+    if not isinstance(emb, torch.nn.Module):
+        name = type(vis.model).__name__
+        raise SinkscopeError(f"test-time register: {name} has no embeddings module to append the token to")
+    return emb
 
 
 @contextmanager
 def tt_register(adapter, config: TestTimeRegister):
     """Add a test-time register to ``adapter``'s ViT inside the ``with`` block (module docstring)."""
     vis = _vision(adapter)
-    blocks = vis.blocks()
-    n_blocks = len(blocks)
+    n_blocks = len(vis.blocks())
     bad = [b for b, _ in config.neurons if not 0 <= b < n_blocks]
     if bad:
         raise SinkscopeError(f"test-time register: block {bad[0]} is not a block of the {n_blocks}-block tower")
+    emb = _embeddings(vis)
     state: dict[str, Any] = {}
 
-    def append(mod, args, kwargs):
-        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        state["n"] = h.shape[1]  # tokens before the register
-        h2 = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], 1)
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": h2}
-        return (h2, *args[1:]), kwargs
+    def append(mod, args, out):
+        # the embeddings' output: CLS, trained registers, patches (position embeddings added); the
+        # zero token goes last and passes whatever comes before block 0 (CLIP's pre-layernorm)
+        state["n"] = out.shape[1]  # tokens before the register
+        return torch.cat([out, out.new_zeros(out.shape[0], 1, out.shape[2])], 1)
 
     def neuron_hook(block):
         ids = [n for b, n in config.neurons if b == block]
@@ -115,8 +146,9 @@ def tt_register(adapter, config: TestTimeRegister):
             act = args[0].clone()
             n = state["n"]
             lo = vis.layout_for(*state["hw"]).n_prefix  # CLS and trained registers stay as they are
+            value = sign_max(act[:, : n + 1, ids])  # before any change: every token, every register neuron
             patches = act[:, lo:n, ids]
-            act[:, n, ids] = _signed_extreme(patches).to(act.dtype)
+            act[:, n, ids] = value[:, None].to(act.dtype)
             act[:, lo:n, ids] = 0 if config.patches == "zero" else patches.mean(1, keepdim=True)
             return (act, *args[1:])
 
@@ -127,7 +159,7 @@ def tt_register(adapter, config: TestTimeRegister):
         state["hw"] = tuple(pv.shape[-2:])
 
     def drop(mod, args, kwargs, out):
-        n = state["n"]  # the embeddings' output (hidden_states[0]) never had the register
+        n = state["n"]
         hs = getattr(out, "hidden_states", None)
         if hs is not None:  # transformers may capture only the layers a caller selects (None elsewhere)
             out.hidden_states = tuple(None if h is None else h[:, :n] for h in hs)
@@ -138,7 +170,7 @@ def tt_register(adapter, config: TestTimeRegister):
     handles = []
     try:
         handles.append(vis.model.register_forward_pre_hook(size_hook, with_kwargs=True))
-        handles.append(blocks[0].register_forward_pre_hook(append, with_kwargs=True))
+        handles.append(emb.register_forward_hook(append))
         for b in sorted({b for b, _ in config.neurons}):
             handles.append(vis.mlp_out(b).register_forward_pre_hook(neuron_hook(b)))
         if vis is not adapter:  # inside LLaVA: the projector never sees the added token
