@@ -39,7 +39,8 @@ def add_eval(sub) -> None:
     e.add_argument(
         "--tasks",
         default="shapes",
-        help="comma-separated: shapes, textile, lfw-faces, digits, a manifest (.jsonl/.csv) or hf:NAME[:SPLIT] "
+        help="comma-separated: shapes, textile, lfw-faces, digits, a manifest (.jsonl/.csv), hf:NAME[:SPLIT] or a "
+        "dataset folder (the hub's parquet layout or save_to_disk); an MME set must have two questions per image "
         "(default: %(default)s)",
     )
     e.add_argument(
@@ -170,12 +171,20 @@ def _tt_settings(neurons: str | None, patches: str) -> dict | None:
     return {"neurons": pairs, "patches": patches}
 
 
+def _sets_checked(cfg):
+    """``cfg``, once its MME sets pair two questions per image (else a usage error, exit 2)."""
+    from ..evaluation.items import check_task_sets
+
+    check_task_sets(cfg.tasks)
+    return cfg
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     """Run ``sinkscope eval`` and print accuracy per task type and variant."""
     from ..api import run
     from .commands import _config
 
-    res = run(_config(lambda: eval_config(a)), progress=not a.quiet)
+    res = run(_config(lambda: _sets_checked(eval_config(a))), progress=not a.quiet)
     t = res.results[res.results.task == "*"]
     cols = ["variant", "task_type", "n", "accuracy", "ci_low", "ci_high", "chance"]
     print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

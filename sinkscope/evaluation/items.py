@@ -27,9 +27,23 @@ Real-image sets are split 60 / 20 / 20 by a seeded, label-stratified permutation
 each task are balanced within every split (by the datasets' own class balance or by dropping the
 excess of the larger class).
 
-**Hugging Face** (``hf:NAME[:SPLIT]``, for GPU users with the hub): columns mapped by ``columns``
-(defaults fit MME: ``question_id``, ``image``, ``question``, ``answer``, ``category``), task type
-from ``task_types`` (category -> type) or ``mixed``.
+**Hugging Face** (``hf:NAME[:SPLIT]``, for GPU users with the hub; ``SPLIT`` defaults to
+``test``): loaded with ``datasets.load_dataset(NAME, split=SPLIT)``. ``NAME`` may also be a local
+folder: one in the hub's layout (``data/SPLIT-00000-of-00001.parquet``, loaded by the same call as
+the hub's copy) or one written by ``save_to_disk``; a folder given alone in ``tasks`` is read the
+same way. Columns are mapped by ``columns`` (defaults fit MME: ``question_id``, ``image``,
+``question``, ``answer``, ``category``), task type from ``task_types`` (category -> type) or
+``mixed``.
+
+**MME** (``hf:lmms-lab/MME``, a copy of it, or a manifest whose file or folder name says ``mme``):
+items in MME's 14 categories carry ``question_id``, the key that pairs the two questions of an
+image (the hub's ``question_id``, the image's path; a manifest's ``question_id`` column or else its
+``image``), are asked as lmms-eval asks them
+(:func:`~sinkscope.evaluation.scoring.question_text`, style ``mme``), and are scored with MME's
+``acc + acc+`` (:mod:`~sinkscope.evaluation.mme`). A hub set is MME when its name says ``mme`` or
+it has a ``question_id`` column and only MME's categories. Every image must have exactly two
+questions: a set where one has one or three is refused in one line, as it loads. ``limit`` keeps
+whole images (the first ``ceil(limit / 2)``), the two questions of each one after the other.
 
 >>> its = load_items("shapes", split="test", limit=16)
 >>> len(its), its[0].task_type, its[0].answer in its[0].choices
@@ -51,6 +65,9 @@ import numpy as np
 from .._utils import SinkscopeError
 from ..data import ImageItem, load_dataset
 from . import shapes as _shapes
+from .mme import CATEGORIES as MME_CATEGORIES
+from .mme import MMEPairError, check_pairs
+from .scoring import PROMPT_STYLES, question_text
 
 TASK_TYPES = ("global", "local", "mixed")
 BUILTIN_SETS = ("shapes", "textile", "lfw-faces", "digits")
@@ -77,10 +94,20 @@ class VQAItem:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     #: the smallest image side the model may enlarge (built-in sets of small pictures: 1)
     min_side: int | None = None
+    #: MME's pairing key (the hub's ``question_id``: the two questions of an image share it);
+    #: None outside MME
+    question_id: str | None = None
+    #: how the question is put to the model (:func:`~sinkscope.evaluation.scoring.question_text`)
+    prompt_style: str = "sinkscope"
+
+    def prompt_text(self) -> str:
+        """The question as the model is asked it (suffix included)."""
+        return question_text(self.question, self.prompt_style)
 
     def to_record(self) -> dict[str, Any]:
-        """The item as a JSON-ready dict (``image`` is its source path or name)."""
-        return {
+        """The item as a JSON-ready dict (``image`` is its source path or name; MME items add
+        ``question_id``)."""
+        rec = {
             "id": self.id,
             "image": self.image.source,
             "question": self.question,
@@ -90,6 +117,9 @@ class VQAItem:
             "task": self.task,
             "source": self.source,
         }
+        if self.question_id is not None:
+            rec["question_id"] = self.question_id
+        return rec
 
 
 def _check(item: VQAItem, where: str) -> VQAItem:
@@ -99,6 +129,10 @@ def _check(item: VQAItem, where: str) -> VQAItem:
         raise SinkscopeError(f"{where}: empty question")
     if item.choices is not None and item.answer not in item.choices:
         raise SinkscopeError(f"{where}: answer {item.answer!r} is not among its choices {list(item.choices)}")
+    if item.prompt_style not in PROMPT_STYLES:
+        raise SinkscopeError(
+            f"{where}: prompt style {item.prompt_style!r} is not one of {', '.join(PROMPT_STYLES)}"
+        )
     return item
 
 
@@ -149,6 +183,7 @@ def load_manifest(path: str | Path) -> list[VQAItem]:
     [('m-1', 'red', ('red', 'blue'))]
     """
     p = Path(path)
+    mme = _says_mme(p.name) or _says_mme(p.parent.name)
     out = []
     for n, row in enumerate(read_manifest_rows(p), 1):
         where = f"{p}, row {n}"
@@ -158,21 +193,72 @@ def load_manifest(path: str | Path) -> list[VQAItem]:
         img = (p.parent / str(row["image"])).resolve()
         if not img.is_file():
             raise SinkscopeError(f"{where}: image {row['image']} not found (looked for {img})")
+        task = str(row.get("task") or "")
+        in_mme = mme and task in MME_CATEGORIES
         item = VQAItem(
             id=str(row.get("id") or f"{p.stem}-{n}"),
             image=ImageItem(str(row["image"]), str(img)),
             question=str(row["question"]),
             answer=str(row["answer"]).strip(),
             task_type=str(row["task_type"]).strip().lower(),
-            task=str(row.get("task") or ""),
+            task=task,
             choices=_parse_choices(row.get("choices"), where),
             source=str(p),
+            question_id=str(row.get("question_id") or row["image"]) if in_mme else None,
+            prompt_style="mme" if in_mme else "sinkscope",
         )
         out.append(_check(item, where))
     ids = [i.id for i in out]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise SinkscopeError(f"{p}: id {dup!r} appears more than once")
+    return _mme_checked(out, str(p))
+
+
+# -- MME's pairs --------------------------------------------------------------------------------------
+
+
+def _says_mme(name: str) -> bool:
+    return "mme" in name.lower()
+
+
+def _groups(items: Sequence[VQAItem]) -> list[list[VQAItem]]:
+    """``items`` in groups: the questions of one MME image together (in the order their images
+    first appear), every other item alone."""
+    groups: dict[Any, list[VQAItem]] = {}
+    for n, it in enumerate(items):
+        key = (it.source, it.task, it.question_id) if it.question_id is not None else n
+        groups.setdefault(key, []).append(it)
+    return list(groups.values())
+
+
+def _mme_checked(items: list[VQAItem], where: str) -> list[VQAItem]:
+    """``items`` with the two questions of each MME image next to each other; a set where an
+    MME image does not have exactly two questions is refused (one line naming it)."""
+    if not any(it.question_id is not None for it in items):
+        return items
+    check_pairs(((it.task, it.question_id) for it in items if it.question_id is not None), where)
+    return [it for g in _groups(items) for it in g]
+
+
+def limit_items(items: Sequence[VQAItem], limit: int | None, where: str = "the items") -> list[VQAItem]:
+    """The first ``limit`` items, MME's images kept whole: the two questions of an image are
+    taken together (the first ``ceil(limit / 2)`` images of an MME set). An MME image without
+    exactly two questions among ``items`` is refused (``where`` names them).
+
+    >>> its = [VQAItem(f"q{i}", ImageItem("a", "a.png"), "Is it red?", "yes", "mixed", task="color",
+    ...        question_id=f"img{i // 2}") for i in range(6)]
+    >>> [it.id for it in limit_items(its, 3)]
+    ['q0', 'q1', 'q2', 'q3']
+    """
+    items = _mme_checked(list(items), where)
+    if not limit:
+        return items
+    out: list[VQAItem] = []
+    for g in _groups(items):
+        if len(out) >= limit:
+            break
+        out += g
     return out
 
 
@@ -310,65 +396,146 @@ MME_COLUMNS = {
 }
 
 
+def _hf_name(spec: str) -> tuple[str, str]:
+    """``hf:NAME[:SPLIT]`` (or a folder) -> ``(NAME, SPLIT)``; ``SPLIT`` defaults to ``test``.
+
+    >>> _hf_name("hf:lmms-lab/MME"), _hf_name("hf:lmms-lab/MME:validation")
+    (('lmms-lab/MME', 'test'), ('lmms-lab/MME', 'validation'))
+    """
+    body = spec[3:] if spec.startswith("hf:") else spec
+    name, colon, split = body.rpartition(":")
+    if not colon or "/" in split or "\\" in split:
+        return body, "test"
+    return name, split
+
+
+def _open_hf(spec: str):
+    """The ``datasets.Dataset`` behind ``spec``: a hub id or a folder in the hub's layout through
+    ``datasets.load_dataset``, a ``save_to_disk`` folder through ``datasets.load_from_disk``."""
+    try:
+        import datasets
+    except ImportError:
+        raise SinkscopeError(f"{spec}: Hugging Face datasets need the 'datasets' package") from None
+    name, split = _hf_name(spec)
+    folder = Path(name)
+    try:
+        if folder.is_dir() and any((folder / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(folder))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise SinkscopeError(f"{spec}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(name, split=split)
+    except SinkscopeError:
+        raise
+    except Exception as e:  # the hub raises many kinds; one line for the user
+        raise SinkscopeError(
+            f"{spec}: cannot load the dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+
+
+def _hf_image(ds, n: int, column: str) -> np.ndarray:
+    img = ds[n][column]
+    if isinstance(img, dict) and img.get("bytes"):
+        import io
+
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(img["bytes"]))
+    return np.asarray(img.convert("RGB"))
+
+
 def hf_items(
     spec: str,
     columns: dict[str, str] | None = None,
     task_types: dict[str, str] | None = None,
     limit: int | None = None,
 ) -> list[VQAItem]:
-    """Items from a Hugging Face dataset, ``hf:NAME[:SPLIT]`` (needs the hub; for GPU users).
+    """Items from a Hugging Face dataset, ``hf:NAME[:SPLIT]``: a hub id (needs the hub; for GPU
+    users) or a local folder (the hub's parquet layout, or ``save_to_disk``). Images are decoded
+    when an item is asked, not as the set loads. MME's sets are checked as they load (two
+    questions per image) and ``limit`` keeps their images whole (module docstring).
 
     (skipped in the doctests: downloads MME from the hub)
 
     >>> its = hf_items("hf:lmms-lab/MME:test", limit=4)        # doctest: +SKIP
     """
-    try:
-        import datasets
-    except ImportError:
-        raise SinkscopeError(f"{spec}: Hugging Face datasets need the 'datasets' package") from None
-    _, name, *rest = spec.split(":")
-    split = rest[0] if rest else "test"
+    name, _ = _hf_name(spec)
     cols = {**MME_COLUMNS, **(columns or {})}
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # the hub raises many kinds; one line for the user
-        raise SinkscopeError(
-            f"{spec}: cannot load the dataset ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
+    ds = _open_hf(spec)
     missing = [c for k, c in cols.items() if k != "id" and c not in ds.column_names]
     if missing:
         raise SinkscopeError(
             f"{spec}: no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); map it with columns="
         )
+    text_cols = [c for k, c in cols.items() if k != "image" and c in ds.column_names]
+    table = ds.select_columns(text_cols).to_dict()  # every row's text, no image decoded
+    n_rows = len(ds)
+    tasks = [str(t) for t in table[cols["task"]]]
+    has_qid = cols["id"] in table
+    cats = set(tasks)
+    mme = _says_mme(Path(name).name if Path(name).is_dir() else name) or (
+        has_qid and bool(cats) and cats <= set(MME_CATEGORIES)
+    )
+    if mme and not has_qid and cats & set(MME_CATEGORIES):
+        raise SinkscopeError(
+            f"{spec}: an MME set needs a {cols['id']!r} column to pair the two questions of each image "
+            f"(columns: {', '.join(ds.column_names)}); map it with columns="
+        )
+    short = Path(name).name if Path(name).is_dir() else name
     out = []
-    for n, row in enumerate(ds):
-        if limit and n >= limit:
-            break
-        task = str(row.get(cols["task"], ""))
-        pil = row[cols["image"]]
+    for n in range(n_rows):
+        task = tasks[n]
+        qid = str(table[cols["id"]][n]) if has_qid else str(n)
+        in_mme = mme and task in MME_CATEGORIES
         out.append(
             VQAItem(
-                id=str(row.get(cols["id"], n)) + f"#{n}",
-                image=ImageItem(f"{name}-{n}", f"{spec}#{n}", lambda pil=pil: np.asarray(pil.convert("RGB"))),
-                question=str(row[cols["question"]]),
-                answer=str(row[cols["answer"]]).strip(),
+                id=f"{qid}#{n}",
+                image=ImageItem(f"{short}-{n}", f"{spec}#{n}", lambda n=n: _hf_image(ds, n, cols["image"])),
+                question=str(table[cols["question"]][n]),
+                answer=str(table[cols["answer"]][n]).strip(),
                 task_type=(task_types or {}).get(task, "mixed"),
                 task=task,
                 choices=None,  # MME and most hub sets are scored by generation
                 source=spec,
+                question_id=qid if in_mme else None,
+                prompt_style="mme" if in_mme else "sinkscope",
             )
         )
-    return out
+    return limit_items(out, limit, spec)
+
+
+def check_task_sets(tasks: str | Sequence[str]) -> None:
+    """Load the hub sets, folders and manifests among ``tasks`` and refuse an MME set whose images
+    do not have two questions each (:class:`~sinkscope.evaluation.mme.MMEPairError`, what
+    :func:`load_items` refuses as a run starts; the command line calls this first, so the refusal
+    is a usage error). Any other problem is left to the run, which reports it as before."""
+    for t in _task_names(tasks):
+        try:
+            if t.startswith("hf:") or Path(t).is_dir():
+                hf_items(t)
+            elif Path(t).suffix.lower() in (".jsonl", ".json", ".csv") and Path(t).is_file():
+                load_manifest(t)
+        except MMEPairError:
+            raise
+        except SinkscopeError:
+            continue
+
+
+def _task_names(tasks: str | Sequence[str]) -> list[str]:
+    return [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
 
 
 def load_items(tasks: str | Sequence[str], split: str = "test", limit: int | None = None) -> list[VQAItem]:
     """Items of every comma-separated task in ``tasks``: built-in sets, manifests (a path ending in
-    ``.jsonl``/``.json``/``.csv``) or ``hf:NAME[:SPLIT]``; ``limit`` items per task.
+    ``.jsonl``/``.json``/``.csv``), ``hf:NAME[:SPLIT]`` or a dataset folder (read as ``hf:FOLDER``);
+    ``limit`` items per task (MME's images kept whole: :func:`limit_items`).
 
     >>> [len(load_items(t, limit=8)) for t in ("shapes", "digits")]
     [8, 8]
     """
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    names = _task_names(tasks)
     if not names:
         raise SinkscopeError(
             "no task given; expected built-in sets (shapes, textile, lfw-faces, digits), a manifest or hf:NAME"
@@ -381,13 +548,14 @@ def load_items(tasks: str | Sequence[str], split: str = "test", limit: int | Non
             out += shapes_items(split, limit)
         elif t in REAL_TASKS:
             out += real_items(t, split, limit)
-        elif t.startswith("hf:"):
+        elif t.startswith("hf:") or Path(t).is_dir():
             out += hf_items(t, limit=limit)
         elif Path(t).suffix.lower() in (".jsonl", ".json", ".csv"):
-            out += load_manifest(t)[:limit] if limit else load_manifest(t)
+            out += limit_items(load_manifest(t), limit, t)
         else:
             raise SinkscopeError(
-                f"unknown task {t!r}: expected {', '.join(BUILTIN_SETS)}, a manifest (.jsonl / .csv) or hf:NAME[:SPLIT]"
+                f"unknown task {t!r}: expected {', '.join(BUILTIN_SETS)}, a manifest (.jsonl / .csv), "
+                "hf:NAME[:SPLIT] or a dataset folder"
             )
     ids = [i.id for i in out]
     if len(set(ids)) != len(ids):
@@ -401,7 +569,9 @@ __all__ = [
     "SPLITS",
     "TASK_TYPES",
     "VQAItem",
+    "check_task_sets",
     "hf_items",
+    "limit_items",
     "load_items",
     "load_manifest",
     "real_items",

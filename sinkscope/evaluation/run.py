@@ -65,7 +65,7 @@ from ..interventions import (
 )
 from ..models import load_model
 from .dual import DUAL_VARIANTS, ROUTING_COLUMNS, DualVariant, dual_variants, plan_item
-from .items import VQAItem, load_items
+from .items import VQAItem, limit_items, load_items
 from .mme import COGNITION, PERCEPTION, mme_score
 from .scoring import build_prompt, generate_answer, intervened, is_correct, score_choices
 from .stats import bootstrap_ci, paired_difference
@@ -141,7 +141,7 @@ def answer_item(
 
 
 def _answer(adapter, item, image, variant, token, mode, chat, intervention, extra) -> dict[str, Any]:
-    prompt = build_prompt(adapter, image, item.question, chat=chat, min_side=item.min_side)
+    prompt = build_prompt(adapter, image, item.prompt_text(), chat=chat, suffix="", min_side=item.min_side)
     if token is not None:
         spec = intervention if intervention is not None else TokenIntervention(token, rule=default_rule(adapter)[0])
         if spec.variant != token:
@@ -258,7 +258,7 @@ def evaluate(
     if bad:
         raise SinkscopeError(f"variant {bad[0]!r}: expected one of {', '.join(VARIANTS)}")
     if not isinstance(tasks, str) and tasks and all(isinstance(t, VQAItem) for t in tasks):
-        items = list(tasks)[:limit] if limit else list(tasks)
+        items = limit_items(tasks, limit)  # MME's images whole, and two questions each
         tasks = sorted({it.task for it in items})
     else:
         items = load_items(tasks, split=split, limit=limit)
@@ -541,8 +541,8 @@ def _summary(ad, tasks, split, limit, variants, mode, results, pred, n_new, t0, 
         },
         "versions": package_versions(("sinkscope", "torch", "transformers")),
     }
-    # MME's score for items from MME (the hub set or a manifest named like it) in its categories
-    from_mme = pred["source"].astype(str).str.contains("mme", case=False)
+    # MME's score for MME's items (they carry question_id, the key pairing an image's two questions)
+    from_mme = pred["question_id"].notna() if "question_id" in pred else pd.Series(False, index=pred.index)
     mme = pred[from_mme & pred["task"].isin(PERCEPTION + COGNITION)]
     if len(mme):
         summary["mme"] = {

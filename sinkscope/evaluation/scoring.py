@@ -27,8 +27,15 @@ import torch
 
 from .._utils import SinkscopeError
 
-#: appended to every question (as lmms-eval's MME prompt asks for a single word)
+#: appended to the questions of sinkscope's own sets (shapes, the real-image sets, manifests)
 ANSWER_SUFFIX = " Answer with one word."
+#: appended to an MME question, as lmms-eval's ``mme`` task does for most models (its
+#: ``post_prompt``), after removing :data:`MME_REMOVED` from the question
+MME_SUFFIX = "\nAnswer the question using a single word or phrase."
+#: the phrase every MME question ends with; lmms-eval drops it when it adds its own suffix
+MME_REMOVED = " Please answer yes or no."
+#: how a question becomes the text of the prompt (:func:`question_text`)
+PROMPT_STYLES = ("sinkscope", "mme")
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -40,6 +47,23 @@ def normalize_answer(text: str) -> str:
     s = _ARTICLES.sub(" ", s)
     words = [_NUMBERS.get(w, w) for w in s.split()]
     return " ".join(words)
+
+
+def question_text(question: str, style: str = "sinkscope") -> str:
+    """The text the model is asked for ``question``: with :data:`ANSWER_SUFFIX` (``sinkscope``),
+    or as lmms-eval asks MME (``mme``: the question stripped, :data:`MME_REMOVED` dropped,
+    :data:`MME_SUFFIX` appended).
+
+    >>> question_text("Is the cat black? Please answer yes or no.", "mme")
+    'Is the cat black?\\nAnswer the question using a single word or phrase.'
+    >>> question_text(" Which shape is red? ")
+    'Which shape is red? Answer with one word.'
+    """
+    if style == "mme":
+        return question.strip().replace(MME_REMOVED, "") + MME_SUFFIX
+    if style != "sinkscope":
+        raise SinkscopeError(f"prompt style {style!r}: expected one of {', '.join(PROMPT_STYLES)}")
+    return question.strip() + ANSWER_SUFFIX
 
 
 def parse_yes_no(text: str) -> str:
@@ -226,6 +250,9 @@ def generate_answer(adapter, prompt: Prompt, max_new_tokens: int = 16) -> str:
 
 __all__ = [
     "ANSWER_SUFFIX",
+    "MME_REMOVED",
+    "MME_SUFFIX",
+    "PROMPT_STYLES",
     "Prompt",
     "build_prompt",
     "candidate_ids",
@@ -234,6 +261,7 @@ __all__ = [
     "is_correct",
     "normalize_answer",
     "parse_yes_no",
+    "question_text",
     "score_choices",
     "score_choices_direct",
 ]
