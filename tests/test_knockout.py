@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -45,8 +47,12 @@ def test_one_window_per_layer_centred_and_clipped():
     assert w[0] == (0, 0, 4) and w[4] == (4, 0, 8) and w[15] == (15, 11, 19) and w[-1] == (29, 25, 29)
     assert all(s <= c <= e and e - s + 1 <= 9 for c, s, e in w)
     assert all(e - s + 1 == 9 for c, s, e in w if 4 <= c <= 25)  # unclipped in the middle
-    # even windows: one layer more after the centre; a window larger than the model: every layer
-    assert knockout_windows(4, window=2) == [(0, 0, 1), (1, 1, 2), (2, 2, 3), (3, 3, 3)]
+    # even windows: the extra layer before the centre, as the reference's
+    # range(max(0, l - w // 2), min(L, l + ceil(w / 2))); a window larger than the model: every layer
+    assert knockout_windows(4, window=2) == [(0, 0, 0), (1, 0, 1), (2, 1, 2), (3, 2, 3)]
+    for L, win in ((12, 4), (30, 8), (5, 6), (7, 1)):
+        ref = [range(max(0, c - win // 2), min(L, c + math.ceil(win / 2))) for c in range(L)]
+        assert [(s, e) for _, s, e in knockout_windows(L, window=win)] == [(r[0], r[-1]) for r in ref]
     assert knockout_windows(3, window=9) == [(0, 0, 2), (1, 0, 2), (2, 0, 2)]
     assert [c for c, _, _ in knockout_windows(30, 9, stride=4)] == list(range(0, 30, 4))
 

@@ -99,16 +99,19 @@ KNOCKOUT_COLUMNS = (
 def knockout_windows(n_layers: int, window: int = 9, stride: int = 1) -> list[tuple[int, int, int]]:
     """Windows of ``window`` LLM layers centred on layers ``0, stride, 2 * stride, ...``, clipped
     at the first and last layer (Zhang et al.): one ``(layer, window_start, window_end)`` per
-    centre, ``window_end`` inclusive. An odd window spans ``layer - window // 2`` to
-    ``layer + window // 2``; an even one has one layer more after the centre than before.
+    centre, ``window_end`` inclusive: layers ``layer - window // 2`` to ``layer + ceil(window / 2) - 1``,
+    as the reference (Zhang et al.: ``range(max(0, l - w // 2), min(L, l + ceil(w / 2)))``), so an
+    even window has its extra layer before the centre.
 
     >>> knockout_windows(4, window=3)
     [(0, 0, 1), (1, 0, 2), (2, 1, 3), (3, 2, 3)]
+    >>> knockout_windows(5, window=4)[2]           # layers 0..3: two before the centre, one after
+    (2, 0, 3)
     """
     if n_layers < 1:
         raise SinkscopeError("the model has no decoder layer to knock out")
     window = max(1, int(window))
-    before = (window - 1) // 2
+    before = window // 2
     after = window - 1 - before
     return [
         (c, max(0, c - before), min(n_layers - 1, c + after)) for c in range(0, n_layers, max(1, int(stride)))
