@@ -3,21 +3,41 @@ sink tokens to the image, inside sinkscope's attention function.
 
 For every decoder layer from ``start_layer`` on except the last, and every query and head:
 
-1. **sink tokens** (text and visual alike): a token is a sink at layer ``l`` when
+1. **sink tokens** (text and visual alike): a token of the prompt is a sink at layer ``l`` when
    ``max over d in sink_dims of |x[d]| / RMS(x) >= tau`` on the layer's *input* hidden state
-   (RMS without the norm's learned weight);
-2. **image-centric heads**: the head's attention on image tokens is ``>= alpha`` (0.2) and the
-   sinks among the image tokens take at most ``rho`` (0.5) of it;
-3. in those heads the attention on every sink token is multiplied by ``p`` (0.6) and the freed
-   mass goes to the non-sink image tokens, in proportion to their attention. Rows still sum to 1.
+   (RMS without the norm's learned weight). Sinks are found in the prefill only (the call that
+   starts with an empty cache): tokens fed later - generated tokens, scored candidates - are never
+   sinks, as in the reference code (its sink detector runs before the first output token only);
+2. **image-centric heads**: only where the image holds a visual sink at that layer (a layer whose
+   image has none forks no head, whatever its text sinks), a head's query row is selected when its
+   attention on image tokens is ``>= alpha`` (0.2) and the visual sinks take at most ``rho`` (0.5)
+   of it. Only queries after the image's last token are candidates: in the prefill the image
+   tokens' own rows and the text before the image keep their attention (the reference's
+   ``attn_redist`` takes ``query >= image_end``); decoding steps come after the image;
+3. in the selected rows the attention on every sink token (text and visual) is multiplied by ``p``
+   (0.6) and the freed mass goes to the non-sink image tokens, in proportion to their attention.
+   Rows still sum to 1.
+
+These scopes are those of the reference code (``seilk/VisAttnSink``, ``src/logic/logic.py``:
+``HeadFork`` forks no head without a visual sink, ``VARProcessor.attn_redist`` skips the prefill
+queries before ``image_end``, ``DimProspector`` runs while no token has been generated).
+sinkscope's earlier version also redistributed in layers with only text sinks and in the image
+tokens' own rows (which changes every later layer's image states); that was dropped rather than
+kept as an option: the reference does neither, and no analysis here needs it. Two details differ
+from the reference on purpose, both with no effect unless a value sits on the threshold: a sink is
+``>= tau`` (the toolkit's LLM sink rule; the reference tests ``> tau`` on ``x * rsqrt(mean(x^2) +
+1e-6)``), and the visual sinks' share is of the image attention itself (the reference divides by
+``sum(image attention + 1e-6)``, one epsilon per image token).
 
 ``sink_dims=None`` discovers them from the model instead of hard-coding them per model (the
 reference code hard-codes Llama-2's): a calibration text runs through the LLM and every channel
 in which some token reaches ``tau`` at a layer VAR touches is kept (:attr:`VARLive.sink_dims`).
 It works in prefill and in ``generate`` (sink and image flags of the cached keys are kept and
-extended with each new token). The attention runs eagerly in the layers VAR touches (the other
-layers stay on SDPA); a :class:`~sinkscope.capture.Capture` in the same forward reduces the
-redistributed attention.
+extended with each new token, never a sink). The attention runs eagerly in the layers VAR touches
+(the other layers stay on SDPA); a :class:`~sinkscope.capture.Capture` in the same forward reduces
+the redistributed attention. Batched rows each use their own image and sinks.
+
+In the example the BOS token is the only sink, so VAR forks no head and changes nothing:
 
 >>> import numpy as np, torch
 >>> from sinkscope.models.tiny import Plant, load_tiny, plant_text_sinks
@@ -28,10 +48,13 @@ redistributed attention.
 ...     _ = proj.weight[63].zero_(), proj.bias[63].zero_()
 >>> inp = ad.build_inputs([np.zeros((32, 32, 3), np.uint8)], "<image> What is in the picture?")
 >>> call = {k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values")}
->>> with var(ad, VAR(start_layer=1, tau=5)) as live:     # width 64: |x[d]|/RMS is at most 8 here
+>>> with torch.no_grad(), var(ad, VAR(start_layer=1, tau=5)) as live:   # width 64: |x[d]|/RMS <= 8 here
 ...     logits = ad.model(**call).logits
 >>> live.sink_dims, live.last_sinks[1][0, :2].tolist()               # BOS is the sink; then an image token
 ((7,), [True, False])
+>>> with torch.no_grad():
+...     torch.allclose(logits, ad.model(**call).logits, atol=1e-6)    # no visual sink: no head forked
+True
 """
 
 from __future__ import annotations
@@ -88,8 +111,8 @@ class VAR:
         dims = "discovered" if self.sink_dims is None else ",".join(map(str, self.sink_dims))
         return (
             f"VAR: sink attention x {self.p:g} in image-centric heads (sink share <= {self.rho:g} of image "
-            f"attention >= {self.alpha:g}), layers {self.start_layer}..last-1, sinks max|x[d]|/RMS >= {self.tau:g} "
-            f"on dims {dims}"
+            f"attention >= {self.alpha:g}) for the queries after the image, in layers {self.start_layer}..last-1 "
+            f"whose image holds a visual sink; prompt sinks max|x[d]|/RMS >= {self.tau:g} on dims {dims}"
         )
 
 
@@ -104,23 +127,50 @@ def phi(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x[..., list(dims)].abs().amax(-1) / rms
 
 
-def redistribute(probs: torch.Tensor, key_sink: torch.Tensor, key_image: torch.Tensor, cfg: VAR):
-    """VAR on attention probabilities ``[B, H, Q, K]`` given per-key sink and image flags ``[B, K]``:
-    the new probabilities and the ``[B, H, Q]`` mask of the rows it changed.
+def candidate_rows(key_sink: torch.Tensor, key_image: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """The ``[B, 1, Q]`` query rows VAR may select, from the per-key sink and image flags ``[B, K]``
+    of a causal call whose ``Q`` queries are its last ``Q`` keys: the row's image holds a visual
+    sink, and the query comes after the image's last token.
 
-    >>> probs = torch.tensor([[[[0.5, 0.1, 0.3, 0.1]]]])        # key 0: text sink, 1: image sink, 2-3: image
-    >>> new, sel = redistribute(probs, torch.tensor([[True, True, False, False]]),
-    ...                         torch.tensor([[False, True, True, True]]), VAR())
-    >>> [round(v, 4) for v in new[0, 0, 0].tolist()], bool(sel)
-    ([0.3, 0.06, 0.48, 0.16], True)
+    >>> sink = torch.tensor([[True, False, True, False, False, False]])
+    >>> image = torch.tensor([[False, True, True, True, False, False]])   # image at keys 1-3
+    >>> candidate_rows(sink, image, 3).tolist()                        # queries at keys 3, 4, 5
+    [[[False, True, True]]]
+    >>> candidate_rows(sink & ~image, image, 3).any().item()             # no visual sink: no row
+    False
     """
+    n_keys = key_image.shape[1]
+    at = torch.arange(n_keys, device=key_image.device)
+    image_end = torch.where(key_image, at + 1, 0).amax(1, keepdim=True)  # [B, 1]; 0 without an image
+    visual = (key_sink & key_image).any(1, keepdim=True)
+    queries = at[n_keys - n_queries :][None, :]
+    return ((queries >= image_end) & visual)[:, None, :]
+
+
+def redistribute(probs: torch.Tensor, key_sink: torch.Tensor, key_image: torch.Tensor, cfg: VAR,
+                 rows: torch.Tensor | None = None):  # fmt: skip
+    """VAR on attention probabilities ``[B, H, Q, K]`` (the ``Q`` queries are the last ``Q`` keys)
+    given per-key sink and image flags ``[B, K]``: the new probabilities and the ``[B, H, Q]`` mask
+    of the rows it changed. ``rows``: :func:`candidate_rows` (computed when not given).
+
+    >>> probs = torch.tensor([[[[0.5, 0.1, 0.3, 0.05, 0.05]]]])  # key 0: text sink, 1: image sink,
+    >>> sink = torch.tensor([[True, True, False, False, False]])  # 2-3: image, 4: the text query
+    >>> new, sel = redistribute(probs, sink, torch.tensor([[False, True, True, True, False]]), VAR())
+    >>> [round(v, 4) for v in new[0, 0, 0].tolist()], bool(sel)
+    ([0.3, 0.06, 0.5057, 0.0843, 0.05], True)
+    >>> new, sel = redistribute(probs[..., :4] / 0.95, sink[:, :4], torch.tensor([[False, True, True, True]]), VAR())
+    >>> bool(sel)                                                   # an image token's own row: unchanged
+    False
+    """
+    if rows is None:
+        rows = candidate_rows(key_sink, key_image, probs.shape[2])
     p32 = probs.float()
     snk = key_sink[:, None, :, None].to(p32.dtype)  # [B, 1, K, 1]: reductions over keys are matmuls
     img = key_image[:, None, :, None].to(p32.dtype)
     ns = img * (1 - snk)
     stats = p32 @ torch.cat([img, img * snk, ns, snk], -1)  # [B, H, Q, 4]: one product for the four sums
     a_img, a_sink_img, base, sink_mass = stats.unbind(-1)
-    sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0)
+    sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0) & rows
     drop = torch.where(sel, 1 - cfg.p, 0.0)  # the share of every sink key's attention taken away
     gain = torch.where(sel, (1 - cfg.p) * sink_mass / base.clamp_min(1e-30), 0.0)  # given per unit of attention
     scale = 1 - drop[..., None] * snk[..., 0][:, :, None, :] + gain[..., None] * ns[..., 0][:, :, None, :]
@@ -157,10 +207,14 @@ class VARLive:
                     "(a call VAR did not see from its start: run prefill and generate inside the context)"
                 )
             sinks, image = sinks.to(value.device), image.to(value.device)
+            rows = candidate_rows(sinks, image, query.shape[2])
             wanted = self.record or getattr(module, "_sinkscope_sel", None) is not None or getattr(module, "_sinkscope_keep", False)
             if not wanted and query.shape[2] > SHORT_CALL:  # nobody reads the probabilities
                 k, v = repeat_kv(key, groups), repeat_kv(value, groups)
-                return _fused(query, k, v, mask, scaling, sinks, image, self.config), None
+                if not bool(rows.any()):  # no visual sink or no query after the image: plain attention
+                    out = nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+                    return out.transpose(1, 2).contiguous(), None
+                return _fused(query, k, v, mask, scaling, sinks, image, self.config, rows), None
             # eager, with the query heads grouped over their key/value head (no copy of the cache)
             B, H, Q, D = query.shape
             qg = query.view(B, H // groups, groups, Q, D)
@@ -168,7 +222,7 @@ class VARLive:
             if mask is not None:
                 scores = scores + mask
             probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
-            new, sel = redistribute(probs, sinks, image, self.config)
+            new, sel = redistribute(probs, sinks, image, self.config, rows)
             if self.record:
                 self.records.append({"layer": layer, "before": probs.detach().cpu(), "after": new.detach().cpu(),
                                      "selected": sel.detach().cpu()})  # fmt: skip
@@ -179,7 +233,7 @@ class VARLive:
         return run
 
 
-def _fused(query, k, v, mask, scaling, sinks, image, cfg: VAR) -> torch.Tensor:
+def _fused(query, k, v, mask, scaling, sinks, image, cfg: VAR, rows: torch.Tensor) -> torch.Tensor:
     """VAR's output without materialising the attention over the image.
 
     The redistributed output is linear in the probabilities: ``out' = out - drop * O_S + gain *
@@ -190,7 +244,8 @@ def _fused(query, k, v, mask, scaling, sinks, image, cfg: VAR) -> torch.Tensor:
     other devices a second fused call with three key flags as the values gives the group masses,
     and ``p_k = mass_group * softmax_group(s)_k``. The row statistics (image mass, its sink share,
     sink mass) follow, ``O_S`` and ``O_T`` are products over the few keys, and ``O_N = out - O_S -
-    O_T``. Equal to the eager route (tested); ``[B, Q, H, D]`` as the eager function returns it."""
+    O_T``. Only the :func:`candidate_rows` ``rows`` can be selected. Equal to the eager route
+    (tested); ``[B, Q, H, D]`` as the eager function returns it."""
     B, H, K, D = v.shape
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, torch.finfo(query.dtype).min)
@@ -232,7 +287,7 @@ def _fused(query, k, v, mask, scaling, sinks, image, cfg: VAR) -> torch.Tensor:
     vf = v[:, :, few].float()
     o_s, o_t = torch.matmul(p_s, vf), torch.matmul(p_t, vf)
     base = (a_img - a_sink_img).clamp_min(0)
-    sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0)
+    sel = (a_img >= cfg.alpha) & (a_sink_img <= cfg.rho * a_img) & (base > 0) & rows
     o_n = out.float() - o_s - o_t
     drop = torch.where(sel, 1 - cfg.p, 0.0)[..., None]
     gain = torch.where(sel, (1 - cfg.p) * sink_mass / base.clamp_min(1e-30), 0.0)[..., None]
@@ -296,7 +351,10 @@ def var(adapter, config: VAR | None = None, record: bool = False):
     def layer_hook(layer):
         def pre(mod, args, kwargs):
             h = kwargs.get("hidden_states", args[0] if args else None)
-            flags = (phi(h, live.sink_dims) >= cfg.tau) if live.sink_dims else torch.zeros(h.shape[:2], dtype=torch.bool)
+            if live.sink_dims and not live._past:  # the prefill: the prompt's sinks
+                flags = phi(h, live.sink_dims) >= cfg.tau
+            else:  # no sink dims, or tokens fed after the prefill (generated, scored): never sinks
+                flags = torch.zeros(h.shape[:2], dtype=torch.bool)
             live.last_sinks[layer] = _extend(live.last_sinks.get(layer), flags.to(h.device), live._past)
 
         return pre
