@@ -218,7 +218,10 @@ def register() -> None:
     # layout: ``language_model.lm_head.weight``, ``language_model.model.*``, ...) go with the model
     # type, so the dual model needs them under its own type; without them an untied LM head (Vicuna
     # in LLaVA-1.5) does not land and is initialised at random
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
     if get_checkpoint_conversion_mapping(MODEL_TYPE) is None:
         register_checkpoint_conversion_mapping(MODEL_TYPE, get_checkpoint_conversion_mapping("llava"))

@@ -238,12 +238,14 @@ def train_projector(
     if out.exists() and any(out.iterdir()) and not resume:
         raise SinkscopeError(f"{out} is not empty; pass resume=True (--resume) to continue the run there")
     acc.wait_for_everyone()  # every process checked the folder before any writes to it
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {mixed_precision!r}")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     ad = model if hasattr(model, "model") else load_model(model, device=str(acc.device))
+    if getattr(ad, "family", None) != "llava":
+        raise SinkscopeError(f"model {ad.name!r} ({ad.family}) is not a LLaVA-style model: train-projector trains the projector between a tower and an LLM")
+    out.mkdir(parents=True, exist_ok=True)
     m = ad.model
     projector = _trainable_projector(m, init)
     if init_lora is not None:
