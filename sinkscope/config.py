@@ -579,6 +579,7 @@ class DIYSinkTrainConfig(RunConfig):
     real: tuple[str, ...] = ("textile", "lfw-faces", "digits")
     real_limit: int | None = None
     mlps: tuple[str, ...] = ("sink", "nonsink")
+    llm: str = "lora"
     lora_rank: int | None = None
     llm_lr: float | None = None
     samples: int = 120
@@ -600,7 +601,6 @@ class DIYSinkTrainConfig(RunConfig):
 
         for name in ("real", "mlps"):
             v = getattr(self, name)
-    llm: str = "lora"
             object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
         object.__setattr__(self, "stage", str(self.stage))
         if self.stage not in STAGES:
@@ -627,6 +627,8 @@ class DIYSinkTrainConfig(RunConfig):
             raise SinkscopeError(f"lora_rank: an integer >= 1 (LoRA rank), got {self.lora_rank!r}")
         if self.lora_rank is not None and self.stage != "2":
             raise SinkscopeError(f"lora_rank: LoRA on the LLM belongs to stage 2, not stage {self.stage}")
+        if self.lora_rank is not None and self.llm != "lora":
+            raise SinkscopeError(f"lora_rank: LoRA adapters need llm='lora', not {self.llm!r}")
         if self.router_norm is not None and self.router_norm not in NORMALISATIONS:
             raise SinkscopeError(f"router_norm: one of {', '.join(NORMALISATIONS)}, got {self.router_norm!r}")
         if self.real_limit is not None and (not isinstance(self.real_limit, int) or self.real_limit < 1):
@@ -642,5 +644,3 @@ class DIYSinkTrainConfig(RunConfig):
 
 
 __all__ = ["CONFIGS", "SCHEMA_VERSION", "DIYSinkInitConfig", "DIYSinkTrainConfig", "DecodeConfig", "EvalConfig", "TrainProjectorConfig", "FlowConfig", "ProbeConfig", "RunConfig", "ScanConfig"]
-        if self.lora_rank is not None and self.llm != "lora":
-            raise SinkscopeError(f"lora_rank: LoRA adapters need llm='lora', not {self.llm!r}")
