@@ -17,14 +17,16 @@ does all three, so the analyses never import the page writer:
 
 >>> res = run(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:1",), out="runs/api"), progress=False)
 >>> sorted(p.name for p in res.out.iterdir() if p.suffix in (".html", ".json", ".parquet"))
-['config.json', 'report.html', 'scan_config.json', 'summary.json', 'tokens.parquet']
+['.sinkscope.json', 'config.json', 'report.html', 'scan_config.json', 'summary.json', 'tokens.parquet']
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
+from . import ownership
 from . import probing as _probing
 from . import runs as _runs
 from . import scanning as _scanning
@@ -47,10 +49,42 @@ def run(config: RunConfig, progress: bool = True):
     >>> res.config.method, int(res.tokens.layer.max())
     ('norm', 4)
     """
+    check_folders(config)  # before any model loads
     res = _runs.execute(config, progress=progress)
     if config.out is not None and getattr(config, "report", True) and _is_main(res) and has_page(res):
-        write_result_page(res, overwrite=bool(getattr(config, "overwrite", False)))
+        # the folder passed sinkscope.ownership before any work: a page there is this command's own
+        write_result_page(res, overwrite=True)
+    if config.out is not None and _is_main(res):
+        ownership.record(config.out)  # the marker lists what the run wrote
     return res
+
+
+#: config fields that only change how a run goes, never its results: left out of the settings a
+#: probe's or flow's marker records (eval, train-projector and diysink say theirs where they resume)
+HOW_IT_RUNS = frozenset({"out", "resume", "overwrite", "report", "device", "n_jobs", "cache", "cache_dir"})
+
+
+def check_folders(config: RunConfig) -> None:
+    """Every folder ``config`` writes follows :mod:`sinkscope.ownership` (new, empty or this
+    command's own): ``out`` and ``cache_dir`` are checked here, before any model loads, and a
+    ``probe`` / ``flow`` folder is claimed (the other analyses claim theirs as they start, where
+    a resume is compared with the stored settings). A refusal is one line
+    (:class:`~sinkscope.ownership.FolderRefused`, exit status 2 from the command line).
+
+    >>> check_folders(ScanConfig(out="runs/brand-new-scan"))
+    """
+    kind = config.analysis
+    out = getattr(config, "out", None)
+    flags = {"resume": bool(getattr(config, "resume", False)), "overwrite": bool(getattr(config, "overwrite", False))}
+    cache = getattr(config, "cache_dir", None)
+    if cache is not None:
+        ownership.check(cache, "feature-cache", ownership.OUTPUTS["feature-cache"], option="--cache-dir")
+    if out is None:
+        return
+    ownership.check(out, kind, ownership.OUTPUTS[kind], **flags)
+    if kind in ("probe", "flow") and not int(os.environ.get("RANK", "0") or 0):
+        settings = {k: v for k, v in config.to_dict().items() if k not in HOW_IT_RUNS}
+        ownership.claim(out, kind, ownership.OUTPUTS[kind], settings, **flags)
 
 
 def _with_page(analysis):
@@ -58,6 +92,8 @@ def _with_page(analysis):
 
     @functools.wraps(analysis)
     def wrapper(*args, report: bool = True, **kwargs):
+        if analysis is _probing.probe and kwargs.get("out") is not None:  # (a scan claims its folder itself)
+            ownership.claim(kwargs["out"], "probe", ownership.OUTPUTS["probe"])
         res = analysis(*args, **kwargs)
         if report and res.out is not None and _is_main(res):
             write_result_page(res)

@@ -219,7 +219,7 @@ def test_no_viz_module_over_the_size_limit(limit):
 #: The layers, lowest first (issue 10): a module may import its own layer or one below, never above.
 #: ``sinkscope`` itself (the public facade) re-exports every layer and is left out.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("sinkscope._utils", "sinkscope.data")),
+    ("base", ("sinkscope._utils", "sinkscope.ownership", "sinkscope.data")),
     ("models", ("sinkscope.models",)),
     ("capture", ("sinkscope.capture", "sinkscope.store")),
     ("sinks", ("sinkscope.sinks",)),

@@ -3,6 +3,8 @@ earlier scan's folder is reused, and ``--overwrite`` is the explicit way to repl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sinkscope.cli import main
@@ -18,9 +20,9 @@ def test_scan_refuses_a_folder_it_did_not_write_and_keeps_every_file(tmp_path, c
     (user / "seen" / "holiday.txt").write_text("keep me")
     (user / "parts").mkdir()
     (user / "parts" / "notes.md").write_text("mine")
-    assert _scan(user) == 1
+    assert _scan(user) == 2  # refused before any work: a usage error (issue 28)
     err = capsys.readouterr().err
-    assert "did not write" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert "did not write" in err and str(user) in err and len(err.strip().splitlines()) == 1
     assert (user / "seen" / "holiday.txt").read_text() == "keep me"
     assert (user / "parts" / "notes.md").read_text() == "mine"
     assert not (user / "tokens.parquet").exists()
@@ -28,7 +30,7 @@ def test_scan_refuses_a_folder_it_did_not_write_and_keeps_every_file(tmp_path, c
 
 def test_scan_reruns_into_its_own_folder_and_overwrite_replaces_a_foreign_one(tmp_path):
     out = tmp_path / "run"
-    assert _scan(out) == 0 and (out / ".sinkscope-run").exists()
+    assert _scan(out) == 0 and json.loads((out / ".sinkscope.json").read_text())["kind"] == "scan"
     assert _scan(out) == 0  # its own folder: fresh start allowed
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -44,13 +46,25 @@ def test_scan_refuses_a_file_as_out(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err and f.read_text() == "data"
 
 
-@pytest.mark.parametrize("legacy_marker", ["scan_config.json"])
-def test_a_scan_folder_from_an_earlier_version_is_still_recognised(tmp_path, legacy_marker):
+def test_a_scan_folder_from_an_earlier_version_is_still_recognised(tmp_path):
     out = tmp_path / "old"
     out.mkdir()
-    (out / legacy_marker).write_text("{}")
+    (out / ".sinkscope-run").write_text('{"kind": "scan", "written_by": "sinkscope"}')  # issue 11's marker
     (out / "seen").mkdir()
+    (out / "seen" / "00000.png").write_bytes(b"old picture")
     assert _scan(out) == 0
+    assert not (out / ".sinkscope-run").exists() and (out / ".sinkscope.json").exists()
+    assert sorted(p.name for p in (out / "seen").iterdir()) == ["00000.png", "00001.png"]  # pictures of this run
+
+
+def test_a_file_with_a_scans_name_no_longer_makes_a_folder_a_scans(tmp_path, capsys):
+    user = tmp_path / "mine"
+    (user / "seen").mkdir(parents=True)
+    (user / "seen" / "a.txt").write_text("keep me")
+    (user / "scan_config.json").write_text("not json {")  # was taken as a scan's: seen/ was deleted
+    assert _scan(user) == 2
+    assert str(user) in capsys.readouterr().err
+    assert (user / "seen" / "a.txt").read_text() == "keep me"
 
 
 @pytest.fixture(scope="module")

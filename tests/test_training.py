@@ -192,7 +192,7 @@ def test_config_cli_round_trip(tmp_path):
     assert main(argv) == 0
     cfg = RunConfig.load(out / "config.json")
     assert cfg == TrainProjectorConfig(model="tiny-llava", steps=2, n_per_task=2, real=(), out=str(out))
-    assert main([*argv[:-2], "--out", str(out)]) == 1  # not empty: refused without --resume
+    assert main([*argv[:-2], "--out", str(out)]) == 2  # its earlier run: refused without --resume (a usage error, issue 28)
     with pytest.raises(Exception, match="stage: one of"):
         TrainProjectorConfig(stage="finetune")
     assert isinstance(Example("k", None, ()), Example)

@@ -29,6 +29,7 @@ import logging
 import sys
 
 from .._utils import SinkscopeError
+from ..ownership import FolderRefused
 from .commands import (
     COMMANDS,
     UsageError,
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {**COMMANDS, "eval": cmd_eval, "train-projector": cmd_train, "diysink": cmd_diysink}[a.command](a)
-    except UsageError as e:
+    except (UsageError, FolderRefused) as e:  # refused before any work: a folder in the way is a usage error
         print(f"sinkscope {a.command}: error: {e}", file=sys.stderr)
         return 2
     except SinkscopeError as e:

@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._utils import SinkscopeError, check_out_folder, package_versions, progress_bar
+from .. import ownership
+from .._utils import SinkscopeError, package_versions, progress_bar
 from ..diysink import dual_projector
 from ..interventions import (
     TOKEN_VARIANTS,
@@ -262,7 +263,8 @@ def evaluate(
         tasks = sorted({it.task for it in items})
     else:
         items = load_items(tasks, split=split, limit=limit)
-    pred_path = _prepare_out(out, resume, overwrite)
+    settings = _settings(model, tasks, split, limit, variants, mode, chat, seed, sink_rule, positions, var_config, tt_config, router, dtype)
+    pred_path = _prepare_out(out, resume, overwrite, settings)
     ad = model if hasattr(model, "model") else load_model(model, device=device, dtype=dtype)
     if not hasattr(ad, "build_inputs"):
         raise SinkscopeError(
@@ -474,29 +476,25 @@ def _write_fed(out: Path, journal: Path) -> None:
     journal.unlink(missing_ok=True)
 
 
-def _prepare_out(out, resume: bool, overwrite: bool) -> Path | None:
+def _prepare_out(out, resume: bool, overwrite: bool, settings: dict | None = None) -> Path | None:
+    """Claim ``out`` for this evaluation (:mod:`sinkscope.ownership`: new, empty or an evaluation's
+    own folder; a resume must have the same ``settings``) before any model loads; return the path of
+    ``predictions.jsonl``. ``overwrite`` (without ``resume``) removes this evaluation's own answers."""
     if out is None:
         return None
     d = Path(out)
-    check_out_folder(d)
-    theirs = (
-        [p.name for p in d.iterdir() if p.name not in OUTPUT_FILES + ("config.json", "eval.html")]
-        if d.is_dir()
-        else []
-    )
-    if theirs and not overwrite:
-        raise SinkscopeError(
-            f"{d} holds files that are not an evaluation's ({', '.join(sorted(theirs)[:3])}); choose a new folder"
-        )
+    outputs = ownership.OUTPUTS["eval"]
+    old = ownership.check(d, "eval", outputs, settings, resume=resume, overwrite=overwrite)
     ours = d / "predictions.jsonl"
-    if ours.exists() and not (resume or overwrite):
-        raise SinkscopeError(
-            f"{d} holds an earlier evaluation; pass resume=True (--resume) to continue it or overwrite=True"
+    if old is not None and ours.exists() and not (resume or overwrite):
+        raise ownership.FolderRefused(
+            f"--out {d} holds an earlier evaluation (predictions.jsonl); pass resume=True (--resume) to continue it or --overwrite"
         )
-    d.mkdir(parents=True, exist_ok=True)
+    ownership.claim(d, "eval", outputs, settings, resume=resume, overwrite=overwrite)
     if overwrite and not resume:
-        for name in ("predictions.jsonl", "tokens_fed.jsonl", "tokens_fed.parquet", "paired.csv"):
-            (d / name).unlink(missing_ok=True)
+        for p in ownership.own_files(d):
+            if p.name in ("predictions.jsonl", "tokens_fed.jsonl", "tokens_fed.parquet", "paired.csv", "routing.parquet"):
+                p.unlink()
     return ours
 
 
@@ -510,6 +508,20 @@ class _appender:
         if self.path is not None:
             self.f = self.path.open("a", encoding="utf-8")
         return self.write
+def _settings(model, tasks, split, limit, variants, mode, chat, seed, sink_rule, positions, var_config, tt_config, router, dtype) -> dict:
+    """The settings an evaluation's answers depend on: a resume must give the same. ``device``
+    (the answers agree), ``n_boot`` (the intervals are recomputed from every answer at the end),
+    ``out``, ``resume``, ``overwrite`` and ``progress`` only change how the run goes."""
+    text = lambda v: v if v is None or isinstance(v, (str, int, float, bool, dict, list)) else str(v)  # noqa: E731
+    return {
+        "model": getattr(model, "name", None) or str(model),
+        "tasks": [tasks] if isinstance(tasks, str) else [str(t) for t in tasks],
+        "split": split, "limit": limit, "variants": list(variants), "mode": mode, "chat": chat, "seed": seed,
+        "sink_rule": text(sink_rule), "positions": positions, "var": text(var_config), "tt_register": text(tt_config),
+        "router": None if router is None else str(router), "dtype": dtype,
+    }  # fmt: skip
+
+
 
     def write(self, rec: dict) -> None:
         if self.f is not None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import api as _api
+from .. import ownership
 from .. import runs as _runs
 from .._utils import SinkscopeError, package_versions
 from .render import PngExporter, draw, ensure_plotly_js, write_html
@@ -281,6 +282,8 @@ def regenerate(
 
     spec = figure_list or load_figure_list(list_path)
     out_dir = Path(out) if out is not None else spec.path.parent / "out"
+    # a new or empty folder or a figure folder's own (sinkscope.ownership); the lock is only opened
+    ownership.check(out_dir, "figures", ownership.OUTPUTS["figures"], ignore=(".lock",))
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "a") as lock:  # "a": opening leaves the file (and its mtime) as it is
         try:
@@ -289,6 +292,7 @@ def regenerate(
             raise SinkscopeError(
                 f"another figure regeneration is writing to {out_dir}; wait for it to finish"
             ) from None
+        ownership.claim(out_dir, "figures", ownership.OUTPUTS["figures"], ignore=(".lock",))
         return _regenerate(spec, out_dir, tier, only, force, png, self_contained, progress, echo)
 
 

@@ -2,13 +2,13 @@
 
 A run writes ``decode_rate.csv`` (the rate table), ``decode_tokens.csv`` (one row per decoded
 token) and ``summary.json`` (:func:`write_decode_outputs`); ``sinkscope.viz`` draws
-``decode.html`` from them. :func:`check_decode_out` refuses a folder holding such files that a
-decoding run did not write.
+``decode.html`` from them. :func:`check_decode_out` refuses a folder a decoding run may not write
+into (:mod:`sinkscope.ownership`).
 
 >>> Path("runs/mine").mkdir(parents=True); _ = Path("runs/mine/summary.json").write_text("{}")
 >>> check_decode_out("runs/mine")
 Traceback (most recent call last):
-sinkscope._utils.SinkscopeError: --out runs/mine holds summary.json that sinkscope decode did not write; choose another folder or pass --overwrite
+sinkscope.ownership.FolderRefused: --out runs/mine holds summary.json: a folder sinkscope decode did not write (no .sinkscope.json); ...
 """
 
 from __future__ import annotations
@@ -16,39 +16,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._utils import SinkscopeError
+from .. import ownership
 
 #: Files a decoding run writes into its folder.
 OUTPUT_FILES = ("decode_rate.csv", "decode_tokens.csv", "summary.json", "decode.html")
-_ANALYSIS = "word-distribution decoding"
 
 
 def check_decode_out(out: str | Path, overwrite: bool = False) -> Path:
-    """Refuse, in one line, an ``out`` that is a file, or a folder holding a ``summary.json`` /
-    ``decode_*.csv`` that a decoding run did not write (unless ``overwrite``); return the path.
-    Only the files in :data:`OUTPUT_FILES` are ever written; nothing is removed.
+    """Refuse, in one line, an ``out`` a decoding run may not write into
+    (:func:`sinkscope.ownership.check`: new, empty or a decoding run's own folder; ``overwrite``
+    writes beside a user's files, never over one); return the path. Creates nothing.
 
     >>> check_decode_out("runs/new-decode").name
     'new-decode'
     """
     out = Path(out)
-    if out.is_file():
-        raise SinkscopeError(f"--out {out} is a file; give a folder")
-    if overwrite or not out.is_dir():
-        return out
-    summ = out / "summary.json"
-    ours = False
-    if summ.exists():
-        try:
-            ours = str(json.loads(summ.read_text()).get("analysis", "")).startswith(_ANALYSIS)
-        except (ValueError, AttributeError, OSError):
-            ours = False
-    clash = [f for f in OUTPUT_FILES[:3] if (out / f).exists()]
-    if clash and not ours:
-        raise SinkscopeError(
-            f"--out {out} holds {', '.join(clash)} that sinkscope decode did not write; choose another "
-            "folder or pass --overwrite"
-        )
+    ownership.check(out, "decode", ownership.OUTPUTS["decode"], overwrite=overwrite)
     return out
 
 
@@ -61,10 +44,10 @@ def write_decode_outputs(out: str | Path, res, overwrite: bool = False) -> Path:
     >>> from sinkscope.flow.decoding import decode_rate
     >>> res = decode_rate("tiny-llava+sinks", "lfw-faces", max_images=2, progress=False)
     >>> write_decode_outputs("runs/decode", res).name, sorted(p.name for p in res.out.iterdir())
-    ('decode', ['decode_rate.csv', 'decode_tokens.csv', 'summary.json'])
+    ('decode', ['.sinkscope.json', 'decode_rate.csv', 'decode_tokens.csv', 'summary.json'])
     """
-    out = check_decode_out(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    ownership.claim(out, "decode", OUTPUT_FILES + ownership.OUTPUTS["decode"], overwrite=overwrite)
     res.rates.to_csv(out / "decode_rate.csv", index=False)
     res.per_token.to_csv(out / "decode_tokens.csv", index=False)
     (out / "summary.json").write_text(json.dumps(res.summary, indent=1, default=str))

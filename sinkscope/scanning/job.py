@@ -68,9 +68,10 @@ def scan(
     A corrupt image is reported in one line, recorded as failed and skipped. ``save_layers``
     keeps the full hidden states of those layers in ``OUT/activations`` (an
     :class:`~sinkscope.store.ActivationStore`: safetensors shards + manifest, resumable).
-    ``out`` must be new, empty or an earlier scan's folder (its ``.sinkscope-run`` marker); any
-    other folder is refused before work starts unless ``overwrite`` (which replaces the scan's
-    outputs there: ``parts/``, ``seen/``, ``activations/``, ``progress.jsonl``, ``tokens.parquet``).
+    ``out`` must be new, empty or an earlier scan's folder (its ``.sinkscope.json`` marker,
+    :mod:`sinkscope.ownership`); any other folder is refused before work starts (``overwrite``
+    writes beside a user's files, never over one; a fresh start in its own folder removes the
+    scan's own ``parts/``, ``seen/``, ``activations/``, ``progress.jsonl``, ``tokens.parquet``).
 
     >>> res = scan("tiny-dinov2+sinks", method="all", progress=False)
     >>> res.summary["n_ok"], sorted(res.tokens.kind.unique()), int(res.tokens.layer.max())

@@ -2,8 +2,8 @@
 
 ``parts/*.parquet`` hold the rows of each batch, ``progress.jsonl`` one line per batch (the item
 records, so a kill leaves a batch in or out, whole), ``seen/*.png`` the first pictures the model
-saw, ``scan_config.json`` the settings a resumed run must match, and ``.sinkscope-run`` the
-marker that proves the folder's outputs are a scan's own (a scan never removes a user's files).
+saw, ``scan_config.json`` the settings, and ``.sinkscope.json`` the marker that proves the
+folder's outputs are a scan's own (:mod:`sinkscope.ownership`: a scan never removes a user's files).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import distributed
-from .._utils import SinkscopeError, check_out_folder
+from .. import distributed, ownership
 from ..sinks import Rule, SinkReport
 from .result import ScanResult
 
@@ -29,7 +28,7 @@ class _RunDir:
     ``parts/rank{r}-part-*.parquet``, ``progress.rank{r}.jsonl`` and ``seen/rank{r}-*.png``; only the
     main process prepares the folder, the others wait for it."""
 
-    #: the marker a scan writes first into its folder: what proves the folder's outputs are its own
+    #: the marker scans wrote before :data:`sinkscope.ownership.MARKER` (still read as a scan's)
     MARKER = ".sinkscope-run"
     #: what a scan writes into its folder (and so may remove when it starts afresh)
     OUTPUTS = ("parts", "seen", "progress.jsonl", "tokens.parquet", "activations")
@@ -48,32 +47,30 @@ class _RunDir:
     def _prepare(self, config: dict, resume: bool, overwrite: bool) -> None:
         out = self.out
         cfg_path = out / "scan_config.json"
-        self.check_owned(out, overwrite)
-        if resume and cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
-            diff = [k for k in config if old.get(k) != config[k]]
+        old = ownership.check(out, "scan", ownership.OUTPUTS["scan"], config, resume=resume, overwrite=overwrite)
+        if resume and old is not None and old.get("config") is None and cfg_path.exists():
+            try:  # a scan from before the marker held its settings: scan_config.json
+                stored = json.loads(cfg_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ownership.FolderRefused(f"--resume: {cfg_path} is not JSON; drop --resume or choose another --out") from None
+            diff = ownership.resume_differences({k: stored.get(k) for k in config}, config) if isinstance(stored, dict) else ["settings unreadable"]
             if diff:
-                raise SinkscopeError(
-                    f"cannot resume {out}: its scan used other settings ({', '.join(diff)}); "
-                    "drop --resume or choose another --out"
-                )
-        else:
-            for p in [*(out / name for name in self.OUTPUTS), *distributed.stale_files(out)]:
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / self.MARKER).write_text(json.dumps({"kind": "scan", "written_by": "sinkscope"}) + "\n")
+                raise ownership.FolderRefused(ownership.resume_refusal(out, diff))
+        ownership.claim(out, "scan", ownership.OUTPUTS["scan"], config, resume=resume, overwrite=overwrite)
+        if not (resume and old is not None):  # a fresh start removes this scan's own earlier outputs only
+            for p in ownership.own_files(out):
+                if p.name in self.OUTPUTS or p in distributed.stale_files(out):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        (out / self.MARKER).unlink(missing_ok=True)  # the marker of earlier versions: .sinkscope.json now
         self.parts.mkdir(parents=True, exist_ok=True)
         self.seen.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(json.dumps(config, indent=1))
 
     @classmethod
     def check_owned(cls, out: Path, overwrite: bool = False) -> None:
-        """Refuse (one line) an ``--out`` that is a file, or an existing non-empty folder that no
-        scan wrote (no marker and no ``scan_config.json``) unless ``overwrite``: a scan removes its
-        own earlier outputs when it starts afresh and must never remove a user's files. Creates
+        """Refuse (one line, :class:`~sinkscope.ownership.FolderRefused`) an ``--out`` that is a
+        file, or a folder a scan may not write into (:func:`sinkscope.ownership.check`: new, empty
+        or a scan's own folder; ``overwrite`` writes beside a user's files, never over one). Creates
         nothing.
 
         >>> _ = Path("notes.txt").write_text("mine")
@@ -82,16 +79,9 @@ class _RunDir:
         sinkscope._utils.SinkscopeError: --out: notes.txt is a file, not a folder; choose a folder
         >>> _RunDir.check_owned(Path("."))
         Traceback (most recent call last):
-        sinkscope._utils.SinkscopeError: --out . is a folder that sinkscope scan did not write ...
+        sinkscope.ownership.FolderRefused: --out . holds ...: a folder sinkscope scan did not write ...
         """
-        check_out_folder(out, "--out")
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            if not ((out / cls.MARKER).exists() or (out / "scan_config.json").exists()):
-                raise SinkscopeError(
-                    f"--out {out} is a folder that sinkscope scan did not write (no {cls.MARKER}); "
-                    f"it could remove {', '.join(cls.OUTPUTS)} there: choose another folder, or pass "
-                    "--overwrite to replace those"
-                )
+        ownership.check(out, "scan", ownership.OUTPUTS["scan"], overwrite=overwrite)
 
     def done(self) -> dict[str, dict]:
         """Image name -> last record, over every progress log (those of all processes, newest file last)."""

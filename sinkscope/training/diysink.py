@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils import SinkscopeError, check_out_folder, package_versions, progress_bar
+from .. import ownership
+from .._utils import SinkscopeError, package_versions, progress_bar
 from ..diysink import ReWRouter, dual_projector, make_dual, routing, save_dual
 from ..diysink.routers import QuestionEncoder
 from ..models import load_model
@@ -54,6 +55,7 @@ from .projector import (
     _read_log,
     accelerator,
     cached_features,
+    check_training_folders,
     write_checkpoint,
 )
 
@@ -77,9 +79,11 @@ def init_diysink(model: Any = "mini-llava", out: str | Path = "runs/diysink", ru
     it to ``out/model`` (see :func:`~sinkscope.diysink.make_dual`; ``rule``: the sink rule, default the
     model's :func:`~sinkscope.interventions.default_rule`)."""
     out = Path(out)
-    check_out_folder(out)
-    if out.exists() and any(out.iterdir()):
-        raise SinkscopeError(f"{out} is not empty; choose a new folder for the dual model")
+    settings = {"model": getattr(model, "name", None) or str(model), "sink_rule": None if rule is None else str(rule)}
+    outputs = ownership.OUTPUTS["diysink-init"]
+    if ownership.check(out, "diysink-init", outputs) is not None and ownership.own_files(out):
+        raise ownership.FolderRefused(f"--out {out} holds an earlier dual model; choose a new folder for this one")
+    ownership.claim(out, "diysink-init", outputs, settings)
     ad = model if hasattr(model, "model") else load_model(model)
     dual = make_dual(ad, rule=rule)
     save_dual(ad, out / MODEL_DIR)
@@ -219,13 +223,23 @@ def train_diysink(
         raise SinkscopeError(f"mlps: choose from sink, nonsink, got {list(mlps)}")
     out = Path(out)
     ck = out / "checkpoint"
-    acc = accelerator(device)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SinkscopeError(f"{out} is not empty; pass resume=True (--resume) to continue the run there")
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {mixed_precision!r}")
+    # what the trained weights depend on: a resume must give the same (stage included: a stage-2
+    # resume of a stage-1 run is refused). save_every (when the state is written), cache_dir,
+    # device, progress and out only change how the run goes
+    settings = {
+        "model": getattr(model, "name", None) or str(model), "stage": stage, "steps": steps, "batch_size": batch_size,
+        "lr": lr, "warmup": warmup, "n_per_task": n_per_task, "turns": turns, "real": list(real),
+        "real_limit": real_limit, "mlps": list(mlps), "llm": llm, "lora_rank": lora_rank, "llm_lr": llm_lr,
+        "samples": samples, "epochs": epochs, "router_hidden": router_hidden, "router_norm": router_norm,
+        "encoder": encoder, "seed": seed, "mixed_precision": mixed_precision,
+    }  # fmt: skip
+    check_training_folders("diysink-train", out, settings, resume, cache_dir)
+    acc = accelerator(device)
+    if acc.is_main_process:
+        ownership.claim(out, "diysink-train", ownership.OUTPUTS["diysink-train"], settings, resume=resume)
     acc.wait_for_everyone()  # every process checked the folder before any writes to it
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     ad = model if hasattr(model, "model") else load_model(str(model), device=str(acc.device))

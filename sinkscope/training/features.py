@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ownership
 from .._utils import progress_bar
 from ..data import ImageItem
 
@@ -48,9 +49,11 @@ def tower_features(adapter, arrays: Sequence, min_side: int | None = None) -> to
 class FeatureCache:
     """A folder of cached tower features keyed by image name (see the module docstring)."""
 
-    def __init__(self, adapter, folder: str | Path, shard_size: int = 512):
+    def __init__(self, adapter, folder: str | Path, shard_size: int = 512, option: str = "--cache-dir"):
         self.adapter, self.dir, self.shard_size = adapter, Path(folder), shard_size
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # a new or empty folder, or a feature cache's own (never a user's index.json or shards);
+        # ``option``: how a refusal names the folder
+        ownership.claim(self.dir, "feature-cache", ownership.OUTPUTS["feature-cache"], option=option)
         self.fingerprint = self._fingerprint()
         self.index_path = self.dir / "index.json"
         idx = json.loads(self.index_path.read_text()) if self.index_path.exists() else {}

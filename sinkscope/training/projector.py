@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import ownership
 from .._utils import SinkscopeError, package_versions, progress_bar
 from ..models import load_model
 from .examples import IGNORE, Example, align_examples, encode, vqa_examples
@@ -234,9 +235,20 @@ def train_projector(
         raise SinkscopeError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
     out = Path(out)
     ck = out / "checkpoint"
+    # what the weights depend on: a resume must give the same. save_every and snapshot_every (when
+    # the state is written), stop_after (where this call stops on the same schedule), cache_dir,
+    # device, progress and out only change how the run goes
+    settings = {
+        "model": getattr(model, "name", None) or str(model), "stage": stage, "steps": steps, "batch_size": batch_size,
+        "lr": lr, "warmup": warmup, "n_per_task": n_per_task, "turns": turns, "real": list(real),
+        "real_limit": real_limit, "seed": seed, "lora_rank": lora_rank, "lora_lr": lora_lr,
+        "mixed_precision": mixed_precision, "init": None if init is None else str(init),
+        "init_lora": None if init_lora is None else str(init_lora),
+    }  # fmt: skip
+    check_training_folders("train-projector", out, settings, resume, cache_dir)
     acc = accelerator(device)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SinkscopeError(f"{out} is not empty; pass resume=True (--resume) to continue the run there")
+    if acc.is_main_process:
+        ownership.claim(out, "train-projector", ownership.OUTPUTS["train-projector"], settings, resume=resume)
     acc.wait_for_everyone()  # every process checked the folder before any writes to it
     torch.manual_seed(seed)
     if mixed_precision not in ("no", "bf16", "fp16"):
@@ -295,6 +307,21 @@ def train_projector(
         {"lora": lora, "mixed_precision": mixed_precision, "stopped_at": None if end == steps else end},
     )
     return TrainResult(out, log, summary)
+
+
+def check_training_folders(kind: str, out: Path, settings: dict, resume: bool, cache_dir: str | Path | None) -> None:
+    """Before any model loads: ``out`` is new, empty or this command's own run folder
+    (:mod:`sinkscope.ownership`; with ``resume``, of the same ``settings``, and with a readable
+    ``train_log.jsonl``; without, holding no earlier run) and ``cache_dir`` a feature cache's."""
+    marker = ownership.check(out, kind, ownership.OUTPUTS[kind], settings, resume=resume)
+    if marker is not None and ownership.own_files(out) and not resume:
+        raise ownership.FolderRefused(
+            f"--out {out} holds an earlier {kind} run; pass --resume to continue it or choose a new folder"
+        )
+    if resume:
+        _read_log(out / "train_log.jsonl", None)
+    if cache_dir is not None:
+        ownership.check(cache_dir, "feature-cache", ownership.OUTPUTS["feature-cache"], option="--cache-dir")
 
 
 def _trainable_projector(m: nn.Module, init: str | Path | None) -> nn.Module:
@@ -360,11 +387,27 @@ def _record(out: Path, rec: dict, m, lora, opt, sched, end: int, save_every: int
         _save_weights(out / "snapshots", m, lora, f"-step-{step:06d}")
 
 
-def _read_log(path: Path, upto: int) -> list[dict]:
-    """The log lines of steps ``<= upto`` (a resumed run drops the lines of steps it will redo)."""
+def _read_log(path: Path, upto: int | None) -> list[dict]:
+    """The log lines of steps ``<= upto`` (a resumed run drops the lines of steps it will redo and
+    rewrites the file; ``upto=None`` only reads it). A line that is not a step's JSON record is
+    refused in one line naming the file (a torn last line from a kill is dropped)."""
     if not path.exists():
         return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    text = path.read_text(errors="replace")
+    lines = [x for x in text.splitlines() if x.strip()]
+    rows = []
+    for i, x in enumerate(lines, 1):
+        try:
+            r = json.loads(x)
+        except json.JSONDecodeError:
+            r = None
+        if not (isinstance(r, dict) and isinstance(r.get("step"), int)):
+            if i == len(lines) and r is None and not text.endswith("\n"):  # torn by a kill while written
+                continue
+            raise SinkscopeError(f"{path}: line {i} is not a training step's record; cannot resume this run")
+        rows.append(r)
+    if upto is None:
+        return rows
     rows = [r for r in rows if r["step"] <= upto]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
