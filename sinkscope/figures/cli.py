@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .._utils import SinkscopeError
+from .._utils import SinkscopeError, check_out_folder
 from .regen import _figure_is_fresh, load_manifest, read_run_meta, regenerate, render_key
 from .spec import RENDER_SOURCES, FigureList, load_figure_list, run_fingerprint, source_digest
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/<name>.html and OUT/<name>.png, recorded in OUT/manifest.json.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("-f", "--file", default=None, help="the figure list (default: figures/figures.toml)")
     p.add_argument("--out", default=None, help="output folder (default: 'out' next to the list)")
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             print(list_figures(spec, out, a.tier, a.only))
             return 0
         spec.select(tier=a.tier, only=a.only)  # unknown --only names fail before any work
+        check_out_folder(out, "--out")  # a file, or a folder that cannot be written: before any work
         rep = regenerate(
             out=out,
             tier=a.tier,

@@ -26,6 +26,15 @@ since with ``positions="keep"`` they are not the cache length.
 (20, 3)
 >>> ad.model._forward_pre_hooks or "generate" in vars(ad.model)    # nothing left behind
 False
+
+Interventions do not nest (the outer one rewrites the image away before the inner one sees it):
+
+>>> with intervene(ad, TokenIntervention("sink-only", rule="topk:3")):
+...     with intervene(ad, TokenIntervention("nonsink-only", rule="topk:3")):
+...         pass
+Traceback (most recent call last):
+...
+sinkscope._utils.SinkscopeError: intervene: 'nonsink-only, ...' inside 'sink-only, ...' on the same model; visual-token interventions do not nest - apply one at a time
 """
 
 from __future__ import annotations
@@ -72,6 +81,12 @@ def intervene(adapter, spec: TokenIntervention):
     if getattr(adapter, "family", None) != "llava":
         raise SinkscopeError(f"model {adapter.name!r}: visual-token interventions need a LLaVA-style model")
     model = adapter.model
+    outer = getattr(model, "_sinkscope_intervention", None)
+    if outer is not None:  # the outer hook would rewrite first and the inner one would never see an image
+        raise SinkscopeError(
+            f"intervene: '{spec.describe()}' inside '{outer.spec.describe()}' on the same model; "
+            "visual-token interventions do not nest - apply one at a time"
+        )
     live = Intervention(adapter, spec)
     forward = type(model).forward
 
@@ -98,8 +113,10 @@ def intervene(adapter, spec: TokenIntervention):
 
     handle = model.register_forward_pre_hook(pre, with_kwargs=True)
     model.generate = generate
+    model._sinkscope_intervention = live
     try:
         yield live
     finally:
         handle.remove()
         vars(model).pop("generate", None)
+        vars(model).pop("_sinkscope_intervention", None)

@@ -127,6 +127,36 @@ class Intervened:
     fed: pd.DataFrame
 
 
+def check_rule(adapter, rule: VisualSinkRule, n_fed: int | None = None) -> None:
+    """Refuse, in one line naming the rule, a sink rule ``adapter``'s ViT cannot apply: a layer
+    past its hidden states (``@L``: ``0 .. n_layers``; an attention rule's block ``0 .. n_layers - 1``),
+    or ``topk`` / ``attention`` with ``k`` at least the ``n_fed`` visual tokens of an image (default:
+    those of an image at the processor's size) - every token a "sink", so sink-only would equal
+    both and nonsink-only feed nothing.
+
+    >>> from sinkscope import load_model
+    >>> check_rule(load_model("tiny-llava"), rule_from("topk:9999"))
+    Traceback (most recent call last):
+    ...
+    sinkscope._utils.SinkscopeError: sink rule 'topk:9999': an image feeds 16 visual tokens to the LLM, so every token would be a sink; use k < 16
+    """
+    n = adapter.vision.n_layers
+    if rule.layer is not None:
+        top = n - 1 if rule.method == "attention" else n
+        if not -(top + 1) <= rule.layer <= top:
+            what = f"blocks 0 .. {top}" if rule.method == "attention" else f"hidden states 0 .. {top}"
+            raise SinkscopeError(f"sink rule '{rule.spec()}': the ViT of {adapter.name} has {what}")
+    if rule.method in ("topk", "attention") and rule.k is not None:
+        if n_fed is None:
+            lay = adapter.vision.layout_for(*adapter.vision._default_size())
+            n_fed = len(adapter.fed_vit_tokens(lay.n_tokens))
+        if rule.k >= n_fed:
+            raise SinkscopeError(
+                f"sink rule '{rule.spec()}': an image feeds {n_fed} visual tokens to the LLM, so every token "
+                f"would be a sink; use k < {n_fed}"
+            )
+
+
 def _image_features(adapter, pixel_values: torch.Tensor, rule: VisualSinkRule):
     """The projector outputs per image ``[images, fed, llm width]``, the fed tokens' norms at the
     rule's layer ``[images, fed]`` and (attention rule) the attention they receive."""
@@ -142,6 +172,7 @@ def _image_features(adapter, pixel_values: torch.Tensor, rule: VisualSinkRule):
     hs = out.hidden_states
     n_vit = hs[0].shape[1]
     fed = adapter.fed_vit_tokens(n_vit)
+    check_rule(adapter, rule, n_fed=len(fed))
     layer = adapter.feature_layer if rule.layer is None else rule.layer
     norms = hs[layer][:, fed].float().norm(dim=-1)
     received = None

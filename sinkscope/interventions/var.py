@@ -317,6 +317,14 @@ def _extend(old: torch.Tensor | None, new: torch.Tensor, past: int) -> torch.Ten
     return torch.cat([old[:, :past], new], 1)
 
 
+def check_dims(adapter, config: VAR) -> None:
+    """Refuse ``config.sink_dims`` past the width of ``adapter``'s LLM (one line naming the dimension)."""
+    width = adapter.llm.hidden_size
+    bad = [d for d in config.sink_dims or () if not -width <= d < width]
+    if bad:
+        raise SinkscopeError(f"VAR sink_dims {bad[0]}: the LLM's hidden states have {width} dimensions (0 .. {width - 1})")
+
+
 @contextmanager
 def var(adapter, config: VAR | None = None, record: bool = False):
     """Apply VAR to a LLaVA-style ``adapter`` inside the ``with`` block (see the module docstring);
@@ -331,6 +339,7 @@ def var(adapter, config: VAR | None = None, record: bool = False):
     layers = [layer for layer in range(cfg.start_layer, n - 1)]
     if not layers:
         raise SinkscopeError(f"VAR start_layer {cfg.start_layer}: the LLM has {n} layers and VAR skips the last")
+    check_dims(adapter, cfg)
     live = VARLive(adapter, cfg, record)
     if not live.sink_dims:
         live.sink_dims = _discover_dims(adapter, cfg, layers)

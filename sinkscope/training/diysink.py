@@ -44,7 +44,7 @@ from torch import nn
 from .. import ownership
 from .._utils import SinkscopeError, package_versions, progress_bar
 from ..diysink import ReWRouter, dual_projector, make_dual, routing, save_dual
-from ..diysink.routers import QuestionEncoder
+from ..diysink.routers import QuestionEncoder, check_encoder
 from ..models import load_model
 from .examples import IGNORE, Example, encode, vqa_examples
 from .projector import (
@@ -225,6 +225,8 @@ def train_diysink(
     ck = out / "checkpoint"
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {mixed_precision!r}")
+    if stage == "router":
+        check_encoder(encoder)  # a missing encoder folder, before any folder or model
     # what the trained weights depend on: a resume must give the same (stage included: a stage-2
     # resume of a stage-1 run is refused). save_every (when the state is written), cache_dir,
     # device, progress and out only change how the run goes

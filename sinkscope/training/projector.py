@@ -233,6 +233,11 @@ def train_projector(
     goes on under a new schedule; the rank comes from the file when ``lora_rank`` is not given)."""
     if stage not in STAGES:
         raise SinkscopeError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+    if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1):
+        raise SinkscopeError(f"snapshot_every: a number of steps >= 1 (or not given: no snapshots), got {snapshot_every!r}")
+    if stop_after is not None and isinstance(steps, int) and stop_after > steps:
+        raise SinkscopeError(f"stop_after: step {stop_after} is past the end of the {steps}-step schedule (--steps)")
+    check_weight_files(init=init, init_lora=init_lora)  # corrupt files refused before any folder or model
     out = Path(out)
     ck = out / "checkpoint"
     # what the weights depend on: a resume must give the same. save_every and snapshot_every (when
@@ -330,9 +335,10 @@ def _trainable_projector(m: nn.Module, init: str | Path | None) -> nn.Module:
         p.requires_grad_(False)
     projector = _projector(m)
     if init is not None:
-        from safetensors.torch import load_file
-
-        projector.load_state_dict(load_file(str(init)))
+        try:
+            projector.load_state_dict(read_weights(init, "--init"))
+        except RuntimeError as e:  # missing keys, other shapes
+            raise SinkscopeError(f"--init {init}: not a projector of this model ({_first_problem(e)})") from None
     for p in projector.parameters():
         p.requires_grad_(True)
     return projector
@@ -346,11 +352,48 @@ def _restore(ck: Path, m, opt, sched) -> tuple[int, int]:
 
     _projector(m).load_state_dict(load_file(str(ck / "projector.safetensors")))
     if (ck / "lora.safetensors").exists():
-        _load_lora(m, ck / "lora.safetensors")
+        _load_lora(m, ck / "lora.safetensors", "checkpoint")
     st = torch.load(ck / "state.pt", weights_only=False)
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     return int(st["step"]), int(st["seen"])
+
+
+def read_weights(path: str | Path, option: str) -> dict[str, torch.Tensor]:
+    """The tensors of the ``.safetensors`` file ``path`` given as ``option``; a missing or
+    unreadable file is refused in one line naming the option and the file."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise SinkscopeError(f"{option}: no file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' SafetensorError, an OSError
+        raise SinkscopeError(f"{option} {path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def check_weight_files(**files: str | Path | None) -> None:
+    """Before any model loads: each given ``option=path`` (``init``, ``init_lora``) is a readable
+    ``.safetensors`` file (its header is read; the shapes are checked against the model later)."""
+    from safetensors import safe_open
+
+    for name, path in files.items():
+        if path is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if not Path(path).is_file():
+            raise SinkscopeError(f"{option}: no file {path}")
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as e:
+            raise SinkscopeError(f"{option} {path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _first_problem(e: Exception) -> str:
+    """The first specific line of a ``load_state_dict`` error (a size mismatch or a missing key)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return next((ln for ln in lines[1:] if ln), lines[0] if lines else type(e).__name__)
 
 
 def _lora_rank(path: str | Path, rank: int | None) -> int:
@@ -358,22 +401,26 @@ def _lora_rank(path: str | Path, rank: int | None) -> int:
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        raise SinkscopeError(f"init_lora: no file {path}")
-    with safe_open(str(path), "pt") as f:
-        found = int((f.metadata() or {}).get("rank", 0))
+        raise SinkscopeError(f"--init-lora: no file {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            found = int((f.metadata() or {}).get("rank", 0))
+    except Exception as e:  # a corrupt header, a rank that is not a number
+        raise SinkscopeError(f"--init-lora {path}: not a readable LoRA file ({str(e).splitlines()[0]})") from None
     if not found or (rank is not None and rank != found):
         raise SinkscopeError(f"init_lora {path}: rank {found or 'unknown'} in the file, {rank} asked")
     return found
 
 
-def _load_lora(m: nn.Module, path: str | Path) -> None:
+def _load_lora(m: nn.Module, path: str | Path, option: str = "--init-lora") -> None:
     """Load a ``lora.safetensors`` (keys as :func:`_lora_state` writes them) into ``m``'s adapters."""
-    from safetensors.torch import load_file
-
-    lora = {k.replace(".weight", ".default.weight"): v for k, v in load_file(str(path)).items()}
-    missing = m.model.language_model.load_state_dict(lora, strict=False)
+    lora = {k.replace(".weight", ".default.weight"): v for k, v in read_weights(path, option).items()}
+    try:
+        missing = m.model.language_model.load_state_dict(lora, strict=False)
+    except RuntimeError as e:  # a size mismatch
+        raise SinkscopeError(f"{option} {path}: LoRA weights do not fit this run ({_first_problem(e)})") from None
     if missing.unexpected_keys:
-        raise SinkscopeError(f"{path}: LoRA weights do not fit this run ({missing.unexpected_keys[0]})")
+        raise SinkscopeError(f"{option} {path}: LoRA weights do not fit this run ({missing.unexpected_keys[0]})")
 
 
 def _record(out: Path, rec: dict, m, lora, opt, sched, end: int, save_every: int, snapshot_every: int | None) -> None:

@@ -21,6 +21,7 @@ sinkscope._utils.SinkscopeError: --out notes.html exists and is not a sinkscope 
 from __future__ import annotations
 
 import html
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,11 @@ def check_report_target(out: str | Path, overwrite: bool = False) -> Path:
         raise SinkscopeError(
             f"--out {out} is a folder; give the report's file name, e.g. {out / 'report.html'}"
         )
+    above = next((q for q in out.parents if q.exists()), Path("."))
+    if not above.is_dir():
+        raise SinkscopeError(f"--out {out}: {above} is a file, not a folder; choose another path")
+    if not os.access(above, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise SinkscopeError(f"--out {out}: {out if out.exists() and os.access(above, os.W_OK) else above} is not writable; choose another path")
     if out.exists() and not overwrite:
         with out.open("rb") as fh:
             head = fh.read(4096).decode("utf-8", "replace")
