@@ -293,3 +293,84 @@ def test_ties_are_recorded_and_counted(files, monkeypatch):
     )
     assert all("tie" not in r and r["prediction"] == r["choices"][-1] for r in recs if r not in tied)
     assert json.loads((out / "summary.json").read_text())["ties"] == {"default": 2}
+
+
+# -- section 5: a refused value exits 2 before any model loads; an interrupt says what is kept --
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["scan", "--model", "tiny-dinov2", "--layers", "99"], ["--layers: layer 99", "layers 0..4"]),
+        (["scan", "--model", "tiny-dinov2", "--layers", "1:99"], ["--layers: layer range '1:99'"]),
+        (["scan", "--model", "tiny-dinov2", "--layers", "-9"], ["--layers", "-9"]),
+        (["scan", "--model", "tiny-dinov2+sinks", "--save-layers", "7"], ["--save-layers: layer 7"]),
+        (["probe", "--model", "tiny-dinov2", "--layers", "5"], ["--layers: layer 5"]),
+        (["scan", "--model", "tiny-llava", "--layers", "0,5"], ["--layers: layer 5"]),
+    ],
+)
+def test_layers_past_the_model_exit_2_before_it_loads(tmp_path, monkeypatch, capsys, argv, words):
+    import sinkscope.api
+
+    def boom(*a, **k):
+        raise _Loaded("the run started")
+
+    monkeypatch.setattr(sinkscope.api, "run", boom)
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    _one_line(capsys, *words)
+    assert not out.exists()
+
+
+def test_layers_of_a_model_folder_are_read_from_its_config(tmp_path, dual, monkeypatch, capsys):
+    """A model folder (here a diysink run holding tiny-llava) is sized from its config.json."""
+    from sinkscope.models import known_layer_count
+
+    assert known_layer_count(str(dual)) == 4 and known_layer_count(str(tmp_path / "nothing")) is None
+    assert main(["scan", "--model", str(dual), "--layers", "5", "--out", str(tmp_path / "o")]) == 2
+    _one_line(capsys, "--layers: layer 5 is out of range: the model has layers 0..4")
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["eval"], "sinkscope eval: interrupted; the answered questions are kept in predictions.jsonl"),
+        (
+            ["train-projector"],
+            "sinkscope train-projector: interrupted; the training steps up to the last checkpoint",
+        ),
+        (
+            ["diysink", "train", "--model", "m", "--stage", "1", "--out", "o"],
+            "the training steps up to the last checkpoint",
+        ),
+        (["diysink", "init"], "sinkscope diysink: interrupted; nothing is kept"),
+        (["scan"], "sinkscope scan: interrupted; the finished images are kept - rerun with --resume"),
+        (["flow"], "sinkscope flow: interrupted; nothing is kept"),
+    ],
+)
+def test_an_interrupt_says_what_is_kept(monkeypatch, capsys, argv, words):
+    import sinkscope.api
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sinkscope.api, "run", stop)
+    assert main(argv) == 130
+    err = _one_line(capsys, words)
+    assert ("images" in err) == (argv[0] == "scan")
+
+
+@pytest.mark.parametrize(
+    "argv,abbrev",
+    [
+        (["flow", "--var", "p=0.5"], "--var"),  # was read as --variant
+        (["eval", "--limi", "2"], "--limi"),
+        (["scan", "--thresh", "5"], "--thresh"),
+        (["train-projector", "--step", "3"], "--step"),
+        (["diysink", "train", "--model", "m", "--stage", "1", "--out", "o", "--samp", "3"], "--samp"),
+    ],
+)
+def test_options_are_never_abbreviated(capsys, argv, abbrev):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"unrecognized arguments: {abbrev}" in capsys.readouterr().err

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return figures_main(argv[1:])
     parser = build_parser()
+    _no_abbreviations(parser)
     a = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s: %(message)s"
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_layers(a)
         return {**COMMANDS, "eval": cmd_eval, "train-projector": cmd_train, "diysink": cmd_diysink}[a.command](a)
     except (UsageError, FolderRefused) as e:  # refused before any work: a folder in the way is a usage error
         print(f"sinkscope {a.command}: error: {e}", file=sys.stderr)
@@ -95,8 +97,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sinkscope: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sinkscope: interrupted; finished images are kept - rerun with --resume", file=sys.stderr)
+        print(f"sinkscope {a.command}: interrupted; {interrupted_keeps(a)}", file=sys.stderr)
         return 130
+
+
+def _check_layers(a) -> None:
+    """``--layers`` / ``--save-layers`` against the model's layer count read from its config, so a
+    layer past the model is a usage error before any weight loads (exit 2; a model whose size only
+    loading tells is checked as its run starts, as before).
+
+    >>> from argparse import Namespace
+    >>> _check_layers(Namespace(model="tiny-dinov2", layers="1,99"))
+    Traceback (most recent call last):
+    ...
+    sinkscope.cli.commands.UsageError: --layers: layer 99 is out of range: the model has layers 0..4
+    """
+    specs = {opt: getattr(a, dest, None) for opt, dest in (("--layers", "layers"), ("--save-layers", "save_layers"))}
+    specs = {k: v for k, v in specs.items() if v is not None and str(v).strip() and str(v).strip() != "all"}
+    if not specs or not getattr(a, "model", None):
+        return
+    from ..capture import parse_layers
+    from ..models import known_layer_count
+
+    n = known_layer_count(a.model)
+    if n is None:
+        return
+    for opt, spec in specs.items():
+        try:
+            parse_layers(spec, n)
+        except SinkscopeError as e:
+            raise UsageError(f"{opt}: {e}") from None
+
+
+def interrupted_keeps(a) -> str:
+    """What an interrupted command leaves to go on from (the line ``main`` prints on Ctrl-C).
+
+    >>> from argparse import Namespace
+    >>> interrupted_keeps(Namespace(command="eval"))
+    'the answered questions are kept in predictions.jsonl - rerun with --resume'
+    """
+    steps = "the training steps up to the last checkpoint (every --save-every steps) are kept - rerun with --resume"
+    if a.command == "diysink" and getattr(a, "diysink_command", None) == "init":
+        return "nothing is kept - rerun the command"
+    return {
+        "scan": "the finished images are kept - rerun with --resume",
+        "eval": "the answered questions are kept in predictions.jsonl - rerun with --resume",
+        "train-projector": steps,
+        "diysink": steps,
+    }.get(a.command, "nothing is kept - rerun the command")
+
+
+def _no_abbreviations(parser) -> None:
+    """Turn argparse's prefix matching off on ``parser`` and every subcommand's parser (``--var``
+    must not be read as ``--variant``)."""
+    import argparse
+
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
 
 
 __all__ = [

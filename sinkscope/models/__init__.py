@@ -119,6 +119,39 @@ def load_model(
     return ad
 
 
+def known_layer_count(name_or_path: str) -> int | None:
+    """The number of blocks the adapter of ``name_or_path`` will have (its ``n_layers``: the ViT's
+    for a ViT or a LLaVA model, the LM's for a causal LM), read without loading any weight - from
+    the embedded models' known sizes or a ``config.json`` on disk (a local folder, a run folder or
+    the hub cache); ``None`` when only loading would tell (a hub id not cached, mini-llava).
+
+    >>> known_layer_count("tiny-dinov2+sinks"), known_layer_count("dinov2-small")
+    (4, 12)
+    """
+    name = str(name_or_path)
+    base = name.partition("+")[0]
+    if base in TINY_NAMES:
+        from .tiny import LAYERS
+
+        return LAYERS
+    if name == "dinov2-small":
+        return 12
+    if name in ("mini-llava", "mini-llava-untrained", "smollm2-135m"):
+        return None
+    import transformers as T
+
+    local = Path(name).expanduser()
+    if (local / "model" / "config.json").is_file() and _is_run_folder(local):
+        local = local / "model"
+    try:
+        config = T.AutoConfig.from_pretrained(str(local) if local.exists() else name, local_files_only=True)
+    except Exception:  # not on disk, not a model: loading will say why
+        return None
+    sub = getattr(config, "vision_config", None)  # LLaVA, CLIP, SigLIP: the tower is what a scan reads
+    n = getattr(sub if sub is not None else config, "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) else None
+
+
 def _load_pretrained(src: str, name: str, dtype, image_size, attn_impl: str) -> Adapter:
     import transformers as T
 
@@ -308,6 +341,7 @@ __all__ = [
     "Plant",
     "TokenLayout",
     "VisionAdapter",
+    "known_layer_count",
     "list_models",
     "load_model",
     "paint_markers",
