@@ -134,6 +134,18 @@ def _positive(name: str, v: float | None, why: str = "") -> None:
         raise SinkscopeError(f"{name}: must be a finite number > 0{why}, got {v:g}")
 
 
+def _check_sink_rule(sink_rule: Any, **old: Any):
+    """At most one of ``sink_rule`` and its old spellings ``old`` (name -> value) is given; returns
+    the rule a given ``sink_rule`` reads as (:func:`~sinkscope.interventions.rule_from`; ``norm``
+    when none is: the checks of its method then pass)."""
+    from .interventions import rule_from
+
+    named = [k for k, v in (("sink_rule", sink_rule), *old.items()) if v is not None]
+    if len(named) > 1:
+        raise SinkscopeError(f"{', '.join(named)}: give one ViT sink rule (sink_rule, e.g. norm:100, norm:x5 or topk:4)")
+    return rule_from(sink_rule)
+
+
 def check_device(device: str | None, available: bool = False) -> None:
     """``None``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...; with ``available`` the device must
     also exist on this machine (checked when a run starts, not when a saved config is read, so a
@@ -227,7 +239,11 @@ class ScanConfig(RunConfig):
 @_register
 @dataclass(frozen=True)
 class ProbeConfig(RunConfig):
-    """``sinkscope probe``: linear probes per layer and token group on a labelled image set."""
+    """``sinkscope probe``: linear probes per layer and token group on a labelled image set.
+    ``sink_rule``: the ViT sink rule of the ``sink`` groups, at every probed layer (a string of
+    :data:`~sinkscope.interventions.rules.RULE_GRAMMAR` without ``@LAYER``; ``None``: the model's
+    :func:`~sinkscope.interventions.default_rule`); ``threshold`` / ``relative`` are its old
+    spellings ``norm:T`` / ``norm:xR``."""
 
     analysis: ClassVar[str] = "probe"
     model: str = "dinov2-small"
@@ -239,6 +255,7 @@ class ProbeConfig(RunConfig):
     seed: int = 0
     threshold: float | None = None
     relative: float | None = None
+    sink_rule: str | dict | None = None
     max_images: int | None = None
     batch_size: int = 16
     image_size: int | tuple[int, int] | None = None
@@ -255,6 +272,7 @@ class ProbeConfig(RunConfig):
         if bad or not self.groups:
             raise SinkscopeError(f"groups: choose from {', '.join(GROUPS)}, got {', '.join(bad) or 'none'}")
         self._check_norm_rule(self.threshold, self.relative)
+        _check_sink_rule(self.sink_rule, threshold=self.threshold, relative=self.relative).check_for("probe", every_layer=True)
         if not isinstance(self.folds, int) or not 2 <= self.folds <= 20:
             raise SinkscopeError(f"folds: must be an integer in 2..20, got {self.folds!r}")
         if self.max_images is not None and self.max_images < self.folds:
@@ -267,7 +285,11 @@ class ProbeConfig(RunConfig):
 @_register
 @dataclass(frozen=True)
 class FlowConfig(RunConfig):
-    """``sinkscope flow``: information pathways inside the ViT and from ViT tokens into the LLM."""
+    """``sinkscope flow``: information pathways inside the ViT and from ViT tokens into the LLM.
+    ``sink_rule``: the ViT sink rule of every analysis and ``variants`` (a string of
+    :data:`~sinkscope.interventions.rules.RULE_GRAMMAR`; ``None``: the model's
+    :func:`~sinkscope.interventions.default_rule`); ``vit_threshold`` / ``vit_relative`` are its
+    old spellings ``norm:T`` / ``norm:xR`` (give one of the three)."""
 
     analysis: ClassVar[str] = "flow"
     model: str = "mini-llava"
@@ -275,7 +297,7 @@ class FlowConfig(RunConfig):
     prompt: str = "What is the main object in the image?"
     analyses: tuple[str, ...] | None = None  # None: every analysis that applies to the model
     vit_threshold: float | None = None
-    vit_relative: float | None = 5.0
+    vit_relative: float | None = None
     llm_tau: float = 20.0
     generate: int = 0
     window: int = 9
@@ -297,24 +319,21 @@ class FlowConfig(RunConfig):
     def __post_init__(self):
         from .flow.run import ANALYSES
         from .flow.variants import FLOW_VARIANTS
-        from .interventions import rule_from
 
         object.__setattr__(self, "variants", (self.variants,) if isinstance(self.variants, str) else tuple(self.variants))
         bad_v = [v for v in self.variants if v not in FLOW_VARIANTS]
         if bad_v:
             raise SinkscopeError(f"variants: unknown {bad_v[0]!r}; choose from {', '.join(FLOW_VARIANTS)}")
-        if self.sink_rule is not None:
-            rule_from(self.sink_rule)
+        # the analyses mark sinks among the patches by norm (cls / attention: refused); the layer is checked at run time
+        _check_sink_rule(self.sink_rule, vit_threshold=self.vit_threshold, vit_relative=self.vit_relative).check_for("flow")
         if self.positions not in ("reindex", "keep"):
             raise SinkscopeError(f"positions: reindex or keep, got {self.positions!r}")
 
         bad = [a for a in self.analyses or () if a not in ANALYSES]
         if bad:
             raise SinkscopeError(f"analyses: unknown {bad[0]!r}; choose from {', '.join(ANALYSES)}")
-        if self.vit_threshold is not None:
-            _positive("vit_threshold", self.vit_threshold, " (an L2 norm is never negative)")
-        else:
-            _positive("vit_relative", self.vit_relative)
+        _positive("vit_threshold", self.vit_threshold, " (an L2 norm is never negative)")
+        _positive("vit_relative", self.vit_relative)
         _positive("llm_tau", self.llm_tau)
         _positive("bin_width", self.bin_width)
         for name in ("window", "stride", "attribution_steps", "top_k"):
@@ -333,9 +352,11 @@ class FlowConfig(RunConfig):
 class DecodeConfig(RunConfig):
     """``sinkscope decode``: share of sink vs non-sink visual tokens whose isolated decoding names
     the image's object word (paper analysis 3). ``words``: ``((label, (word, ...)), ...)`` pairs
-    replacing the built-in lists. The sink rule is one of ``vit_threshold``, ``vit_relative`` or
-    ``top_norm`` (the N highest-norm patches, a surrogate for towers without norm outliers);
-    none: top 2 on ``mini-llava``, else 5x the median. ``max_images``/``nonsinks``: 0 = all."""
+    replacing the built-in lists. ``sink_rule``: the ViT sink rule at the feature layer (a string
+    of :data:`~sinkscope.interventions.rules.RULE_GRAMMAR`; ``None``: the model's
+    :func:`~sinkscope.interventions.default_rule`, as every command); ``vit_threshold``,
+    ``vit_relative`` and ``top_norm`` are its old spellings ``norm:T``, ``norm:xR`` and ``topk:N``
+    (give one of the four). ``max_images``/``nonsinks``: 0 = all."""
 
     analysis: ClassVar[str] = "decode"
     model: str = "mini-llava"
@@ -345,6 +366,7 @@ class DecodeConfig(RunConfig):
     vit_threshold: float | None = None
     vit_relative: float | None = None
     top_norm: int | None = None
+    sink_rule: str | dict | None = None
     top_k: int = 5
     nonsinks: int = 8
     max_images: int = 40
@@ -359,8 +381,8 @@ class DecodeConfig(RunConfig):
     overwrite: bool = False
 
     def __post_init__(self):
-        if sum(x is not None for x in (self.vit_threshold, self.vit_relative, self.top_norm)) > 1:
-            raise SinkscopeError("vit_threshold, vit_relative and top_norm: give one sink rule")
+        _check_sink_rule(self.sink_rule, vit_threshold=self.vit_threshold, vit_relative=self.vit_relative,
+                         top_norm=self.top_norm).check_for("decode")  # fmt: skip
         _positive("vit_threshold", self.vit_threshold, " (an L2 norm is never negative)")
         _positive("vit_relative", self.vit_relative)
         if self.top_norm is not None and self.top_norm < 1:

@@ -109,10 +109,10 @@ def _run_scan(c: ScanConfig, progress: bool):
 
 
 def _run_probe(c: ProbeConfig, progress: bool):
+    from .interventions.rules import given_rule
     from .probing import probe
-    from .sinks import NormRule
 
-    rule = NormRule(threshold=c.threshold) if c.threshold is not None else NormRule(relative=c.relative or 5.0)
+    rule = given_rule(c.sink_rule, c.threshold, c.relative)  # None: the model's default rule
     return probe(
         model=c.model,
         dataset=c.dataset,
@@ -143,6 +143,7 @@ def _run_flow(c: FlowConfig, progress: bool):
         prompt=c.prompt,
         analyses=tuple(c.analyses) if c.analyses else ANALYSES,
         out=c.out,
+        sink_rule=c.sink_rule,
         vit_threshold=c.vit_threshold,
         vit_relative=c.vit_relative,
         llm_tau=c.llm_tau,
@@ -160,25 +161,17 @@ def _run_flow(c: FlowConfig, progress: bool):
         chat=c.chat,
         sink_dims_from=c.sink_dims_from,
         variants=c.variants,
-        sink_rule=c.sink_rule,
         positions=c.positions,
     )
 
 
 def _run_decode(c: DecodeConfig, progress: bool):
-    from .flow.decoding import TopNormRule, check_decode_out, decode_rate
-    from .sinks import NormRule
+    from .flow.decoding import check_decode_out, decode_rate
+    from .interventions.rules import given_rule
 
     if c.out is not None:
         check_decode_out(c.out, c.overwrite)  # before the model runs
-    if c.vit_threshold is not None:
-        rule = NormRule(threshold=c.vit_threshold)
-    elif c.vit_relative is not None:
-        rule = NormRule(relative=c.vit_relative)
-    elif c.top_norm is not None or c.model in ("mini-llava", "mini-llava-untrained"):
-        rule = TopNormRule(c.top_norm or 2)
-    else:
-        rule = NormRule(relative=5.0)
+    rule = given_rule(c.sink_rule, c.vit_threshold, c.vit_relative, c.top_norm)  # None: the model's default
     res = decode_rate(
         c.model,
         c.dataset,
@@ -339,8 +332,9 @@ def load_run(run_dir: str | Path):
         from .flow.run import FlowResult
 
         tables = {f.stem: read_table(f) for f in sorted(d.glob("*.csv"))}
-        if (d / "visual_tokens.parquet").exists():
-            tables["visual_tokens"] = read_table(d / "visual_tokens.parquet")
+        for name in ("visual_tokens", "tokens_fed"):
+            if (d / f"{name}.parquet").exists():
+                tables[name] = read_table(d / f"{name}.parquet")
         return FlowResult(tables, summary, config=config, out=d, timings=dict(summary.get("timings", {})))
     if kind == "decode":
         from .flow.decoding import DecodeResult

@@ -263,8 +263,10 @@ def test_cli_decode_writes_tables_summary_and_page(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(rates.group) == {"sink", "nonsink"} and "control" in set(rates.scope)
     assert (rates.ci_method == "clopper-pearson").all()
-    assert len(tokens) == 6 * 3 and set(tokens.label) == {"face", "non-face"}  # no sink at 5x median here
-    assert summary["sink_rule"]["threshold"] == {"kind": "relative", "value": 5.0}
+    assert len(tokens) == 6 * 3 and set(tokens.label) == {"face", "non-face"}  # no clear norm gap: no sink
+    # the default of every command (issue 25.6; was 5x the median here, the automatic gap elsewhere)
+    assert summary["sink_rule"]["threshold"] == {"kind": "auto", "value": None}
+    assert summary["sink_rule"]["spec"] == "norm" and summary["sink_rule"]["reason"].startswith("no rule given")
     assert summary["words"]["face"][:2] == ["face", "faces"] and summary["dataset"].startswith("lfw-faces")
     html = (out / "decode.html").read_text()
     assert "Decoding rate: sink vs non-sink visual tokens" in html and "Findings" in html

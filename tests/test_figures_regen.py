@@ -203,16 +203,25 @@ def test_the_paper_tier_runs_use_the_papers_settings():
     """Fig. 3A: generated output tokens and the absolute ViT threshold 100 (CLIP-L); the probe
     compares sinks with single non-sink patches (the paper's 0.512), not only their mean."""
     from sinkscope.flow.run import paper_settings
-    from sinkscope.sinks import NormRule
 
     spec = load_figure_list(Path(__file__).resolve().parents[1] / "figures" / "figures.toml")
     flows = [r.config for r in spec.runs.values() if r.tier == "paper" and r.analysis == "flow"]
     assert flows
-    for c in flows:
-        got = paper_settings(NormRule(threshold=c.vit_threshold), c.generate, c.bin_width)
+    for c in flows:  # the rule is named: a hub model's default would be the automatic gap
+        assert c.sink_rule == "norm:100"
+        got = paper_settings(c.sink_rule, c.generate, c.bin_width)
         assert got["matches"], got["differences"]
     probes = [r.config for r in spec.runs.values() if r.tier == "paper" and r.analysis == "probe"]
-    assert probes and all(c.threshold == 100 and "nonsink_random" in c.groups for c in probes)
+    assert probes and all(c.sink_rule == "norm:100" and "nonsink_random" in c.groups for c in probes)
+    # every paper-tier run of CLIP-L / LLaVA-1.5 that marks ViT sinks names the paper's rule
+    def marks_sinks(r) -> bool:
+        return r.analysis in ("flow", "probe") or (
+            r.analysis == "eval" and any(v not in ("default", "no-image") for v in r.config.variants)
+        )
+
+    clip_llava = [r for r in spec.runs.values() if r.tier == "paper" and marks_sinks(r)
+                  and ("clip-vit-large" in r.config.model or "llava-1.5" in r.config.model)]  # fmt: skip
+    assert len(clip_llava) == 3 and all(r.config.sink_rule == "norm:100" for r in clip_llava)
 
 
 def test_regeneration_writes_html_then_does_no_work_then_reruns_only_the_changed_analysis(figdir, spy):
@@ -516,7 +525,7 @@ PROJECT_RUNS = {
     },
     "paper-probe-clip": {
         "dataset": "textile",
-        "threshold": 100.0,
+        "sink_rule": "norm:100",
         "groups": ("sink", "nonsink", "nonsink_random", "cls", "mean", "random"),
         "device": "cuda",
         "dtype": "float16",
@@ -526,7 +535,7 @@ PROJECT_RUNS = {
         "images": ("embedded:1",),
         "analyses": ("rollout", "propagation", "knockout"),
         "prompt": "What is the main object in the image?",
-        "vit_threshold": 100.0,
+        "sink_rule": "norm:100",
         "generate": 8,
         "device": "cuda",
         "dtype": "float16",

@@ -25,7 +25,8 @@ def setup():
 
 def test_planted_sinks_map_to_their_llm_positions_and_the_top_bin(setup):
     ad, imgs = setup
-    res = propagation(ad, imgs, PROMPT, llm_rule=DimsRule(tau=4, massive_ratio=100, min_layer=2))
+    # the paper's rule, named: image 1's two sinks are 2 of 16 patches, more than the automatic gap's 10%
+    res = propagation(ad, imgs, PROMPT, vit_rule="norm:100", llm_rule=DimsRule(tau=4, massive_ratio=100, min_layer=2))
     vt = res.visual_tokens
     assert len(vt) == 2 * 16 and set(vt.kind) == {"patch"}  # default strategy: CLS dropped
     sinks = vt[vt.is_vit_sink]

@@ -119,6 +119,7 @@ def probe_config(a: argparse.Namespace):
         seed=a.seed,
         threshold=a.threshold,
         relative=a.relative,
+        sink_rule=a.sink_rule,
         max_images=a.max_images,
         batch_size=a.batch_size,
         image_size=a.image_size,
@@ -149,7 +150,8 @@ def _cmd_probe(a: argparse.Namespace) -> int:
         piv = t[t.label == label].pivot(index="layer", columns="group", values="accuracy").round(3)
         print(f"label {label!r} (chance {t[t.label == label].chance.max():.3f}):")
         print(piv.to_string())
-    print(f"sink rule: {res.summary['rule']['description']}")
+    rule = res.summary["rule"]
+    print(f"sink rule: {rule['description']} ({rule.get('reason', 'given')})")
     print(f"wrote {res.out / 'probe.csv'}, {res.out / 'summary.json'}, {res.out / 'probe.html'}")
     return 0
 
@@ -193,6 +195,8 @@ def _cmd_flow(a: argparse.Namespace) -> int:
     s = res["summary"]
     if s.get("warning"):
         print(f"note: {s['warning']}")
+    rule = s.get("vit_rule") or {}
+    print(f"ViT sink rule: {rule.get('description')} ({rule.get('reason', 'given')})")
     for name, why in (s.get("analyses_skipped") or {}).items():
         print(f"skipped: {name} ({why})")
     note = (s.get("propagation") or {}).get("llm_rule_note")
@@ -232,6 +236,7 @@ def decode_config(a: argparse.Namespace):
         vit_threshold=a.vit_threshold,
         vit_relative=a.vit_relative,
         top_norm=a.top_norm,
+        sink_rule=a.sink_rule,
         top_k=a.top_k,
         nonsinks=a.nonsinks,
         max_images=a.max_images,
@@ -255,7 +260,7 @@ def _cmd_decode(a: argparse.Namespace) -> int:
     s = res.summary
     if s.get("warning"):
         print(f"note: {s['warning']}")
-    print(f"sink rule: {s['sink_rule']['description']}")
+    print(f"sink rule: {s['sink_rule']['description']} ({s['sink_rule'].get('reason', 'given')})")
     cols = ["group", "scope", "n_images", "n_tokens", "n_hits", "rate", "ci_low", "ci_high"]
     print(res.rates[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote decode_rate.csv, decode_tokens.csv, summary.json and decode.html to {a.out}")

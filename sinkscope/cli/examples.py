@@ -46,7 +46,7 @@ PROBE_EXAMPLES = """examples:
   sinkscope probe                                       # dinov2-small on lfw-faces, all layers
   sinkscope probe --dataset textile --max-images 600 --groups cls,mean,random --out runs/textile
   sinkscope probe --model openai/clip-vit-large-patch14-336 --dataset photos.csv --label object \\
-                  --label lighting --threshold 100 --groups sink,nonsink,cls,matched --device cuda
+                  --label lighting --sink-rule norm:100 --groups sink,nonsink,cls,matched --device cuda
   sinkscope probe --dataset digits --label col --groups random,sink   # position regression (R2)
 """
 
@@ -55,16 +55,16 @@ FLOW_EXAMPLES = """examples:
   sinkscope flow                                     # mini-llava (trained projector) on one embedded photo
   sinkscope flow --model tiny-llava+sinks --analysis propagation --analysis knockout --stride 2
   sinkscope flow --model llava-hf/llava-1.5-7b-hf --images cat.jpg --prompt "What animal is this?" \\
-                 --vit-threshold 100 --generate 8 --device cuda --dtype float16 --out runs/llava-flow
+                 --sink-rule norm:100 --generate 8 --device cuda --dtype float16 --out runs/llava-flow
   sinkscope flow --model dinov2-small --analysis rollout    # ViT only
 """
 
 
 DECODE_EXAMPLES = """examples:
-  sinkscope decode                                   # mini-llava on 40 lfw-faces images (top-2-norm surrogate sinks)
+  sinkscope decode                                   # mini-llava on 40 lfw-faces images (its declared topk:4 surrogate)
   sinkscope decode --dataset digits --max-images 100 --out runs/decode-digits
   sinkscope decode --model llava-hf/llava-1.5-7b-hf --dataset cats_people.csv --word cat=cat,cats,kitten \\
-                   --word person=person,man,woman --vit-threshold 100 --max-images 0 --device cuda
+                   --word person=person,man,woman --sink-rule norm:100 --max-images 0 --device cuda
 """
 
 

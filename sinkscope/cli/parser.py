@@ -26,6 +26,24 @@ from .examples import (
 )
 from .train_cmd import add_train
 
+#: the help of every ``--sink-rule`` of probe, flow and decode (the grammar of ``sinkscope eval --sink-rule``)
+RULE_HELP = (
+    "the ViT sink rule: norm (the automatic norm gap of each image), norm:100 (absolute; the paper's for "
+    "CLIP-L/14-336), norm:x4 (x the image's median), topk:4 (a surrogate), attention:4, cls; @LAYER picks the "
+    "ViT layer - as sinkscope eval --sink-rule (default: the model's - the automatic gap, or the rule a "
+    "built-in model declares, topk:4 on dinov2-small and mini-llava - named with its reason in summary.json)"
+)
+
+
+def _add_rule_options(p: argparse.ArgumentParser, what: str, **old: str) -> None:
+    """``--sink-rule`` and its old spellings ``old`` (flag -> the rule it stands for), one of them."""
+    x = p.add_mutually_exclusive_group()
+    x.add_argument("--sink-rule", default=None, metavar="RULE", help=f"{RULE_HELP}; {what}")
+    for flag, spelled in old.items():
+        kind = int if spelled.startswith("topk") else float
+        x.add_argument(flag, type=kind, default=None, metavar=spelled.split(":")[1].lstrip("x"),
+                       help=f"old spelling of --sink-rule {spelled}")  # fmt: skip
+
 
 def _image_size(s: str):
     """``--image-size``: ``224`` -> 224, ``336x448`` (or ``336,448``) -> (height, width).
@@ -226,14 +244,8 @@ def _add_probe(sub) -> None:
     pr.add_argument(
         "--seed", type=int, default=0, help="seed for splits, random tokens, shuffles (default: %(default)s)"
     )
-    x = pr.add_mutually_exclusive_group()
-    x.add_argument("--threshold", type=float, help="sink rule: absolute L2-norm threshold")
-    x.add_argument(
-        "--relative",
-        type=float,
-        default=None,
-        help="sink rule: multiple of the image's median patch norm (default 5)",
-    )
+    _add_rule_options(pr, "applied to the patches at every probed layer (no @LAYER)",
+                      **{"--threshold": "norm:T", "--relative": "norm:xR"})  # fmt: skip
     pr.add_argument("--max-images", type=int, help="random subset of this many images (seeded)")
     pr.add_argument(
         "--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)"
@@ -295,16 +307,8 @@ def _add_flow(sub) -> None:
 
 def _add_flow_options(fl: argparse.ArgumentParser) -> None:
     """``flow``: the ViT and LLM sink rules, generation, knockout, bins, device, output."""
-    x = fl.add_mutually_exclusive_group()
-    x.add_argument(
-        "--vit-threshold", type=float, help="ViT sink rule: absolute norm threshold (paper: 100 for CLIP-L)"
-    )
-    x.add_argument(
-        "--vit-relative",
-        type=float,
-        default=5.0,
-        help="ViT sink rule: x image median norm (default: %(default)s)",
-    )
+    _add_rule_options(fl, "used by every analysis and --variant",
+                      **{"--vit-threshold": "norm:T", "--vit-relative": "norm:xR"})  # fmt: skip
     fl.add_argument(
         "--llm-tau",
         type=float,
@@ -352,9 +356,8 @@ def _add_flow_options(fl: argparse.ArgumentParser) -> None:
         action="append",
         help="repeatable or comma-separated interventions (both, sinks-front, sinks-end, sink-only, nonsink-only, "
         "random-k, lowest-norm-k, var): the attention the LLM gives each token group under each, against both "
-        "-> attention_by_variant.csv",
+        "-> attention_by_variant.csv and tokens_fed.parquet (the tokens each fed the LLM, as sinkscope eval writes)",
     )
-    fl.add_argument("--sink-rule", default=None, help="ViT sink rule for --variant (see sinkscope eval --help)")
     fl.add_argument(
         "--positions", default="reindex", choices=("reindex", "keep"), help="position ids for --variant"
     )
@@ -384,16 +387,8 @@ def _add_decode(sub) -> None:
         metavar="LABEL=W1,W2",
         help="object words of a label (repeatable; replaces the built-in list), e.g. --word cat=cat,kitten",
     )
-    x = dc.add_mutually_exclusive_group()
-    x.add_argument("--vit-threshold", type=float, help="sink rule: absolute ViT norm at the feature layer")
-    x.add_argument("--vit-relative", type=float, help="sink rule: x the image's median patch norm")
-    x.add_argument(
-        "--top-norm",
-        type=int,
-        metavar="N",
-        help="surrogate sink rule: the N highest-norm patches per image (default on mini-llava: 2, since "
-        "DINOv2-S has no norm outliers; elsewhere the default is --vit-relative 5)",
-    )
+    _add_rule_options(dc, "at the vision feature layer",
+                      **{"--vit-threshold": "norm:T", "--vit-relative": "norm:xR", "--top-norm": "topk:N"})  # fmt: skip
     _add_decode_options(dc)
 
 

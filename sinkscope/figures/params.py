@@ -17,7 +17,7 @@ The list's own keys own ``model`` and the data (``images`` / ``dataset``); the r
 >>> config_fields("probe", {"folds": 2, "grups": "cls"})
 Traceback (most recent call last):
 ...
-sinkscope.figures.params.SpecError: unknown probe param 'grups'; params: batch_size, cache, device, dtype, folds, groups, image_size, labels, layers, max_images, n_jobs, relative, seed, threshold
+sinkscope.figures.params.SpecError: unknown probe param 'grups'; params: batch_size, cache, device, dtype, folds, groups, image_size, labels, layers, max_images, n_jobs, relative, seed, sink_rule, threshold
 """
 
 from __future__ import annotations

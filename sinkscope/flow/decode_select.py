@@ -1,10 +1,11 @@
 """Which visual tokens word-distribution decoding decodes: the sinks and a sample of non-sinks.
 
 - **Sinks** are chosen per image among the patch tokens fed to the LLM, from their L2 norms at the
-  vision feature layer, by a :class:`~sinkscope.sinks.NormRule` (absolute or relative threshold,
-  or the automatic rule with ``auto_scope="image"``) or by :class:`TopNormRule`, a named
-  *surrogate* - the ``n`` highest-norm patches of each image - for towers without norm outliers.
-  :func:`sink_rule_to_dict` records which rule was used.
+  vision feature layer, by the run's ViT sink rule (:class:`~sinkscope.interventions.VisualSinkRule`:
+  ``norm``, ``norm:T``, ``norm:xR`` or the ``topk:K`` surrogate; :class:`TopNormRule` and a
+  per-image :class:`~sinkscope.sinks.NormRule` are read as those) - the same rule, on the same
+  tokens, as every other command (:func:`~sinkscope.interventions.default_rule` when none is given).
+  :func:`sink_rule_to_dict` records which rule was used and why.
 - **Non-sinks**: ``nonsinks_per_image`` random non-sink patches per image, seeded per image (so
   the sample does not depend on the batch size), or all of them (:func:`choose_tokens`).
 
@@ -13,7 +14,7 @@
 >>> picked, median, no_sink = choose_tokens(norms, kinds, TopNormRule(1), None, 0, 0)
 >>> [(int(j), g) for j, g in picked], median, no_sink
 ([(4, 'sink'), (1, 'nonsink'), (2, 'nonsink'), (3, 'nonsink')], 6.0, False)
->>> len(choose_tokens(norms, kinds, TopNormRule(1), 2, 0, 0)[0])  # the sink and 2 random non-sinks
+>>> len(choose_tokens(norms, kinds, "topk:1", 2, 0, 0)[0])  # the sink and 2 random non-sinks
 3
 """
 
@@ -24,15 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from .._utils import SinkscopeError
-from ..sinks import NormRule, detect, rule_to_dict
+from ..interventions.rules import VisualSinkRule, patch_mask, rule_from, rule_record
 
 
 @dataclass(frozen=True)
 class TopNormRule:
-    """Surrogate sink rule: the ``n`` highest-norm patch tokens of each image.
+    """Surrogate sink rule: the ``n`` highest-norm patch tokens of each image - the rule
+    ``topk:n`` (:class:`~sinkscope.interventions.VisualSinkRule`), kept under its old name.
 
     Not an outlier criterion - every image gets exactly ``n`` "sinks" - so use it, and name it,
     where the tower has no norm outliers (DINOv2-S: max/median norm about 3x) and a threshold
@@ -60,60 +61,54 @@ class TopNormRule:
         )
 
 
-def sink_rule_to_dict(rule: NormRule | TopNormRule) -> dict[str, Any]:
-    """JSON form of a decoding sink rule (:func:`~sinkscope.sinks.rule_to_dict` for a NormRule),
-    with ``surrogate`` saying whether it is a stand-in for an outlier criterion.
+def as_rule(rule: Any) -> VisualSinkRule:
+    """The :class:`~sinkscope.interventions.VisualSinkRule` of a decoding rule: a
+    :class:`TopNormRule` is ``topk:n``; anything else as :func:`~sinkscope.interventions.rule_from`
+    reads it.
+
+    >>> as_rule(TopNormRule(3)).spec(), as_rule("norm:100").spec()
+    ('topk:3', 'norm:100')
+    """
+    if isinstance(rule, TopNormRule):
+        return VisualSinkRule("topk", k=rule.n)
+    return rule_from(rule)
+
+
+def sink_rule_to_dict(rule: Any, reason: str = "given") -> dict[str, Any]:
+    """JSON form of a decoding sink rule (:func:`~sinkscope.interventions.rules.rule_record`, with
+    ``surrogate`` saying whether it is a stand-in for an outlier criterion and ``reason`` why it
+    was used).
 
     >>> sink_rule_to_dict(TopNormRule(3))["surrogate"]
     True
     """
-    if isinstance(rule, TopNormRule):
-        return {
-            "method": rule.method,
-            "mode": rule.mode,
-            "description": rule.describe(),
-            "threshold": {"kind": "top", "value": rule.n},
-            "params": {"n": rule.n},
-            "surrogate": True,
-        }
-    return {**rule_to_dict(rule), "surrogate": False}
+    return rule_record(as_rule(rule), reason)
 
 
-def check_rule(rule) -> None:
-    """Refuse, in one line, a rule decoding cannot apply per image.
+def check_rule(rule: Any) -> VisualSinkRule:
+    """The rule as a :class:`~sinkscope.interventions.VisualSinkRule`, or one line saying why
+    decoding cannot apply it per image.
 
-    >>> check_rule(NormRule(relative=5.0)); check_rule(TopNormRule(2))
-    >>> check_rule(NormRule())
+    >>> check_rule("norm:x5").spec(), check_rule(TopNormRule(2)).spec()
+    ('norm:x5', 'topk:2')
+    >>> check_rule("cls")
     Traceback (most recent call last):
-    sinkscope._utils.SinkscopeError: the automatic norm rule must find the gap in each image here: NormRule(auto_scope='image')
+    ...
+    sinkscope._utils.SinkscopeError: decode: the sink rule 'cls' names the CLS token, but decode marks sinks among the patches; use norm, norm:T, norm:xR or topk:K
     """
-    if isinstance(rule, TopNormRule):
-        return
-    if not isinstance(rule, NormRule):
-        raise SinkscopeError(f"decoding needs a NormRule or a TopNormRule, got {type(rule).__name__}")
-    if rule.mode == "auto" and rule.auto_scope != "image":
-        raise SinkscopeError(
-            "the automatic norm rule must find the gap in each image here: NormRule(auto_scope='image')"
-        )
+    return as_rule(rule).check_for("decode")
 
 
-def pick_sinks(norms: np.ndarray, kinds: list[str], rule) -> np.ndarray:
+def pick_sinks(norms: np.ndarray, kinds: list[str], rule: Any) -> np.ndarray:
     """Boolean mask of sinks among one image's fed ViT tokens (patch tokens only).
 
-    >>> pick_sinks(np.array([80.0, 1.0, 90.0, 2.0]), ["cls", "patch", "patch", "patch"],
-    ...            NormRule(threshold=50)).tolist()
+    >>> pick_sinks(np.array([80.0, 1.0, 90.0, 2.0]), ["cls", "patch", "patch", "patch"], "norm:50").tolist()
     [False, False, True, False]
     """
     is_patch = np.array([k == "patch" for k in kinds])
     out = np.zeros(len(norms), bool)
-    if isinstance(rule, TopNormRule):
-        idx = np.nonzero(is_patch)[0]
-        top = idx[np.argsort(-norms[idx], kind="stable")[: rule.n]]
-        out[top] = True
-        return out
-    tab = pd.DataFrame({"image": 0, "layer": 0, "token": np.arange(len(norms)), "kind": kinds, "norm": norms})
-    out[:] = detect(tab, rule).is_sink.to_numpy().astype(bool)
-    return out & is_patch
+    out[is_patch] = patch_mask(as_rule(rule), np.asarray(norms, np.float64)[is_patch][None])[0]
+    return out
 
 
 def choose_tokens(

@@ -16,18 +16,19 @@ from typing import Any
 
 import pandas as pd
 
-from .decode_select import sink_rule_to_dict
+from .decode_select import as_rule, sink_rule_to_dict
 from .decode_stats import rate_summary
 from .decode_words import WORD_MARKERS
 
 ANALYSIS = "word-distribution decoding of isolated visual tokens (paper analysis 3)"
 
 
-def decode_summary(ad, ds, col, labels, wsets, rule, settings, rates, n_without_sink) -> dict[str, Any]:
+def decode_summary(ad, ds, col, labels, wsets, rule, settings, rates, n_without_sink, reason: str = "given") -> dict[str, Any]:
     """The summary of one run: ``ad`` the adapter, ``ds`` the (subsampled) data set, ``col`` its
     label column, ``labels`` one per image, ``wsets`` the normalised words per label, ``settings``
     the run's settings (``top_k, nonsinks_per_image, seed, method, prompt, chat_template,
-    ci_method, confidence``), ``rates`` its :func:`~sinkscope.flow.decode_stats.rate_table`."""
+    ci_method, confidence``), ``rates`` its :func:`~sinkscope.flow.decode_stats.rate_table`,
+    ``reason`` why the sink ``rule`` was used."""
     top_k, method, confidence = settings["top_k"], settings["method"], settings["confidence"]
     counts = pd.Series(labels).value_counts().to_dict()
     summary: dict[str, Any] = {
@@ -42,7 +43,7 @@ def decode_summary(ad, ds, col, labels, wsets, rule, settings, rates, n_without_
         "word_matching": "case- and space-insensitive exact match after removing word-start markers "
         f"{list(WORD_MARKERS)}; a token hits when any of its top-{top_k} decoded tokens is a word of its "
         "image's label (control images: a word of any label)",
-        "sink_rule": sink_rule_to_dict(rule),
+        "sink_rule": sink_rule_to_dict(rule, reason),
         "feature_layer": ad.feature_layer,
         "select_strategy": ad.select_strategy,
         **{k: settings[k] for k in ("top_k", "nonsinks_per_image", "seed", "method")},
@@ -73,7 +74,7 @@ def caveats(rule, n_without_sink: int, n_images: int) -> list[str]:
     ]
     if sink_rule_to_dict(rule)["surrogate"]:
         out.append(
-            f"the 'sinks' are a surrogate, not norm outliers: every image gets its {rule.n} highest-norm "
+            f"the 'sinks' are a surrogate, not norm outliers: every image gets its {as_rule(rule).k} highest-norm "
             "patches, whether or not its tower has outliers"
         )
     if n_without_sink:

@@ -9,10 +9,11 @@ tokens: a token *hits* when its top-``k`` decoded words contain a word of its im
 This module runs the analysis, batch by batch; each step lives in its own module:
 
 - :mod:`~sinkscope.flow.decode_select` - which tokens: **sinks** per image at the vision feature
-  layer (the ViT layer LLaVA feeds to the projector) by a :class:`~sinkscope.sinks.NormRule` or
-  by :class:`TopNormRule`, a named *surrogate* - the ``n`` highest-norm patches of each image -
-  for towers without norm outliers (DINOv2-S, the vision tower of ``mini-llava``: max/median norm
-  about 3x); which rule was used is always in the result. **Non-sinks**: ``nonsinks_per_image``
+  layer (the ViT layer LLaVA feeds to the projector) by the ViT sink rule every command uses
+  (:class:`~sinkscope.interventions.VisualSinkRule`; default the model's
+  :func:`~sinkscope.interventions.default_rule`: the automatic norm gap, or on ``mini-llava`` the
+  ``topk:4`` *surrogate* it declares, since its DINOv2-S tower has no norm outliers); which rule
+  was used, and why, is always in the result. **Non-sinks**: ``nonsinks_per_image``
   random non-sink patches per image (seeded per image), or all of them.
 - :mod:`~sinkscope.flow.decode_forward` - **isolation.** A token that attends only to itself in
   every layer computes a function of its own input embedding alone (the softmax over one key is
@@ -34,7 +35,7 @@ This module runs the analysis, batch by batch; each step lives in its own module
   says so (:mod:`~sinkscope.flow.decode_summary`).
 - :mod:`~sinkscope.flow.decode_outputs` - the files of a run (:meth:`DecodeResult.save`).
 
->>> res = decode_rate("tiny-llava+sinks", "lfw-faces", rule=TopNormRule(2), max_images=4, progress=False)
+>>> res = decode_rate("tiny-llava+sinks", "lfw-faces", rule="topk:2", max_images=4, progress=False)
 >>> print(res.rates[res.rates.scope == "all"][["group", "n_images", "n_tokens"]].to_string(index=False))
   group  n_images  n_tokens
    sink         2         4
@@ -43,7 +44,7 @@ nonsink         2        16
 The paper's setting on a real (small) LLaVA (skipped in the doctests: runs the real mini-llava
 on 40 images):
 
->>> res = decode_rate("mini-llava", "lfw-faces", rule=TopNormRule(2), max_images=40)  # doctest: +SKIP
+>>> res = decode_rate("mini-llava", "lfw-faces", max_images=40)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ import pandas as pd
 
 from .._utils import SinkscopeError, package_versions, progress_bar
 from ..data import LabeledImages, load_dataset
+from ..interventions.rules import resolve_rule
 from ..models.base import Adapter
 from ..models.llava import LlavaAdapter
-from ..sinks import NormRule
 from .decode_forward import decode_tokens, prepare_batch, read_images, token_strings
 from .decode_outputs import OUTPUT_FILES, check_decode_out, write_decode_outputs
-from .decode_select import TopNormRule, check_rule, choose_tokens, sink_rule_to_dict
+from .decode_select import TopNormRule, as_rule, check_rule, choose_tokens, sink_rule_to_dict
 from .decode_stats import CI_METHODS, GROUPS, binomial_ci, difference_ci, rate_table
 from .decode_summary import add_skipped, decode_summary
 from .decode_words import DEFAULT_WORDS, WORD_MARKERS, default_words, match_words, normalize_token, word_sets
@@ -110,7 +111,7 @@ def decode_rate(
     model: str | Adapter,
     data: str | LabeledImages = "lfw-faces",
     words: Mapping[str, Sequence[str]] | None = None,
-    rule: NormRule | TopNormRule | None = None,
+    rule: Any = None,
     label: str | None = None,
     top_k: int = 5,
     nonsinks_per_image: int | None = 8,
@@ -133,8 +134,9 @@ def decode_rate(
     :func:`~sinkscope.data.load_dataset`) or a :class:`~sinkscope.data.LabeledImages`; ``label``
     its label column (default: the first). ``words``: label -> accepted words (default:
     :data:`DEFAULT_WORDS` of the dataset); images whose label has no words are the control.
-    ``rule``: sink rule at the vision feature layer (default ``NormRule(relative=5)``; use
-    :class:`TopNormRule` on towers without norm outliers). ``top_k``: decoded words checked per
+    ``rule``: the ViT sink rule at the vision feature layer (anything
+    :func:`~sinkscope.interventions.rule_from` reads, e.g. ``"norm:100"`` or ``"topk:2"``; default
+    the model's :func:`~sinkscope.interventions.default_rule`). ``top_k``: decoded words checked per
     token. ``nonsinks_per_image``: random non-sink patches decoded per image (``None``: all).
     ``max_images``: a stratified, seeded subset. ``method``: ``"batched"`` (one-token sequences,
     exact for isolated tokens) or ``"mask"`` (:func:`~sinkscope.flow.knockout.decode_isolated`
@@ -148,10 +150,12 @@ def decode_rate(
     """
     t0 = time.perf_counter()
     _check_settings(method, ci, top_k, nonsinks_per_image)
-    rule = rule if rule is not None else NormRule(relative=5.0)
-    check_rule(rule)
+    if rule is not None:
+        check_rule(rule)  # a rule decoding cannot apply fails before the model loads
     ds, col, labels, wsets = _resolve_data(data, words, label, max_images, seed)
     ad = _load_llava(model, device, dtype)
+    rule, why = resolve_rule(ad, as_rule(rule) if rule is not None else None)
+    check_rule(rule).check_for("decode", layer=ad.feature_layer, n_layers=ad.vision.n_layers)
     plan = _Plan(
         ad, ds, labels, wsets, rule, top_k, nonsinks_per_image, seed, method, prompt, chat, decode_chunk
     )
@@ -170,7 +174,7 @@ def decode_rate(
         "ci_method": ci,
         "confidence": confidence,
     }
-    summary = decode_summary(ad, ds, col, labels, wsets, rule, settings, rates, tally.n_without_sink)
+    summary = decode_summary(ad, ds, col, labels, wsets, rule, settings, rates, tally.n_without_sink, why)
     add_skipped(summary, tally.failed, tally.upscaled, int(ad.vision.patch_size))
     summary["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
     summary["versions"] = package_versions(("sinkscope", "torch", "transformers"))

@@ -25,7 +25,7 @@ ViT-propagated sinks (sinks in the ViT) and LLM-emerged sinks (sinks in the LLM 
 >>> from sinkscope.data import sample_images
 >>> from sinkscope.models import load_model
 >>> img = sample_images(1)[0].load()
->>> res = propagation(load_model("tiny-llava+sinks"), [img], "What is this?", vit_rule=NormRule(relative=5.0))
+>>> res = propagation(load_model("tiny-llava+sinks"), [img], "What is this?", vit_rule="norm:x5")
 >>> list(res.by_bin.columns), list(res.by_group.group)
 (['layer', 'bin_lo', 'bin_hi', 'n_tokens', 'mean_attention'], ['non-sink', 'vit-propagated sink', 'llm-emerged sink'])
 """
@@ -41,9 +41,10 @@ import torch
 
 from .._utils import SinkscopeError
 from ..capture import Capture
+from ..interventions.rules import VisualSinkRule, patch_mask, resolve_rule, rule_record
 from ..models.base import ModelInputs, TokenLayout
 from ..models.llava import LlavaAdapter
-from ..sinks import DimsRule, NormRule, detect, discover_sink_dims, rule_to_dict, topk_for_exact_dims
+from ..sinks import DimsRule, detect, discover_sink_dims, rule_to_dict, topk_for_exact_dims
 
 #: Where the LLM sink dims come from (``propagation(sink_dims_from=...)``).
 SINK_DIMS_SOURCES = ("text", "first_text_token", "multimodal")
@@ -115,7 +116,7 @@ def propagation(
     ad: LlavaAdapter,
     images: list[Any],
     prompt: str,
-    vit_rule: NormRule | None = None,
+    vit_rule: Any = None,
     llm_rule: DimsRule | None = None,
     generate: int = 0,
     bin_width: float = 5.0,
@@ -124,8 +125,10 @@ def propagation(
 ) -> Propagation:
     """Attention the LLM pays to each visual token, against its ViT norm.
 
-    ``vit_rule``: the ViT sink rule at the feature layer (default ``NormRule(threshold=100)``, the
-    paper's rule for CLIP-L in LLaVA-1.5). ``llm_rule``: the LLM sink rule on visual tokens
+    ``vit_rule``: the ViT sink rule, applied to each image's patches at the feature layer (anything
+    :func:`~sinkscope.interventions.rule_from` reads, e.g. ``"norm:100"``, the paper's rule for
+    CLIP-L in LLaVA-1.5; default: the model's :func:`~sinkscope.interventions.default_rule`; the
+    summary records it with its reason). The ViT-norm bins do not depend on it. ``llm_rule``: the LLM sink rule on visual tokens
     (default Kang et al.: ``DimsRule(tau=20, min_layer=2)``), checked on the input of every
     decoder layer ``min_layer <= i < L``. Unless the rule gives its dims, they are discovered from
     massive activations on ``sink_dims_from``: ``"text"`` (default) a text-only pass, the prompt
@@ -139,7 +142,7 @@ def propagation(
     last row, output token ``t > 1`` is produced by decoding step ``t - 1``. ``chat``: wrap the
     prompt in the tokenizer's chat template (see :meth:`LlavaAdapter.build_inputs`).
     """
-    vit_rule, llm_rule = _check_rules(ad, vit_rule, llm_rule, sink_dims_from)
+    (vit_rule, vit_why), llm_rule = _check_rules(ad, vit_rule, llm_rule, sink_dims_from)
     inp = ad.build_inputs(images, prompt, chat=chat)
     ids, lay = inp["input_ids"], inp["layout"]
     topk = llm_topk(ad.llm.hidden_size, llm_rule.tau)
@@ -159,7 +162,7 @@ def propagation(
         "n_query_tokens": n_out if generate else int(qmask.sum()),
         "feature_layer": ad.feature_layer,
         "select_strategy": ad.select_strategy,
-        "vit_rule": rule_to_dict(vit_rule),
+        "vit_rule": rule_record(vit_rule, vit_why),
         "llm_rule": _llm_rule_summary(ad, llm_rule, llm, topk),
         "bin_width": bin_width,
         "n_visual_tokens": len(vt),
@@ -186,20 +189,19 @@ class _LlmSinks:
 
 
 def _check_rules(
-    ad: LlavaAdapter, vit_rule: NormRule | None, llm_rule: DimsRule | None, sink_dims_from: str
-) -> tuple[NormRule, DimsRule]:
-    """The ViT and LLM rules, defaults filled in; a clear error for a bad model or setting."""
+    ad: LlavaAdapter, vit_rule: Any, llm_rule: DimsRule | None, sink_dims_from: str
+) -> tuple[tuple[VisualSinkRule, str], DimsRule]:
+    """The ViT rule (with why it was chosen) and the LLM rule, defaults filled in; a clear error
+    for a bad model, rule or setting."""
     if not isinstance(ad, LlavaAdapter):
         raise SinkscopeError(f"model {ad.name!r} is not a LLaVA-style model (family {ad.family!r})")
     if sink_dims_from not in SINK_DIMS_SOURCES:
         raise SinkscopeError(
             f"sink_dims_from must be one of {', '.join(SINK_DIMS_SOURCES)}, got {sink_dims_from!r}"
         )
-    vit_rule = vit_rule or NormRule(threshold=100.0)
-    llm_rule = llm_rule or DimsRule(tau=20.0, min_layer=2)
-    if vit_rule.mode == "auto":
-        raise SinkscopeError("the ViT sink rule needs an absolute or relative threshold here")
-    return vit_rule, llm_rule
+    rule, why = resolve_rule(ad, vit_rule)
+    rule.check_for("flow propagation", layer=ad.feature_layer, n_layers=ad.vision.n_layers)
+    return (rule, why), llm_rule or DimsRule(tau=20.0, min_layer=2)
 
 
 def _capture_pass(ad: LlavaAdapter, inp: ModelInputs, generate: int, topk: int):
@@ -251,9 +253,9 @@ def _capture_pass(ad: LlavaAdapter, inp: ModelInputs, generate: int, topk: int):
     return vc, lc, qmask, n_out
 
 
-def _vit_sink_table(vit_norms: np.ndarray, lay: TokenLayout, fl: int, vit_rule: NormRule) -> pd.DataFrame:
+def _vit_sink_table(vit_norms: np.ndarray, lay: TokenLayout, fl: int, vit_rule: VisualSinkRule) -> pd.DataFrame:
     """One row per (image, ViT token) at the feature layer ``fl`` (``vit_norms``: ``[images,
-    tokens]``), with ``is_vit_sink`` by ``vit_rule``."""
+    tokens]``), with ``is_vit_sink`` by ``vit_rule`` over each image's patches."""
     vit_rows = []
     for i in range(vit_norms.shape[0]):
         for t in range(lay.n_tokens):
@@ -261,7 +263,9 @@ def _vit_sink_table(vit_norms: np.ndarray, lay: TokenLayout, fl: int, vit_rule: 
                 {"image": i, "layer": fl, "token": t, "kind": lay.kind(t), "norm": float(vit_norms[i, t])}
             )
     vit_tab = pd.DataFrame(vit_rows)
-    vit_tab["is_vit_sink"] = detect(vit_tab, vit_rule).is_sink.to_numpy()
+    sink = np.zeros(vit_norms.shape, bool)
+    sink[:, lay.n_prefix : lay.n_tokens] = patch_mask(vit_rule, vit_norms[:, lay.n_prefix : lay.n_tokens])
+    vit_tab["is_vit_sink"] = sink.reshape(-1)  # rows: image-major, token-minor
     return vit_tab
 
 

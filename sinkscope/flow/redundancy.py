@@ -35,8 +35,8 @@ import pandas as pd
 import torch
 
 from .._utils import SinkscopeError
+from ..interventions.rules import patch_mask, resolve_rule, rule_record
 from ..models.base import Adapter, TokenLayout
-from ..sinks import NormRule, detect, rule_to_dict
 
 NEIGHBOURHOODS = {
     4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
@@ -207,14 +207,15 @@ def redundancy(
     images: Sequence[Any],
     names: Sequence[str] | None = None,
     detection_layer: int | None = None,
-    rule: NormRule | None = None,
+    rule: Any = None,
     neighbourhood: int = 4,
     batch_size: int = 8,
 ) -> RedundancyResult:
     """Darcet et al.'s redundancy analysis on a ViT adapter or a LLaVA's vision tower.
 
-    Sinks are the patches whose L2 norm at ``detection_layer`` passes ``rule`` (default: 5x the
-    image's median patch norm); ``detection_layer`` defaults to a LLaVA's feature layer
+    Sinks are the patches ``rule`` marks at ``detection_layer`` in each image (anything
+    :func:`~sinkscope.interventions.rule_from` reads; default: the model's
+    :func:`~sinkscope.interventions.default_rule`, recorded with its reason); ``detection_layer`` defaults to a LLaVA's feature layer
     (``vision_feature_layer``, -2 for LLaVA-1.5) or a ViT's last layer. The neighbour cosine
     similarity is measured at layer 0 (input) and at the detection layer.
 
@@ -233,7 +234,8 @@ def redundancy(
     vis, default_layer = _vision_of(adapter)
     L = vis.n_layers
     det = default_layer if detection_layer is None else int(detection_layer) % (L + 1)
-    rule = rule or NormRule(relative=5.0)
+    rule, why = resolve_rule(adapter, rule)
+    rule.check_for("flow redundancy", layer=det, n_layers=L)
     names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
     if len(names) != len(images):
         raise SinkscopeError(f"{len(images)} images but {len(names)} names")
@@ -247,18 +249,8 @@ def redundancy(
         with Capture(vis, layers=None, keep=keep) as cap:
             bc = cap.run(batch)
         hd = {k: bc.hidden[k] for k in keep}
-        # sinks at the detection layer: the norm rule on a patch token table
-        norms = bc.hidden[det][:, lay.n_prefix :].float().norm(dim=-1).numpy()
-        tok = pd.DataFrame(
-            {
-                "image": np.repeat(np.arange(norms.shape[0]), norms.shape[1]),
-                "layer": det,
-                "token": np.tile(np.arange(norms.shape[1]), norms.shape[0]),
-                "kind": "patch",
-                "norm": norms.reshape(-1),
-            }
-        )
-        sink = detect(tok, rule).is_sink.to_numpy().reshape(norms.shape)
+        # sinks at the detection layer: the rule on each image's patches
+        sink = patch_mask(rule, bc.hidden[det][:, lay.n_prefix :].float().norm(dim=-1))
         tables.append(redundancy_table(hd, lay, sink, batch.names, neighbourhood, detection_layer=det))
     table = pd.concat(tables, ignore_index=True)
     by_group = redundancy_summary(table)
@@ -278,7 +270,7 @@ def redundancy(
         else "last ViT layer",
         "neighbourhood": f"{neighbourhood}-neighbourhood"
         + (" (up, down, left, right)" if neighbourhood == 4 else " (with diagonals)"),
-        "rule": rule_to_dict(rule),
+        "rule": rule_record(rule, why),
         "n_images": len(images),
         "n_patches": int((table.layer == det).sum()),
         "n_sinks": int(table[table.layer == det].is_sink.sum()),

@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 
 from .._utils import SinkscopeError
+from ..interventions.rules import VisualSinkRule, patch_mask, resolve_rule, rule_record
 from ..models.llava import LlavaAdapter
-from ..sinks import NormRule, detect, rule_to_dict
 from .rollout import _like, _to_numpy, rollout
 
 
@@ -134,7 +134,7 @@ def vlm_relevancy(
     prompt: str,
     answer_id: int | None = None,
     chat: bool = False,
-    vit_rule: NormRule | None = None,
+    vit_rule: Any = None,
     names: Sequence[str] | None = None,
 ) -> RelevancyResult:
     """Relevancy of every ViT input patch for the LVLM's answer token, beside attention rollout.
@@ -147,7 +147,8 @@ def vlm_relevancy(
 
     Table columns: ``image, image_name, vit_token, kind, row, col, llm_position`` (-1 when the
     token does not reach the LLM), ``vit_norm`` and ``is_vit_sink`` (at the feature layer, by
-    ``vit_rule``, default 5x the median patch norm), ``relevancy_llm`` / ``rollout_llm`` (the
+    ``vit_rule`` over each image's patches: anything :func:`~sinkscope.interventions.rule_from`
+    reads, default the model's :func:`~sinkscope.interventions.default_rule`), ``relevancy_llm`` / ``rollout_llm`` (the
     answer row of the LLM's relevancy / rollout at the token's image position: the feature-layer
     token), ``relevancy`` / ``rollout`` (chained through the ViT down to its input patches).
 
@@ -160,7 +161,8 @@ def vlm_relevancy(
     """
     if not isinstance(ad, LlavaAdapter):
         raise SinkscopeError(f"relevancy needs a LLaVA-style model; {ad.name!r} is {ad.family!r}")
-    vit_rule = vit_rule or NormRule(relative=5.0)
+    vit_rule, why = resolve_rule(ad, vit_rule)
+    vit_rule.check_for("flow relevancy", layer=ad.feature_layer, n_layers=ad.vision.n_layers)
     names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
     inp = ad.build_inputs(list(images), prompt, chat=chat)
     kw = {k: inp[k].to(ad.device) for k in ("input_ids", "attention_mask")}
@@ -186,7 +188,7 @@ def vlm_relevancy(
         "vit_blocks": [0, fl - 1] if fl > 0 else [],
         "llm_layers": ad.llm.n_layers,
         "answer_position": int(inp["input_ids"].shape[1]) - 1,
-        "vit_rule": rule_to_dict(vit_rule),
+        "vit_rule": rule_record(vit_rule, why),
         "n_vit_sinks": int(patches.is_vit_sink.sum()),
         "relevancy": _share(patches, "relevancy"),
         "rollout": _share(patches, "rollout"),
@@ -262,19 +264,12 @@ def _feature_norms(ad: LlavaAdapter, images: Sequence[Any]) -> torch.Tensor:
     return vis_cap.norms[:, 0]
 
 
-def _feature_sinks(feat_norm: torch.Tensor, lay, fl: int, vit_rule: NormRule) -> np.ndarray:
-    """``[images, tokens]`` bool: the sinks at the feature layer, by the ViT rule over patch tokens."""
-    n_img, n_vit = feat_norm.shape[0], lay.n_tokens
-    tok = pd.DataFrame(
-        {
-            "image": np.repeat(np.arange(n_img), n_vit),
-            "layer": fl,
-            "token": np.tile(np.arange(n_vit), n_img),
-            "kind": lay.kinds() * n_img,
-            "norm": feat_norm.numpy().reshape(-1),
-        }
-    )
-    return detect(tok, vit_rule).is_sink.to_numpy().reshape(n_img, n_vit)
+def _feature_sinks(feat_norm: torch.Tensor, lay, fl: int, vit_rule: VisualSinkRule) -> np.ndarray:
+    """``[images, tokens]`` bool: the sinks at the feature layer, by the ViT rule over each image's
+    patch tokens."""
+    sink = np.zeros((feat_norm.shape[0], lay.n_tokens), bool)
+    sink[:, lay.n_prefix : lay.n_tokens] = patch_mask(vit_rule, feat_norm[:, lay.n_prefix : lay.n_tokens])
+    return sink
 
 
 def _vit_chain(vit_f, k: int, n_vit: int, fl: int) -> tuple[np.ndarray, np.ndarray]:

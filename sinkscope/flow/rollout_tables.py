@@ -11,9 +11,8 @@ token group, inside the ViT up to one layer (:func:`vit_flow_tables`).
 
 >>> from sinkscope.models import load_model
 >>> from sinkscope.models.tiny import paint_markers
->>> from sinkscope.sinks import NormRule
 >>> img = paint_markers(np.full((32, 32, 3), 90, np.uint8), [(1, 2)])   # a planted sink at (1, 2)
->>> t = vit_flow_tables(load_model("tiny-dinov2+sinks"), [img], ["img"], NormRule(relative=5.0))
+>>> t = vit_flow_tables(load_model("tiny-dinov2+sinks"), [img], ["img"], "norm:x5")
 >>> sorted(t), sorted(set(t["rollout"].start_kind))
 (['relevance', 'rollout', 'vit_attention_by_group'], ['cls', 'nonsink', 'sink'])
 """
@@ -27,30 +26,33 @@ import pandas as pd
 
 from .._utils import SinkscopeError
 from ..capture import Capture
+from ..interventions.rules import VisualSinkRule, patch_mask, resolve_rule
 from ..models.base import TokenLayout
-from ..sinks import NormRule
 from .rollout import attention_by_group, relevance_map, rollout
 
 
 def vit_flow_tables(
-    vis, arrays, names, vit_rule: NormRule, upto: int | None = None
+    vis, arrays, names, vit_rule: Any = None, upto: int | None = None
 ) -> dict[str, pd.DataFrame]:
     """Inside the ViT, up to layer ``upto`` (hidden-state index; default the last layer; a VLM
     passes its feature layer): rollout through blocks ``0..upto-1`` from CLS and from every sink
     at layer ``upto`` on the patch grid, relevance maps (attention column per head at block
     ``upto-1``) of CLS, the sinks and one non-sink patch, and the attention received by token
-    group in every block up to it."""
-    batch = vis.prepare(arrays, names)
-    lay = batch.layouts[0]
+    group in every block up to it. ``vit_rule``: the ViT sink rule, applied to the patches of
+    each image at each layer (anything :func:`~sinkscope.interventions.rule_from` reads; ``None``:
+    the model's :func:`~sinkscope.interventions.default_rule`)."""
     L = vis.n_layers if upto is None else int(upto)
     if not 1 <= L <= vis.n_layers:
         raise SinkscopeError(f"ViT layer {L} is outside 1..{vis.n_layers}: rollout needs at least one block")
+    rule = resolve_rule(vis, vit_rule)[0].check_for("flow rollout", layer=L, n_layers=vis.n_layers)
+    batch = vis.prepare(arrays, names)
+    lay = batch.layouts[0]
     with Capture(vis, layers=list(range(L + 1)), keep_attention=list(range(L)), stop_early=True) as cap:
         bc = cap.run(batch)
     attn = bc.attn_maps  # block -> [batch, heads, q, k]
     roll, rel, grp = [], [], []
     for i, name in enumerate(names):
-        sinks_at = _sinks_by_layer(bc.norms[i], lay, vit_rule, L)
+        sinks_at = _sinks_by_layer(bc.norms[i], lay, rule, L)
         starts = _start_tokens(lay, sinks_at[L])
         R = np.asarray(rollout([attn[b][i] for b in range(L)]))
         roll += _rollout_rows(R, lay, starts, name)
@@ -68,14 +70,11 @@ def _patches(lay: TokenLayout) -> list[int]:
     return list(range(lay.n_prefix, lay.n_tokens))
 
 
-def _sinks_by_layer(norms, lay: TokenLayout, vit_rule: NormRule, L: int) -> dict[int, list[int]]:
-    """Layer ``0..L`` -> the patch tokens ``vit_rule`` calls sinks there (``norms``: one image's
+def _sinks_by_layer(norms, lay: TokenLayout, rule: VisualSinkRule, L: int) -> dict[int, list[int]]:
+    """Layer ``0..L`` -> the patch tokens ``rule`` calls sinks there (``norms``: one image's
     ``[layers, tokens]``)."""
-    out = {}
-    for b in range(L + 1):
-        pn = norms[b, lay.n_prefix : lay.n_tokens].numpy()
-        out[b] = [lay.n_prefix + int(j) for j in np.nonzero(vit_rule.mask([pn])[0])[0]]
-    return out
+    mask = patch_mask(rule, norms[: L + 1, lay.n_prefix : lay.n_tokens])  # each layer's patches alone
+    return {b: [lay.n_prefix + int(j) for j in np.nonzero(mask[b])[0]] for b in range(L + 1)}
 
 
 def _start_tokens(lay: TokenLayout, sinks: list[int]) -> list[tuple[int, str]]:

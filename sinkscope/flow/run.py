@@ -26,7 +26,16 @@ Analyses (``--analysis``):
   is_vit_sink, relevancy_llm, rollout_llm, relevancy, rollout``)
 - with ``--variant`` (VLM): ``attention_by_variant.csv`` (``variant, layer, group, n_tokens,
   mean_attention, share``), the attention the LLM gives each token group under each intervention
-  against ``both`` (:mod:`sinkscope.flow.variants`)
+  against ``both`` (:mod:`sinkscope.flow.variants`), and ``tokens_fed.parquet`` (``id, variant,
+  image, vit_token, row, col, norm, is_vit_sink, llm_position, position_id``: which ViT tokens
+  each variant fed the LLM, in which order, as ``sinkscope eval`` writes it; ``id`` is the image's name)
+
+Every analysis marks ViT sinks by one rule, ``sink_rule`` (a string of
+:data:`~sinkscope.interventions.rules.RULE_GRAMMAR`; default the model's
+:func:`~sinkscope.interventions.default_rule`), recorded with its reason as ``summary["vit_rule"]``.
+A rule the analyses cannot apply (``cls`` or ``attention``: they mark sinks among the patches by
+their norms; a rule naming another ViT layer than the one they read) is refused in one line before
+any image is read.
 
 Under ``accelerate launch`` (several processes; ``out`` needed) the analyses run data-parallel
 (:mod:`sinkscope.distributed`): the ViT ones per batch of 8 images, ``knockout`` per set of pairs
@@ -58,10 +67,10 @@ import pandas as pd
 from .. import distributed
 from .._utils import SinkscopeError, package_versions
 from ..data import ImageItem, image_items, sample_images
+from ..interventions.rules import given_rule, resolve_rule, rule_from, rule_record
 from ..models import load_model
 from ..models.base import Adapter
 from ..models.llava import LlavaAdapter
-from ..sinks import NormRule, rule_to_dict
 from .steps import (
     KNOCKOUT_PAIRS,
     VIT_BATCH,
@@ -93,6 +102,8 @@ SHARDING = {
     "attribution": "main process (one prompt holds every image)",
     "relevancy": "main process (one prompt holds every image)",
 }
+#: the tables written as parquet (the others as CSV)
+PARQUET_TABLES = ("visual_tokens", "tokens_fed")
 #: where the processes of a data-parallel flow run write their parts (removed once merged)
 PARTS = "parts"
 
@@ -135,7 +146,7 @@ def run_flow(
     analyses: tuple[str, ...] | list[str] = ANALYSES,
     out: str | Path | None = None,
     vit_threshold: float | None = None,
-    vit_relative: float | None = 5.0,
+    vit_relative: float | None = None,
     llm_tau: float = 20.0,
     generate: int = 0,
     window: int = 9,
@@ -161,20 +172,25 @@ def run_flow(
     ``sink_dims_from``: where the LLM sink dims are discovered - ``"text"`` (a text-only pass of
     the prompt, as Kang et al. fix them from the LLM's own first-token sink), ``"first_text_token"``
     or ``"multimodal"`` (see :func:`~sinkscope.flow.propagation.propagation`).
+    ``sink_rule``: the ViT sink rule of every analysis and variant (anything
+    :func:`~sinkscope.interventions.rule_from` reads: ``"norm"``, ``"norm:100"``, ``"norm:x4"``,
+    ``"topk:4"``, ...; default the model's :func:`~sinkscope.interventions.default_rule`);
+    ``vit_threshold`` / ``vit_relative`` are its old spellings ``norm:T`` / ``norm:xR``.
     ``variants``: interventions (:mod:`sinkscope.flow.variants`) whose effect on the attention the
-    LLM gives each token group is measured against ``both`` -> ``attention_by_variant``, with
-    ``sink_rule`` and ``positions`` (main process only under several processes).
+    LLM gives each token group is measured against ``both`` -> ``attention_by_variant`` and
+    ``tokens_fed``, with ``positions`` (main process only under several processes).
     Under several processes (``accelerate launch``) see the module's docstring.
     """
     t0 = time.perf_counter()
     dist, device, progress = distributed.context_for("flow", out, device, progress)
+    given = given_rule(sink_rule, threshold=vit_threshold, relative=vit_relative)
     ad, analyses, skipped = _model_and_analyses(model, analyses, device, dtype)
+    vit_rule, why = resolve_rule(ad, given)
+    vit_layer, vit_layer_info = _vit_layer(ad)
+    # one rule for every analysis, all reading the sinks at vit_layer: one that cannot is refused here
+    vit_rule.check_for("flow", layer=vit_layer, n_layers=getattr(ad, "vision", ad).n_layers)
     items = _items(images)
     arrays = [it.load() for it in items]
-    vit_rule = (
-        NormRule(threshold=vit_threshold) if vit_threshold is not None else NormRule(relative=vit_relative)
-    )
-    vit_layer, vit_layer_info = _vit_layer(ad)
     st = FlowState(
         ad,
         items,
@@ -196,7 +212,7 @@ def run_flow(
         sink_dims_from=sink_dims_from,
         dist=dist,
     )
-    st.summary = _run_summary(st, skipped, vit_layer_info)
+    st.summary = _run_summary(st, skipped, vit_layer_info, why)
     is_vlm = isinstance(ad, LlavaAdapter)
     n_steps = len(analyses) + (
         len(KNOCKOUT_PAIRS) - 1 if "knockout" in analyses else 0
@@ -204,27 +220,32 @@ def run_flow(
     st.bar = _steps(n_steps, progress and is_vlm or (progress and len(arrays) > 4))
     _run_steps(st, is_vlm)
     if variants:
-        _variants_step(st, variants, sink_rule, positions)
+        _variants_step(st, variants, positions)
     st.bar.close()
     if dist is not None:
         return _finish_distributed(st, t0, Path(out))
     return _finish(st, t0, out)
 
 
-def _variants_step(st: FlowState, variants, sink_rule, positions: str) -> None:
-    """``attention_by_variant`` (main process only: one prompt holds every image)."""
-    from .variants import attention_by_variant
+def _variants_step(st: FlowState, variants, positions: str) -> None:
+    """``attention_by_variant`` and ``tokens_fed`` (main process only: one prompt holds every image)."""
+    from .variants import variant_tables
 
     if not isinstance(st.ad, LlavaAdapter):
         raise SinkscopeError(f"flow variants need a LLaVA-style model; {st.ad.name!r} is {st.ad.family!r}")
     if not st.is_main:
         return
     t = time.perf_counter()
-    table = attention_by_variant(st.ad, st.arrays, st.prompt, list(variants), sink_rule, positions, chat=st.chat)
+    table, fed = variant_tables(st.ad, st.arrays, st.prompt, list(variants), st.vit_rule, positions, chat=st.chat)
     st.tables["attention_by_variant"] = table
+    st.tables["tokens_fed"] = fed.assign(id=[st.names[i] for i in fed.image])[list(TOKENS_FED_COLUMNS)]
     st.summary["variants"] = {"variants": ["both", *[v for v in variants if v != "both"]],
                               "sink_rule": table.attrs["sink_rule"], "positions": positions}  # fmt: skip
     st.timings["variants_s"] = time.perf_counter() - t
+
+
+#: the columns of a flow's ``tokens_fed.parquet``, those of ``sinkscope eval``'s (``id``: the image's name)
+TOKENS_FED_COLUMNS = ("id", "variant", "image", "vit_token", "row", "col", "norm", "is_vit_sink", "llm_position", "position_id")
 
 
 def _finish(st: FlowState, t0: float, out: str | Path | None) -> FlowResult:
@@ -272,9 +293,9 @@ def _model_and_analyses(
     return ad, analyses, vlm_only
 
 
-def _run_summary(st: FlowState, skipped: list[str], vit_layer_info: dict[str, Any]) -> dict[str, Any]:
-    """The summary's head: model, images, prompt, analyses (run and skipped), ViT rule and layer,
-    and for a VLM the comparison with the paper's settings."""
+def _run_summary(st: FlowState, skipped: list[str], vit_layer_info: dict[str, Any], why: str) -> dict[str, Any]:
+    """The summary's head: model, images, prompt, analyses (run and skipped), ViT rule (with why
+    it was chosen) and layer, and for a VLM the comparison with the paper's settings."""
     is_vlm = isinstance(st.ad, LlavaAdapter)
     summary: dict[str, Any] = {
         "model": st.ad.describe(),
@@ -283,7 +304,7 @@ def _run_summary(st: FlowState, skipped: list[str], vit_layer_info: dict[str, An
         "chat_template": bool(st.chat) if is_vlm else None,
         "analyses": list(st.analyses),
         "analyses_skipped": {a: "needs a LLaVA-style model" for a in skipped},
-        "vit_rule": rule_to_dict(st.vit_rule),
+        "vit_rule": rule_record(st.vit_rule, why),
         "vit_layer": vit_layer_info,
     }
     if is_vlm:
@@ -369,6 +390,7 @@ _TABLES = (
     "attribution",
     "relevancy",
     "attention_by_variant",
+    "tokens_fed",
 )
 
 
@@ -398,20 +420,22 @@ def _read_part(path: Path, rank: int) -> tuple[dict[str, pd.DataFrame], dict[str
 #: The paper's Fig. 3A settings (LLaVA-1.5-7B, CLIP-L/14-336): what each flow run is compared with.
 PAPER_FIG3A = {
     "queries": "every generated output token (--generate N, N >= 1)",
-    "vit_rule": "absolute L2 norm >= 100 at the feature layer (--vit-threshold 100)",
+    "vit_rule": "absolute L2 norm >= 100 at the feature layer (--sink-rule norm:100)",
     "bin_width": 5.0,
 }
 
 
-def paper_settings(vit_rule: NormRule, generate: int, bin_width: float) -> dict[str, Any]:
+def paper_settings(vit_rule: Any, generate: int, bin_width: float) -> dict[str, Any]:
     """How a flow run's settings compare with the paper's Fig. 3A settings (:data:`PAPER_FIG3A`):
     ``{"matches": bool, "differences": [...], "paper": PAPER_FIG3A}``; every summary carries it.
+    ``vit_rule``: anything :func:`~sinkscope.interventions.rule_from` reads.
 
-    >>> paper_settings(NormRule(threshold=100.0), generate=8, bin_width=5.0)["matches"]
+    >>> paper_settings("norm:100", generate=8, bin_width=5.0)["matches"]
     True
-    >>> paper_settings(NormRule(relative=5.0), generate=0, bin_width=5.0)["differences"][0]
+    >>> paper_settings("norm:x5", generate=0, bin_width=5.0)["differences"][0]
     'queries: the prompt text after the first image (prefill), not generated tokens'
     """
+    vit_rule = rule_from(vit_rule)
     diff = []
     if generate < 1:
         diff.append("queries: the prompt text after the first image (prefill), not generated tokens")
@@ -449,8 +473,8 @@ def _vit_layer(ad: Adapter) -> tuple[int, dict[str, Any]]:
 def write_flow_outputs(out: Path, tables: dict[str, pd.DataFrame], summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, df in tables.items():
-        if name == "visual_tokens":
-            df.to_parquet(out / "visual_tokens.parquet", index=False)
+        if name in PARQUET_TABLES:
+            df.to_parquet(out / f"{name}.parquet", index=False)
         else:
             df.to_csv(out / f"{name}.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -9,9 +9,9 @@ science lives in the analysis modules (:mod:`~sinkscope.flow.rollout_tables`,
 
 >>> from sinkscope.data import sample_images
 >>> from sinkscope.models import load_model
->>> from sinkscope.sinks import NormRule
+>>> from sinkscope.interventions import rule_from
 >>> ad, items = load_model("tiny-dinov2+sinks"), sample_images(1)
->>> st = FlowState(ad, items, [it.load() for it in items], ["redundancy"], NormRule(relative=5.0),
+>>> st = FlowState(ad, items, [it.load() for it in items], ["redundancy"], rule_from("norm:x5"),
 ...                vit_layer=ad.n_layers)
 >>> redundancy_step(st)
 >>> list(st.tables), list(st.timings)
@@ -40,8 +40,9 @@ import numpy as np
 import pandas as pd
 
 from ..data import ImageItem
+from ..interventions.rules import VisualSinkRule
 from ..models.base import Adapter
-from ..sinks import DimsRule, NormRule
+from ..sinks import DimsRule
 from .rollout_tables import vit_flow_tables
 
 #: The knockout's ``(source, target)`` token groups: each source's attention to its target is blocked.
@@ -88,13 +89,14 @@ class NoSteps:
 class FlowState:
     """One flow run: its model, images and settings (the arguments of
     :func:`~sinkscope.flow.run.run_flow`), and the ``tables``, ``summary`` and ``timings`` its
-    steps fill. ``vit_layer``: the ViT layer the ViT analyses stop at."""
+    steps fill. ``vit_rule``: the run's ViT sink rule (resolved: every analysis uses it);
+    ``vit_layer``: the ViT layer the ViT analyses stop at."""
 
     ad: Adapter
     items: list[ImageItem]
     arrays: list[Any]
     analyses: list[str]
-    vit_rule: NormRule
+    vit_rule: VisualSinkRule
     vit_layer: int
     prompt: str = "What is the main object in the image?"
     chat: bool = False

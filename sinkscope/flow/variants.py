@@ -30,7 +30,8 @@ import torch
 
 from .._utils import SinkscopeError
 from ..capture import Capture
-from ..interventions import TOKEN_VARIANTS, VAR, TokenIntervention, apply_tokens, default_rule, rule_from, var
+from ..interventions import TOKEN_VARIANTS, VAR, TokenIntervention, apply_tokens, var
+from ..interventions.rules import resolve_rule
 
 FLOW_VARIANTS = TOKEN_VARIANTS + ("var",)
 GROUPS = ("vit-sink", "vit-nonsink", "first-token", "text")
@@ -67,19 +68,45 @@ def attention_by_variant(
     """The table of the module docstring (``variant, layer, group, n_tokens, mean_attention,
     share``), ``both`` first; ``sink_rule`` as in :func:`~sinkscope.interventions.rule_from`
     (default :func:`~sinkscope.interventions.default_rule`)."""
+    return variant_tables(ad, images, prompt, variants, sink_rule, positions, var_config, chat)[0]
+
+
+def variant_tables(
+    ad,
+    images: list[Any],
+    prompt: str,
+    variants: list[str] | tuple[str, ...],
+    sink_rule: Any = None,
+    positions: str = "reindex",
+    var_config: VAR | dict | None = None,
+    chat: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`attention_by_variant`'s table and the ``tokens_fed`` table of every variant run: one
+    row per ViT token of each image (``variant, image, vit_token, row, col, norm, is_vit_sink,
+    llm_position, position_id``; ``llm_position`` empty for a token not fed), as
+    :func:`~sinkscope.interventions.apply_tokens` built it (``var`` feeds every token in order).
+
+    >>> from sinkscope import load_model
+    >>> t, fed = variant_tables(load_model("tiny-llava"), [np.zeros((32, 32, 3), np.uint8)], "What is this?",
+    ...                         ["sinks-front"], sink_rule="topk:2")
+    >>> f = fed[fed.variant == "sinks-front"].sort_values("llm_position")
+    >>> bool(f.is_vit_sink.head(2).all()), bool(f.is_vit_sink.iloc[2:].any())   # the 2 sinks first
+    (True, False)
+    """
     bad = [v for v in variants if v not in FLOW_VARIANTS]
     if bad:
         raise SinkscopeError(f"flow variant {bad[0]!r}: expected one of {', '.join(FLOW_VARIANTS)}")
     if getattr(ad, "family", None) != "llava":
         raise SinkscopeError(f"model {ad.name!r}: flow variants need a LLaVA-style model")
-    rule = rule_from(sink_rule) if sink_rule is not None else default_rule(ad)[0]
+    rule = resolve_rule(ad, sink_rule)[0]
     inp = ad.build_inputs(images, prompt, chat=chat)
     call = {k: inp[k].to(ad.device) for k in ("input_ids", "attention_mask", "pixel_values")}
     call["pixel_values"] = call["pixel_values"].to(ad.dtype)
-    rows = []
+    rows, fed = [], []
     for v in ["both"] + [v for v in variants if v != "both"]:
         spec = TokenIntervention(v if v in TOKEN_VARIANTS else "both", positions=positions, rule=rule)
         built = apply_tokens(ad, call, spec)
+        fed.append(built.fed.drop(columns=["rule", "variant", "batch_row"]).assign(variant=v))
         kw = built.kwargs
         groups, qmask = _groups(kw["inputs_embeds"].shape[1], built.fed, kw["attention_mask"].cpu())
         if not qmask.any():
@@ -100,4 +127,5 @@ def attention_by_variant(
                              "share": float(a[sel].sum())})  # fmt: skip
     out = pd.DataFrame(rows)
     out.attrs["sink_rule"] = rule.describe()
-    return out
+    tokens = pd.concat(fed, ignore_index=True)
+    return out, tokens[["variant", *[c for c in tokens.columns if c != "variant"]]]

@@ -180,7 +180,7 @@ def build_mini_llava(
     ``BitImageProcessor``; ``.tokenizer``: SmolLM2's tokenizer with ``<image>``). The adapter also
     carries ``projector_trained``, ``projector_seed`` and ``projector_source``.
     """
-    from .real import dinov2_small_dir, smollm2_dir
+    from .real import DINOV2_SMALL_SINK_RULE, dinov2_small_dir, smollm2_dir
 
     vision_dir, llm_dir = dinov2_small_dir(), smollm2_dir()
     # building modules draws from the global RNG (Dinov2's cls/mask tokens use torch.randn even
@@ -192,6 +192,8 @@ def build_mini_llava(
     ad.lora_source = None if lora is None else str(Path(lora).expanduser())
     ad.model.config.lora_merged = lora is not None
     ad.name = name
+    # the ViT sink rule every command uses by default (interventions.default_rule): DINOv2-S has no outliers
+    ad.declared_sink_rule = ad.vision.declared_sink_rule = DINOV2_SMALL_SINK_RULE
     return ad
 
 

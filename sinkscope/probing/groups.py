@@ -4,7 +4,8 @@
 layer: Darcet's protocol), ``sink`` (mean of the image's sink patches), ``nonsink`` (mean of the
 other patches), ``nonsink_random`` (one random non-sink patch) and ``matched`` (for each sink, the
 nearest non-sink patch on the grid, ties by the closest norm: a position- and norm-matched
-control). Sink membership is the norm rule's own per-image mask over the patches.
+control). Sink membership is the run's ViT sink rule
+(:class:`~sinkscope.interventions.VisualSinkRule`), applied to each image's patches at each layer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..sinks import NormRule
+from ..interventions.rules import VisualSinkRule, patch_mask
 
 GROUPS = ("cls", "registers", "mean", "random", "sink", "nonsink", "nonsink_random", "matched")
 SINGLE_TOKEN_GROUPS = ("random", "nonsink_random")
@@ -37,7 +38,7 @@ def _mean_of(h: torch.Tensor, tokens, rc: np.ndarray, p0: int, grid: bool):
     return h[torch.as_tensor(tokens)].mean(0).numpy(), len(tokens), where
 
 
-def _group_vectors(bc, layouts, rows, layers, groups, rule: NormRule, seed: int, acc) -> None:
+def _group_vectors(bc, layouts, rows, layers, groups, rule: VisualSinkRule, seed: int, acc) -> None:
     """Per image and layer, the vector of every group (NaN when the image has none), appended to
     ``acc[(layer, group)]`` as (vector, token count, mean (row, col))."""
     for b, (row, lay) in enumerate(zip(rows, layouts)):
@@ -52,7 +53,7 @@ def _group_vectors(bc, layouts, rows, layers, groups, rule: NormRule, seed: int,
                 continue
             h = bc.hidden[layer][b, :n].float()  # [tokens, D]
             norms = bc.norms[b, li, :n].numpy()
-            sink_mask = rule.mask([norms[p0:]])[0]  # the rule's own per-image mask (patches only)
+            sink_mask = patch_mask(rule, norms[None, p0:])[0]  # the rule on this image's patches
 
             def mean_of(tokens, h=h, rc=rc, p0=p0, grid=lay.grid is not None):
                 return _mean_of(h, tokens, rc, p0, grid)

@@ -23,7 +23,6 @@ from .. import distributed
 from .._utils import SinkscopeError, package_versions
 from ..data import LabeledImages
 from ..models.base import Adapter
-from ..sinks import NormRule
 from .classifier import DEFAULT_CS
 from .features import GroupFeatures, extract_group_features
 from .groups import DEFAULT_GROUPS
@@ -64,7 +63,7 @@ def probe(
     layers: str | Sequence[int] | None = "all",
     folds: int = 5,
     seed: int = 0,
-    rule: NormRule | None = None,
+    rule: Any = None,
     max_images: int | None = None,
     batch_size: int = 16,
     image_size=None,
