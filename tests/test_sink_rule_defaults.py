@@ -141,8 +141,9 @@ def _entry_points(model: str, rule, root, tmp_path, heavy: bool = True) -> dict[
     got["eval interventions"] = (rule_from(iv["rule"]).spec(), iv["rule_reason"], _cells(ev.tokens_fed.dropna(subset=["row"]), "id", "is_vit_sink"))
 
     # DIYSink's dual connector (on a fresh copy: make_dual changes the model in place)
-    dual = make_dual(load_model(model), rule=rule)
-    got["diysink make_dual"] = (dual.rule.spec(), None, None)
+    fresh = load_model(model)
+    dual = make_dual(fresh, rule=rule)
+    got["diysink make_dual"] = (dual.rule.spec(), fresh.model.config.diysink["rule_reason"], None)
 
     # the commands, from the command line
     flag = [] if rule is None else ["--sink-rule", str(rule)]
