@@ -49,8 +49,14 @@ def run(config: RunConfig, progress: bool = True):
     >>> res.config.method, int(res.tokens.layer.max())
     ('norm', 4)
     """
+    new = config.out is not None and not os.path.lexists(config.out)
     check_folders(config)  # before any model loads
-    res = _runs.execute(config, progress=progress)
+    try:
+        res = _runs.execute(config, progress=progress)
+    except BaseException:
+        if new:
+            ownership.release(config.out)  # a run that failed before writing leaves no folder it made
+        raise
     if config.out is not None and getattr(config, "report", True) and _is_main(res) and has_page(res):
         # the folder passed sinkscope.ownership before any work: a page there is this command's own
         write_result_page(res, overwrite=True)

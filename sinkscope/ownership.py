@@ -248,10 +248,24 @@ def record(folder: str | Path) -> None:
     _write(d, m)
 
 
+def release(folder: str | Path) -> None:
+    """Undo a claim that wrote nothing: a folder holding only its marker is removed (a run that
+    failed before its first file leaves no folder behind)."""
+    d = Path(folder)
+    if d.is_dir() and [p.name for p in d.iterdir()] == [MARKER]:
+        (d / MARKER).unlink()
+        d.rmdir()
+
+
 def _write(d: Path, marker: dict) -> None:
+    """Write the marker atomically; an unchanged marker is left as it is (its mtime too)."""
+    text = json.dumps(marker, indent=1, default=str) + "\n"
+    p = d / MARKER
+    if p.is_file() and p.read_text(errors="replace") == text:
+        return
     tmp = d / f"{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(marker, indent=1, default=str) + "\n")
-    os.replace(tmp, d / MARKER)
+    tmp.write_text(text)
+    os.replace(tmp, p)
 
 
-__all__ = ["MARKER", "FolderRefused", "check", "claim", "fingerprint", "own_files", "read_marker", "record", "resume_differences", "resume_refusal"]
+__all__ = ["MARKER", "FolderRefused", "check", "claim", "fingerprint", "own_files", "read_marker", "record", "release", "resume_differences", "resume_refusal"]

@@ -243,3 +243,13 @@ def test_a_users_folder_as_the_figure_folder_is_refused_before_any_run(tmp_path,
     line = _err_lines(capsys)[-1]
     assert str(user) in line and "manifest.json" in line
     assert _snapshot(user) == before  # not even a .lock file was made
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_but_keeps_a_users_empty_one(tmp_path, capsys):
+    new = tmp_path / "new"
+    assert main(["flow", "--model", "tiny-llama", "-q", "--out", str(new)]) == 1  # a text-only model: refused after loading
+    assert not new.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["flow", "--model", "tiny-llama", "-q", "--out", str(empty)]) == 1
+    assert empty.is_dir() and list(empty.iterdir()) == [empty / ownership.MARKER]

@@ -293,7 +293,10 @@ def regenerate(
                 f"another figure regeneration is writing to {out_dir}; wait for it to finish"
             ) from None
         ownership.claim(out_dir, "figures", ownership.OUTPUTS["figures"], ignore=(".lock",))
-        return _regenerate(spec, out_dir, tier, only, force, png, self_contained, progress, echo)
+        try:
+            return _regenerate(spec, out_dir, tier, only, force, png, self_contained, progress, echo)
+        finally:
+            ownership.record(out_dir)  # the marker lists the files this folder's regenerations wrote
 
 
 @dataclass
