@@ -61,6 +61,8 @@ class RunConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> RunConfig:
         """The config a :meth:`to_dict` wrote (unknown analyses and fields fail in one line)."""
+        if not isinstance(d, dict):
+            raise SinkscopeError(f"config: expected a JSON object, got {'null' if d is None else type(d).__name__}")
         d = dict(d)
         name = d.pop("analysis", None)
         version = d.pop("schema_version", SCHEMA_VERSION)
@@ -217,6 +219,9 @@ class ScanConfig(RunConfig):
     report: bool = True
 
     def __post_init__(self):
+        for name in ("images", "texts"):  # a string is one spec ("embedded:2"), never its letters
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
         methods = ("norm", "attention", "dims", "all")
         if self.method not in methods:
             raise SinkscopeError(f"method: choose from {', '.join(methods)}, got {self.method!r}")
@@ -320,6 +325,8 @@ class FlowConfig(RunConfig):
         from .flow.run import ANALYSES
         from .flow.variants import FLOW_VARIANTS
 
+        if isinstance(self.images, str):  # one spec ("embedded:2"), never its letters
+            object.__setattr__(self, "images", (self.images,))
         object.__setattr__(self, "variants", (self.variants,) if isinstance(self.variants, str) else tuple(self.variants))
         bad_v = [v for v in self.variants if v not in FLOW_VARIANTS]
         if bad_v:
@@ -446,6 +453,9 @@ class EvalConfig(RunConfig):
             object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
         if not self.tasks:
             raise SinkscopeError("tasks: give at least one (shapes, textile, lfw-faces, digits, a manifest or hf:NAME)")
+        dup = next((t for n, t in enumerate(self.tasks) if t in self.tasks[:n]), None)
+        if dup is not None:
+            raise SinkscopeError(f"tasks: {dup!r} is given twice; name each task once")
         if self.split not in SPLITS:
             raise SinkscopeError(f"split: one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -470,6 +480,8 @@ class EvalConfig(RunConfig):
                 VAR(**self.var)
             except TypeError as e:
                 raise SinkscopeError(f"var: {e}; expected p, rho, alpha, tau, start_layer, sink_dims") from None
+        if self.router is not None and "rew" not in self.variants:
+            raise SinkscopeError(f"router: only --variant rew uses a router, and it is not asked (variants: {', '.join(self.variants)})")
         if self.router is not None and not (Path(self.router) / "router.json").is_file():
             raise SinkscopeError(f"router: no ReW router in {self.router} (router.json)")
         if self.tt_register is not None and self.tt_register.get("neurons"):
@@ -529,6 +541,10 @@ class TrainProjectorConfig(RunConfig):
         _positive("lora_lr", self.lora_lr)
         if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
             raise SinkscopeError(f"stop_after: a step >= 1 of the schedule, got {self.stop_after!r}")
+        if self.stop_after is not None and self.stop_after > self.steps:
+            raise SinkscopeError(f"stop_after: step {self.stop_after} is past the end of the {self.steps}-step schedule (--steps)")
+        if self.snapshot_every is not None and (not isinstance(self.snapshot_every, int) or self.snapshot_every < 1):
+            raise SinkscopeError(f"snapshot_every: a number of steps >= 1 (or not given: no snapshots), got {self.snapshot_every!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):

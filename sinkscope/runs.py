@@ -258,7 +258,14 @@ def run_kind(run_dir: str | Path) -> str:
     """``scan``, ``probe`` or ``flow``: from ``config.json``, else from the files a run wrote."""
     d = Path(run_dir)
     if (d / CONFIG_FILE).exists():
-        return str(json.loads((d / CONFIG_FILE).read_text()).get("analysis"))
+        try:
+            cfg = json.loads((d / CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SinkscopeError(f"{d / CONFIG_FILE}: not a run config (invalid JSON: {getattr(e, 'msg', e)})") from None
+        if not isinstance(cfg, dict) or "analysis" not in cfg:
+            what = "null" if cfg is None else type(cfg).__name__ if not isinstance(cfg, dict) else "an object without 'analysis'"
+            raise SinkscopeError(f"{d / CONFIG_FILE}: not a run config (expected a JSON object naming its analysis, got {what})")
+        return str(cfg["analysis"])
     if (d / "tokens.parquet").exists():
         return "scan"
     if (d / "decode_rate.csv").exists():
@@ -297,6 +304,24 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise SinkscopeError(f"{p}: cannot read the table ({first})") from None
 
 
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    """A training run's ``train_log.jsonl``, one dict per step (``[]`` when absent: diysink init)."""
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SinkscopeError(f"{path}, line {n}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise SinkscopeError(f"{path}, line {n}: expected a JSON object")
+        out.append(rec)
+    return out
+
+
 def read_config(run_dir: str | Path) -> RunConfig | None:
     """The run's config, or ``None`` for a folder written before configs were saved."""
     p = Path(run_dir) / CONFIG_FILE
@@ -304,7 +329,8 @@ def read_config(run_dir: str | Path) -> RunConfig | None:
 
 
 def load_run(run_dir: str | Path):
-    """The typed result of a saved run (scan, probe, flow or decode), with its config when saved.
+    """The typed result of a saved run (scan, probe, flow, decode, eval, or a train-projector /
+    diysink run as a :class:`~sinkscope.training.projector.TrainResult`), with its config when saved.
 
     >>> res = execute(ScanConfig(model="tiny-dinov2+sinks", images=("embedded:2",), out="runs/load"), progress=False)
     >>> back = load_run("runs/load")
@@ -345,8 +371,19 @@ def load_run(run_dir: str | Path):
     if kind == "eval":
         from .evaluation.run import EvalResult
 
-        pred = pd.read_json(d / "predictions.jsonl", lines=True, dtype=False)
+        if not (d / "predictions.jsonl").is_file():
+            raise SinkscopeError(f"{d / 'predictions.jsonl'}: missing; is {d} a finished eval run?")
+        try:
+            pred = pd.read_json(d / "predictions.jsonl", lines=True, dtype=False)
+        except ValueError as e:
+            raise SinkscopeError(f"{d / 'predictions.jsonl'}: cannot read ({str(e).splitlines()[0]})") from None
         return EvalResult(pred, read_table(d / "results.csv"), summary, out=d, config=config)
+    if kind in ("train-projector", "diysink-init", "diysink-train"):
+        from .training.diysink import DIYSinkResult
+        from .training.projector import TrainResult
+
+        cls = TrainResult if kind == "train-projector" else DIYSinkResult
+        return cls(d, read_train_log(d / "train_log.jsonl"), summary, config=config)
     raise SinkscopeError(f"{d}: a {kind!r} run cannot be loaded by this version of sinkscope")
 
 

@@ -86,13 +86,13 @@ BEFORE_MODEL = [
     (["eval", "--tasks", "dup.jsonl"], 1, ["dup.jsonl, row 1", "choice 'red' appears more than once"]),
     (["eval", "--tasks", "shapes,shapes"], 2, ["tasks", "'shapes' is given twice"]),
     (["eval", "--tasks", "shapes,dup.jsonl,shapes"], 2, ["'shapes' is given twice"]),
-    (["eval", "--router", "router_ok"], 1, ["router router_ok", "only variant rew"]),
-    (["eval", "--router", "router_ok", "--variant", "default,both"], 1, ["only variant rew"]),
+    (["eval", "--router", "router_ok"], 2, ["router: only --variant rew uses a router", "variants: default"]),
+    (["eval", "--router", "router_ok", "--variant", "default,both"], 2, ["variants: default, both"]),
     (["train-projector", "--init", "corrupt.safetensors"], 1, ["--init corrupt.safetensors", "not a readable"]),
     (["train-projector", "--init-lora", "corrupt.safetensors"], 1, ["--init-lora corrupt.safetensors", "not a readable"]),
-    (["train-projector", "--snapshot-every", "0"], 1, ["snapshot_every", "got 0"]),
-    (["train-projector", "--snapshot-every", "-3"], 1, ["snapshot_every", "got -3"]),
-    (["train-projector", "--steps", "2", "--stop-after", "5"], 1, ["stop_after", "past the end of the 2-step"]),
+    (["train-projector", "--snapshot-every", "0"], 2, ["snapshot_every", "got 0"]),
+    (["train-projector", "--snapshot-every", "-3"], 2, ["snapshot_every", "got -3"]),
+    (["train-projector", "--steps", "2", "--stop-after", "5"], 2, ["stop_after", "past the end of the 2-step"]),
     (["diysink", "train", "--model", "tiny-llava", "--stage", "router", "--encoder", "./no-such-encoder"], 1,
      ["--encoder ./no-such-encoder", "no such folder"]),
     (["diysink", "train", "--model", "tiny-llava", "--stage", "router", "--encoder", "notafolder.txt"], 1,
@@ -158,10 +158,8 @@ def test_an_init_lora_of_other_shapes_is_one_line(files, capsys):
 
 @pytest.fixture(scope="module")
 def dual(tmp_path_factory):
-    from sinkscope.training.diysink import init_diysink
-
     out = tmp_path_factory.mktemp("dual") / "d"
-    init_diysink("tiny-llava", out=out, progress=False)
+    assert main(["diysink", "init", "--model", "tiny-llava", "--out", str(out), "-q"]) == 0
     return out
 
 
@@ -374,3 +372,84 @@ def test_options_are_never_abbreviated(capsys, argv, abbrev):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and f"unrecognized arguments: {abbrev}" in capsys.readouterr().err
+
+
+# -- config-level checks, runs read back --
+
+
+def test_the_training_checks_hold_in_the_api_too(tmp_path, no_model):
+    from sinkscope.training.projector import train_projector
+
+    with pytest.raises(SinkscopeError, match="snapshot_every: .* got 0"):
+        train_projector("tiny-llava", out=tmp_path / "o", snapshot_every=0)
+    with pytest.raises(SinkscopeError, match="stop_after: step 5 is past the end of the 2-step"):
+        train_projector("tiny-llava", out=tmp_path / "o", steps=2, stop_after=5)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_router_without_rew_is_refused_in_the_api_too(tmp_path, no_model):
+    from sinkscope.evaluation.run import evaluate
+
+    with pytest.raises(SinkscopeError, match="router r: only variant rew uses a router"):
+        evaluate("tiny-llava", "shapes", variants=("default", "both"), router="r", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_string_of_images_is_one_spec_not_its_letters():
+    from sinkscope.config import FlowConfig, ScanConfig
+
+    assert ScanConfig(images="embedded:2", texts="a sentence").images == ("embedded:2",)
+    assert ScanConfig(images="embedded:2", texts="a sentence").texts == ("a sentence",)
+    assert FlowConfig(images="embedded:1").images == ("embedded:1",)
+
+
+def test_a_scan_config_with_a_string_of_images_runs(tmp_path):
+    from sinkscope import run
+    from sinkscope.config import ScanConfig
+
+    res = run(
+        ScanConfig(model="tiny-dinov2", images="embedded:2", out=str(tmp_path / "s"), report=False),
+        progress=False,
+    )
+    assert res.summary["n_ok"] == 2
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [("", "invalid JSON"), ("{oops", "invalid JSON"), ("[1, 2]", "got list"), ("null", "got null")],
+)
+def test_load_run_on_a_bad_config_json_is_one_line(tmp_path, text, words):
+    from sinkscope import load_run
+
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(SinkscopeError, match="config.json: not a run config") as e:
+        load_run(tmp_path)
+    assert words in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_load_run_on_an_eval_run_without_predictions(files):
+    from sinkscope import load_run
+
+    out = files / "ev"
+    assert main(["eval", "--model", "tiny-llava", "--limit", "1", "--out", str(out), "-q"]) == 0
+    assert len(load_run(out).predictions) == 1
+    (out / "predictions.jsonl").unlink()
+    with pytest.raises(SinkscopeError, match=r"predictions\.jsonl: missing; is .* a finished eval run"):
+        load_run(out)
+
+
+def test_train_and_diysink_runs_read_back_typed(files, dual):
+    from sinkscope import load_run
+    from sinkscope.training.diysink import DIYSinkResult
+    from sinkscope.training.projector import TrainResult
+
+    out = files / "tp"
+    argv = ["train-projector", "--model", "tiny-llava", "--steps", "2", "--no-real", "--n-per-task", "2"]
+    assert main([*argv, "--out", str(out), "-q"]) == 0
+    back = load_run(out)
+    assert type(back) is TrainResult and [r["step"] for r in back.log] == [1, 2]
+    assert back.config.analysis == "train-projector" and back.config.steps == 2
+    assert back.summary["final_loss"] == back.log[-1]["loss"]
+    init = load_run(dual)
+    assert type(init) is DIYSinkResult and init.log == [] and init.config.analysis == "diysink-init"
