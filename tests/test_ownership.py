@@ -9,7 +9,9 @@ folder and a file in the way, no model loads, and the folder is byte-for-byte as
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import pkgutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -77,6 +79,11 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
+    import sinkscope
+
+    for info in pkgutil.walk_packages(sinkscope.__path__, "sinkscope."):  # imported before the patch:
+        if not info.name.startswith("sinkscope.cli.__main__") and info.name != "sinkscope.figures.__main__":
+            importlib.import_module(info.name)  # a module imported later would keep the stand-in
     for name, mod in list(sys.modules.items()):
         if name.startswith("sinkscope") and hasattr(mod, "load_model"):
             monkeypatch.setattr(mod, "load_model", refuse)
