@@ -289,12 +289,18 @@ def test_cli_decode_refuses_a_folder_it_did_not_write(tmp_path, capsys):
         "--out",
         str(user),
     ]
-    assert main(args) == 1
+    assert main(args) == 2  # refused before any work (issue 28: a usage error)
     assert (
         "did not write" in capsys.readouterr().err
         and (user / "summary.json").read_text() == '{"my": "notes"}'
     )
-    assert main([*args, "--overwrite"]) == 0 and (user / "decode.html").exists()
+    # --overwrite replaces only sinkscope's own files: a user's summary.json is never one (issue 28)
+    assert main([*args, "--overwrite"]) == 2
+    assert "summary.json is not sinkscope's" in capsys.readouterr().err
+    assert (user / "summary.json").read_text() == '{"my": "notes"}'
+    (user / "summary.json").rename(user / "notes.json")
+    assert main([*args, "--overwrite"]) == 0 and (user / "decode.html").exists()  # beside the user's file
+    assert (user / "notes.json").read_text() == '{"my": "notes"}'
     assert main(args) == 0  # now its own folder: rerun allowed
 
 
