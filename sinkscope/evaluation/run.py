@@ -508,16 +508,6 @@ def _prepare_out(out, resume: bool, overwrite: bool, settings: dict | None = Non
     return ours
 
 
-class _appender:
-    """Appends one JSON line per record and flushes it (a kill loses at most the line being written)."""
-
-    def __init__(self, path: Path | None):
-        self.path, self.f = path, None
-
-    def __enter__(self):
-        if self.path is not None:
-            self.f = self.path.open("a", encoding="utf-8")
-        return self.write
 def _settings(model, tasks, split, limit, variants, mode, chat, seed, sink_rule, positions, var_config, tt_config, router, dtype) -> dict:
     """The settings an evaluation's answers depend on: a resume must give the same. ``device``
     (the answers agree), ``n_boot`` (the intervals are recomputed from every answer at the end),
@@ -532,6 +522,16 @@ def _settings(model, tasks, split, limit, variants, mode, chat, seed, sink_rule,
     }  # fmt: skip
 
 
+class _appender:
+    """Appends one JSON line per record and flushes it (a kill loses at most the line being written)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.f = path, None
+
+    def __enter__(self):
+        if self.path is not None:
+            self.f = self.path.open("a", encoding="utf-8")
+        return self.write
 
     def write(self, rec: dict) -> None:
         if self.f is not None:
