@@ -50,8 +50,7 @@ def run(config: RunConfig, progress: bool = True):
     ('norm', 4)
     """
     new = config.out is not None and not os.path.lexists(config.out)
-    check_folders(config)  # before any model loads
-    try:
+    try:  # execute checks every folder first (sinkscope.runs.check_folders), before any model loads
         res = _runs.execute(config, progress=progress)
     except BaseException:
         if new:
@@ -63,34 +62,6 @@ def run(config: RunConfig, progress: bool = True):
     if config.out is not None and _is_main(res):
         ownership.record(config.out)  # the marker lists what the run wrote
     return res
-
-
-#: config fields that only change how a run goes, never its results: left out of the settings a
-#: probe's or flow's marker records (eval, train-projector and diysink say theirs where they resume)
-HOW_IT_RUNS = frozenset({"out", "resume", "overwrite", "report", "device", "n_jobs", "cache", "cache_dir"})
-
-
-def check_folders(config: RunConfig) -> None:
-    """Every folder ``config`` writes follows :mod:`sinkscope.ownership` (new, empty or this
-    command's own): ``out`` and ``cache_dir`` are checked here, before any model loads, and a
-    ``probe`` / ``flow`` folder is claimed (the other analyses claim theirs as they start, where
-    a resume is compared with the stored settings). A refusal is one line
-    (:class:`~sinkscope.ownership.FolderRefused`, exit status 2 from the command line).
-
-    >>> check_folders(ScanConfig(out="runs/brand-new-scan"))
-    """
-    kind = config.analysis
-    out = getattr(config, "out", None)
-    flags = {"resume": bool(getattr(config, "resume", False)), "overwrite": bool(getattr(config, "overwrite", False))}
-    cache = getattr(config, "cache_dir", None)
-    if cache is not None:
-        ownership.check(cache, "feature-cache", ownership.OUTPUTS["feature-cache"], option="--cache-dir")
-    if out is None:
-        return
-    ownership.check(out, kind, ownership.OUTPUTS[kind], **flags)
-    if kind in ("probe", "flow") and not int(os.environ.get("RANK", "0") or 0):
-        settings = {k: v for k, v in config.to_dict().items() if k not in HOW_IT_RUNS}
-        ownership.claim(out, kind, ownership.OUTPUTS[kind], settings, **flags)
 
 
 def _with_page(analysis):

@@ -15,11 +15,13 @@ True
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from . import ownership
 from ._utils import SinkscopeError
 from .config import (
     SCHEMA_VERSION,
@@ -48,6 +50,7 @@ def execute(config: RunConfig, progress: bool = True):
     """
     if isinstance(config, RunConfig):
         config.check_runnable()
+        check_folders(config)  # before any model loads
     if isinstance(config, ScanConfig):
         res = _run_scan(config, progress)
     elif isinstance(config, ProbeConfig):
@@ -72,7 +75,36 @@ def execute(config: RunConfig, progress: bool = True):
     rank = (getattr(res, "summary", None) or {}).get("distributed", {}).get("rank", 0)
     if config.out is not None and not rank:  # one writer: the main process
         config.save(Path(config.out) / CONFIG_FILE)
+        ownership.record(config.out)  # the marker lists what the run wrote
     return res
+
+
+#: config fields that only change how a run goes, never its results: left out of the settings a
+#: probe's or flow's marker records (eval, train-projector and diysink say theirs where they resume)
+HOW_IT_RUNS = frozenset({"out", "resume", "overwrite", "report", "device", "n_jobs", "cache", "cache_dir"})
+
+
+def check_folders(config: RunConfig) -> None:
+    """Every folder ``config`` writes follows :mod:`sinkscope.ownership` (new, empty or this
+    command's own): ``out`` and ``cache_dir`` are checked here, before any model loads, and a
+    ``probe`` / ``flow`` folder is claimed (the other analyses claim theirs as they start, where
+    a resume is compared with the stored settings). A refusal is one line
+    (:class:`~sinkscope.ownership.FolderRefused`, exit status 2 from the command line).
+
+    >>> check_folders(ScanConfig(out="runs/brand-new-scan"))  # a new folder: nothing to refuse
+    """
+    kind = config.analysis
+    out = getattr(config, "out", None)
+    flags = {"resume": bool(getattr(config, "resume", False)), "overwrite": bool(getattr(config, "overwrite", False))}
+    cache = getattr(config, "cache_dir", None)
+    if cache is not None:
+        ownership.check(cache, "feature-cache", ownership.OUTPUTS["feature-cache"], option="--cache-dir")
+    if out is None:
+        return
+    ownership.check(out, kind, ownership.OUTPUTS[kind], **flags)
+    if kind in ("probe", "flow") and not int(os.environ.get("RANK", "0") or 0):
+        settings = {k: v for k, v in config.to_dict().items() if k not in HOW_IT_RUNS}
+        ownership.claim(out, kind, ownership.OUTPUTS[kind], settings, **flags)
 
 
 def _run_scan(c: ScanConfig, progress: bool):
