@@ -369,9 +369,13 @@ def test_an_interrupt_says_what_is_kept(monkeypatch, capsys, argv, words):
     ],
 )
 def test_options_are_never_abbreviated(capsys, argv, abbrev):
+    from sinkscope.cli import build_parser
+
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and f"unrecognized arguments: {abbrev}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the parser itself, as the *_config doctests use it
+        build_parser().parse_args(argv)
 
 
 # -- config-level checks, runs read back --

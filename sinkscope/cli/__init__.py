@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..figures.cli import main as figures_main
 
         return figures_main(argv[1:])
-    parser = build_parser()
-    _no_abbreviations(parser)
+    parser = build_parser()  # no option abbreviations (parser._no_abbreviations)
     a = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s: %(message)s"
@@ -147,16 +146,6 @@ def interrupted_keeps(a) -> str:
     }.get(a.command, "nothing is kept - rerun the command")
 
 
-def _no_abbreviations(parser) -> None:
-    """Turn argparse's prefix matching off on ``parser`` and every subcommand's parser (``--var``
-    must not be read as ``--variant``)."""
-    import argparse
-
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _no_abbreviations(sub)
 
 
 __all__ = [

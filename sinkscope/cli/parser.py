@@ -79,7 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_scan, _add_probe, _add_flow, _add_decode, add_eval, add_train, add_diysink, _add_report, _add_figures, _add_models):
         add(sub)
+    _no_abbreviations(p)
     return p
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Turn argparse's prefix matching off on ``parser`` and every subcommand's parser (``flow
+    --var`` must not be read as ``--variant``; ``eval --limi 2`` is an unrecognized argument)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
 
 
 def _add_scan(sub) -> None:
