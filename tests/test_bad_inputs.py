@@ -457,3 +457,21 @@ def test_train_and_diysink_runs_read_back_typed(files, dual):
     assert back.summary["final_loss"] == back.log[-1]["loss"]
     init = load_run(dual)
     assert type(init) is DIYSinkResult and init.log == [] and init.config.analysis == "diysink-init"
+
+
+@pytest.mark.parametrize(
+    "rule,status,words",
+    [
+        ("topk:9999", 1, "every token would be a sink; use k < 16"),
+        ("topk:16", 1, "use k < 16"),
+        ("norm:100@99", 2, "layer 99"),
+    ],
+)
+def test_diysink_init_refuses_a_rule_the_vit_cannot_apply(tmp_path, capsys, rule, status, words):
+    out = tmp_path / "d"
+    assert (
+        main(["diysink", "init", "--model", "tiny-llava", "--sink-rule", rule, "--out", str(out), "-q"])
+        == status
+    )
+    _one_line(capsys, words)
+    assert not (out / "model").exists()

@@ -266,6 +266,9 @@ def make_dual(adapter, rule: Any = None, weights=(1.0, 1.0)) -> DualProjector:
     m = adapter.model
     old = m.model.multi_modal_projector
     dual = DualProjector(old, rule=rule, has_cls=has_cls, weights=weights)
+    from ..interventions.tokens import check_rule
+
+    check_rule(adapter, dual.rule)  # a layer past the ViT, or every fed token a sink: one line, nothing changed
     p = next(old.parameters())
     dual.to(device=p.device, dtype=p.dtype)
     dual.weights.data = dual.weights.data.float()
