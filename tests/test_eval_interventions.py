@@ -107,7 +107,7 @@ def test_a_killed_run_resumes_and_a_changed_rule_is_refused(tiny, tmp_path, eval
     with pytest.raises(KeyboardInterrupt):
         evaluate(tiny, "shapes", out=out, **kw)
     eval_calls()
-    with pytest.raises(SinkscopeError, match="not 'both, position ids reindex; ViT sinks: the 3"):
+    with pytest.raises(SinkscopeError, match=r"sink_rule differs \(stored 'topk:2', now 'topk:3'\)"):
         evaluate(tiny, "shapes", out=out, resume=True, **{**kw, "sink_rule": "topk:3"})
     res = evaluate(tiny, "shapes", out=out, resume=True, **kw)
     lines = (out / "predictions.jsonl").read_text().splitlines()
