@@ -32,6 +32,8 @@ from .probing import GroupFeatures, LinearProbe, ProbeResult, extract_group_feat
 from .runs import load_run
 from .scanning import ScanResult, build_rules
 from .sinks import AttentionRule, Detection, DimsRule, NormRule, SinkReport, detect
+from .training import TrainResult
+from .training.diysink import DIYSinkResult
 from .viz import write_report, write_result_page
 
 __version__ = "0.1.0"
@@ -44,6 +46,8 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "DecodeResult",
+    "DIYSinkResult",
+    "TrainResult",
     "Detection",
     "DimsRule",
     "FlowConfig",
