@@ -45,6 +45,35 @@ def package_versions(
     return out
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSONL file, one per non-blank line; a line that is not JSON, or not an
+    object, fails in one line naming the file and the line.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "a.jsonl"
+    >>> _ = p.write_text('{"a": 1}' + chr(10) + chr(10) + '[2]')
+    >>> try:
+    ...     read_jsonl(p)
+    ... except SinkscopeError as e:
+    ...     print(str(e).split("a.jsonl, ", 1)[1])
+    line 3: expected a JSON object, got list
+    """
+    import json
+
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SinkscopeError(f"{path}, line {n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SinkscopeError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def check_out_folder(out: str | Path, name: str = "out") -> None:
     """An output folder must not be a file, and it (or the nearest folder above it that exists)
     must be writable - checked before any work, so nothing is computed and then lost. ``name``

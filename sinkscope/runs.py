@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from . import ownership
-from ._utils import SinkscopeError
+from ._utils import SinkscopeError, read_jsonl
 from .config import (
     SCHEMA_VERSION,
     DecodeConfig,
@@ -338,20 +338,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 def read_train_log(path: Path) -> list[dict[str, Any]]:
     """A training run's ``train_log.jsonl``, one dict per step (``[]`` when absent: diysink init)."""
-    if not path.is_file():
-        return []
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SinkscopeError(f"{path}, line {n}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise SinkscopeError(f"{path}, line {n}: expected a JSON object")
-        out.append(rec)
-    return out
+    return read_jsonl(path) if path.is_file() else []
 
 
 def read_config(run_dir: str | Path) -> RunConfig | None:

@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from .._utils import SinkscopeError
+from .._utils import SinkscopeError, read_jsonl
 from ..data import ImageItem, load_dataset
 from . import shapes as _shapes
 from .mme import CATEGORIES as MME_CATEGORIES
@@ -164,17 +164,7 @@ def read_manifest_rows(path: Path) -> list[dict[str, Any]]:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SinkscopeError(f"{path}, line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SinkscopeError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        rows = read_jsonl(path)
     if not rows:
         raise SinkscopeError(f"manifest {path} has no rows (an empty file, or a header only)")
     return rows
