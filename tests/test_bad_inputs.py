@@ -305,9 +305,13 @@ def test_ties_are_recorded_and_counted(files, monkeypatch):
         (["scan", "--model", "tiny-dinov2+sinks", "--save-layers", "7"], ["--save-layers: layer 7"]),
         (["probe", "--model", "tiny-dinov2", "--layers", "5"], ["--layers: layer 5"]),
         (["scan", "--model", "tiny-llava", "--layers", "0,5"], ["--layers: layer 5"]),
+        (["scan", "--model", "mini-llava", "--layers", "13"], ["--layers: layer 13", "layers 0..12"]),
+        (["decode", "--model", "tiny-llava+sinks", "--sink-rule", "norm:100@99"],
+         ["--sink-rule: layer 99 is out of range", "hidden states 0..4"]),
+        (["eval", "--model", "mini-llava", "--tasks", "shapes", "--sink-rule", "topk:4@-14"], ["--sink-rule: layer -14"]),
     ],
 )
-def test_layers_past_the_model_exit_2_before_it_loads(tmp_path, monkeypatch, capsys, argv, words):
+def test_layers_past_the_model_exit_2_before_it_loads(tmp_path, monkeypatch, capsys, no_model, argv, words):
     import sinkscope.api
 
     def boom(*a, **k):
@@ -327,6 +331,14 @@ def test_layers_of_a_model_folder_are_read_from_its_config(tmp_path, dual, monke
     assert known_layer_count(str(dual)) == 4 and known_layer_count(str(tmp_path / "nothing")) is None
     assert main(["scan", "--model", str(dual), "--layers", "5", "--out", str(tmp_path / "o")]) == 2
     _one_line(capsys, "--layers: layer 5 is out of range: the model has layers 0..4")
+
+
+@pytest.mark.parametrize("name", ["mini-llava-untrained", "smollm2-135m"])
+def test_known_layer_counts_match_the_loaded_models(name):
+    """The sizes known without loading (``known_layer_count``) are the loaded adapters' own."""
+    from sinkscope.models import known_layer_count, load_model
+
+    assert known_layer_count(name) == load_model(name).n_layers
 
 
 @pytest.mark.parametrize(

@@ -260,3 +260,27 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_but_keeps_a_users_empt
     empty.mkdir()
     assert main(["flow", "--model", "tiny-llama", "-q", "--out", str(empty)]) == 1
     assert empty.is_dir() and list(empty.iterdir()) == [empty / ownership.MARKER]
+
+
+# -- every registered command, each class of bad input (issue 28's "one test per class that walks
+# every command": a new command is covered once it has its line in WRITERS) --
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_out_onto_a_file_is_one_line_before_any_model(kind, tmp_path, no_model, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(_args(kind, tmp_path / "notes.txt", tmp_path)) == 2
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and "Traceback" not in lines[0] and "notes.txt" in lines[0], lines
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_a_model_that_does_not_exist_is_one_line_and_writes_nothing(kind, tmp_path, capsys):
+    args = _args(kind, tmp_path / "out", tmp_path)
+    i = args.index("--model") + 1
+    args[i] = str(tmp_path / "no-such-model")
+    assert main(args) in (1, 2)
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and "Traceback" not in lines[0] and "no-such-model" in lines[0], lines
+    assert not (tmp_path / "out").exists()

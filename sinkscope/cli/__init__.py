@@ -113,7 +113,16 @@ def _check_layers(a) -> None:
     """
     specs = {opt: getattr(a, dest, None) for opt, dest in (("--layers", "layers"), ("--save-layers", "save_layers"))}
     specs = {k: v for k, v in specs.items() if v is not None and str(v).strip() and str(v).strip() != "all"}
-    if not specs or not getattr(a, "model", None):
+    rule = getattr(a, "sink_rule", None)
+    rule_layer = None
+    if rule and "@" in str(rule):
+        from ..interventions.rules import rule_from
+
+        try:
+            rule_layer = rule_from(rule).layer
+        except SinkscopeError:
+            rule_layer = None  # a malformed rule is refused by its command, with the grammar
+    if not (specs or rule_layer is not None) or not getattr(a, "model", None):
         return
     from ..capture import parse_layers
     from ..models import known_layer_count
@@ -126,6 +135,8 @@ def _check_layers(a) -> None:
             parse_layers(spec, n)
         except SinkscopeError as e:
             raise UsageError(f"{opt}: {e}") from None
+    if rule_layer is not None and not -(n + 1) <= rule_layer <= n:
+        raise UsageError(f"--sink-rule: layer {rule_layer} is out of range: the model's ViT has hidden states 0..{n}")
 
 
 def interrupted_keeps(a) -> str:

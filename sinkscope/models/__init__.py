@@ -123,7 +123,7 @@ def known_layer_count(name_or_path: str) -> int | None:
     """The number of blocks the adapter of ``name_or_path`` will have (its ``n_layers``: the ViT's
     for a ViT or a LLaVA model, the LM's for a causal LM), read without loading any weight - from
     the embedded models' known sizes or a ``config.json`` on disk (a local folder, a run folder or
-    the hub cache); ``None`` when only loading would tell (a hub id not cached, mini-llava).
+    the hub cache); ``None`` when only loading would tell (a hub id not in the cache).
 
     >>> known_layer_count("tiny-dinov2+sinks"), known_layer_count("dinov2-small")
     (4, 12)
@@ -134,10 +134,10 @@ def known_layer_count(name_or_path: str) -> int | None:
         from .tiny import LAYERS
 
         return LAYERS
-    if name == "dinov2-small":
-        return 12
-    if name in ("mini-llava", "mini-llava-untrained", "smollm2-135m"):
-        return None
+    if name in ("dinov2-small", "mini-llava", "mini-llava-untrained"):
+        return 12  # DINOv2-S's blocks (mini-llava's adapter counts its tower's)
+    if name == "smollm2-135m":
+        return 30
     import transformers as T
 
     local = Path(name).expanduser()
