@@ -132,3 +132,45 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str = "img"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit)
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (``/proc/cpuinfo``; empty where it cannot be read).
+
+    >>> isinstance(cpu_flags(), set)
+    True
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 autocast speeds up work on ``device_type`` here: a CUDA device that supports
+    bf16, or a CPU with AMX (``amx_bf16``) or AVX-512 BF16 (``avx512_bf16``). On other CPUs bf16
+    is emulated and many times slower than fp32, so the answer is ``False``.
+
+    >>> fast_bf16("cpu") == bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    True
+    """
+    if device_type == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def resolve_precision(mixed_precision: str, device_type: str = "cpu") -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`fast_bf16` says it pays here, else ``"no"``; any other
+    value as given. Runs record the resolved value.
+
+    >>> resolve_precision("no"), resolve_precision("auto") in ("bf16", "no")
+    ('no', True)
+    """
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if fast_bf16(device_type) else "no"

@@ -389,7 +389,7 @@ class DecodeConfig(RunConfig):
 
     def __post_init__(self):
         _check_sink_rule(self.sink_rule, vit_threshold=self.vit_threshold, vit_relative=self.vit_relative,
-                         top_norm=self.top_norm).check_for("decode")  # fmt: skip
+                         top_norm=self.top_norm).check_for("decode", cls=True)  # cls: against the model later  # fmt: skip
         _positive("vit_threshold", self.vit_threshold, " (an L2 norm is never negative)")
         _positive("vit_relative", self.vit_relative)
         if self.top_norm is not None and self.top_norm < 1:
@@ -452,7 +452,7 @@ class EvalConfig(RunConfig):
             v = getattr(self, name)
             object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
         if not self.tasks:
-            raise SinkscopeError("tasks: give at least one (shapes, textile, lfw-faces, digits, a manifest or hf:NAME)")
+            raise SinkscopeError("tasks: give at least one (shapes, shapes-heldout, textile, lfw-faces, digits, a manifest or hf:NAME)")
         dup = next((t for n, t in enumerate(self.tasks) if t in self.tasks[:n]), None)
         if dup is not None:
             raise SinkscopeError(f"tasks: {dup!r} is given twice; name each task once")
@@ -526,6 +526,7 @@ class TrainProjectorConfig(RunConfig):
     mixed_precision: str = "no"
     stop_after: int | None = None
     init_lora: str | None = None
+    styles: bool = False
 
     def __post_init__(self):
         from .training.projector import STAGES
@@ -545,8 +546,8 @@ class TrainProjectorConfig(RunConfig):
             raise SinkscopeError(f"stop_after: step {self.stop_after} is past the end of the {self.steps}-step schedule (--steps)")
         if self.snapshot_every is not None and (not isinstance(self.snapshot_every, int) or self.snapshot_every < 1):
             raise SinkscopeError(f"snapshot_every: a number of steps >= 1 (or not given: no snapshots), got {self.snapshot_every!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise SinkscopeError(f"mixed_precision: no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
+            raise SinkscopeError(f"mixed_precision: no, bf16, fp16 or auto, got {self.mixed_precision!r}")
         if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
             raise SinkscopeError(f"lora_rank: an integer >= 1 (LoRA rank), got {self.lora_rank!r}")
         if self.real_limit is not None and (not isinstance(self.real_limit, int) or self.real_limit < 1):

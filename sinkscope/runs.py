@@ -258,7 +258,7 @@ def _run_eval(c: EvalConfig, progress: bool):
 def _run_train_projector(c: TrainProjectorConfig, progress: bool):
     from .training import train_projector
 
-    fields = ("stage", "steps", "batch_size", "lr", "warmup", "n_per_task", "turns", "seed", "save_every", "lora_rank", "lora_lr", "mixed_precision", "stop_after", "init_lora")
+    fields = ("stage", "steps", "batch_size", "lr", "warmup", "n_per_task", "turns", "seed", "save_every", "lora_rank", "lora_lr", "mixed_precision", "stop_after", "init_lora", "styles")
     return train_projector(
         c.model,
         out=c.out,

@@ -104,8 +104,8 @@ def test_mini_llava_runs_every_analysis(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert "untrained" in summary["warning"]
     vt = pd.read_parquet(out / "visual_tokens.parquet")
-    assert len(vt) == 256 and vt.llm_position.is_monotonic_increasing
-    assert (pd.read_csv(out / "attribution.csv").shape[0]) == 256
+    assert len(vt) == 257 and vt.llm_position.is_monotonic_increasing  # CLS + 256 patches (full strategy)
+    assert (pd.read_csv(out / "attribution.csv").shape[0]) == 257
 
 
 def test_vit_only_rollout_relevance_and_group_attention(tmp_path):

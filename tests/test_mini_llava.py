@@ -22,7 +22,7 @@ from sinkscope.models.real import dinov2_small_dir, smollm2_dir
 pytestmark = pytest.mark.slow
 
 N_VOCAB = 49152  # SmolLM2's vocabulary; <image> is the next id
-N_IMG = 256  # 16 x 16 patches at 224 px, CLS dropped
+N_IMG = 257  # CLS + 16 x 16 patches at 224 px (the full select strategy, issue 26)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_config_and_processor(ad):
     assert ad.name == "mini-llava" and isinstance(ad, LlavaAdapter)
     assert cfg.vision_config.model_type == "dinov2" and cfg.text_config.model_type == "llama"
     assert type(ad.model.model.vision_tower).__name__ == "Dinov2Model"
-    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "default")
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "full")
     assert ad.feature_layer == 11 and ad.vision.n_layers == 12 and ad.llm.n_layers == 30
     assert cfg.image_seq_length == N_IMG
     # untrained projector, said in the config and on the adapter
@@ -112,7 +112,7 @@ def test_text_only_logits_equal_smollm2(ad, real_llm):
 # --------------------------------------------------------------------------- inputs
 
 
-def test_inputs_hold_256_image_tokens_mapped_in_order(ad, images):
+def test_inputs_hold_257_image_tokens_cls_first_mapped_in_order(ad, images):
     inp = mini_llava_inputs(ad, images[:1], "What is in the picture?")
     assert set(inp) == {"input_ids", "attention_mask", "pixel_values"}
     ids = inp["input_ids"]
@@ -122,20 +122,20 @@ def test_inputs_hold_256_image_tokens_mapped_in_order(ad, images):
     assert len(pos) == N_IMG
     assert torch.equal(pos, torch.arange(int(pos[0]), int(pos[0]) + N_IMG))  # one contiguous run
     assert int(ids[0, 0]) == ad.tokenizer.convert_tokens_to_ids("<|im_start|>")  # chat template
-    rows = ad.vit_to_llm_positions(ids, n_vit_tokens=N_IMG + 1)
-    assert [r["vit_token"] for r in rows] == list(range(1, N_IMG + 1))
+    rows = ad.vit_to_llm_positions(ids, n_vit_tokens=N_IMG)
+    assert [r["vit_token"] for r in rows] == list(range(N_IMG))  # CLS (ViT token 0) first
     assert [r["llm_position"] for r in rows] == pos.tolist()
     assert {r["image_index"] for r in rows} == {0}
 
 
-def test_two_images_give_512_image_tokens(ad, images):
+def test_two_images_give_514_image_tokens(ad, images):
     inp = mini_llava_inputs(ad, images, "Compare <image> with <image>.", chat=False)
     ids = inp["input_ids"]
     assert tuple(inp["pixel_values"].shape) == (2, 3, 224, 224)
     assert int((ids == ad.image_token_id).sum()) == 2 * N_IMG
-    rows = ad.vit_to_llm_positions(ids, n_vit_tokens=N_IMG + 1)
+    rows = ad.vit_to_llm_positions(ids, n_vit_tokens=N_IMG)
     assert [r["image_index"] for r in rows] == [0] * N_IMG + [1] * N_IMG
-    assert [r["vit_token"] for r in rows] == list(range(1, N_IMG + 1)) * 2
+    assert [r["vit_token"] for r in rows] == list(range(N_IMG)) * 2
     first, second = rows[N_IMG - 1]["llm_position"], rows[N_IMG]["llm_position"]
     assert second - first > 1  # the text " with " lies between the two images
     with torch.no_grad():
@@ -212,10 +212,10 @@ def test_llm_input_embeddings_are_the_projected_tower_features(ad, images, real_
         handle.remove()
     embeds = got["embeds"][0]
 
-    # independently: the real DINOv2, layer -2, CLS dropped, then linear_1 -> GELU -> linear_2
+    # independently: the real DINOv2, layer -2, CLS kept (full strategy), then linear_1 -> GELU -> linear_2
     hs = real_vision(pixel_values=inp["pixel_values"], output_hidden_states=True).hidden_states
     assert len(hs) == 13
-    feats = hs[-2][:, 1:]
+    feats = hs[-2]
     assert feats.shape == (2, N_IMG, 384)
     p = ad.projector
     proj = F.linear(

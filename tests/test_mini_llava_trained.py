@@ -35,6 +35,26 @@ def test_the_trained_weights_and_their_card_ship_with_the_package():
     assert steps == sorted(steps) and steps[-1] == (c["stage2_vqa"]["stopped_at"] or c["stage2_vqa"]["steps"])
 
 
+def test_the_card_tells_every_chunk_of_training_since_issue_26():
+    c = card()
+    chunks = c.get("learning_curve_chunks", [])
+    if not chunks:  # no chunk trained yet: nothing to tell
+        return
+    assert c["regenerate_chunk"].startswith("make mini-llava-chunk")
+    assert "\nmini-llava-chunk: " in (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert [x["chunk"] for x in chunks] == list(range(len(chunks))) and chunks[0]["shipped"]
+    totals = [x["conversations_total"] for x in chunks]
+    assert totals == sorted(totals)
+    for x in chunks:
+        assert {"global", "local", "mixed", "all", "n"} <= set(x["validation"])
+    # the shipped weights are the last shipped chunk's; a later chunk that did not ship is the candidate
+    from sinkscope.training.card import CANDIDATE_PROJECTOR
+
+    last = max(x["chunk"] for x in chunks if x["shipped"])
+    assert c["fixed_subset"]["weights_of_chunk"] == last and c["fixed_subset"]["select_strategy"] == "full"
+    assert CANDIDATE_PROJECTOR.exists() == (chunks[-1]["chunk"] != last)
+
+
 def _readme_card_rows() -> dict[str, list[float]]:
     """The README model card's table: row label -> [global, local, mixed] accuracies."""
     text = README.read_text()

@@ -31,7 +31,7 @@ EXPECTED: dict[str, tuple[list[str], int]] = {
             "ViT sinks at the planted patch: [(2, 1)] | ViT token [10] | LLM position [10]",
             "projector trained: False",
             "warning: the projector is untrained",
-            "ViT sinks: 0 of 256 visual tokens",
+            "ViT sinks: 0 of 257 visual tokens",  # CLS + 256 patches (full strategy, issue 26); norm:x5 marks patches
         ],
         7,
     ),

@@ -90,7 +90,7 @@ def _cells(df: pd.DataFrame, name: str, sink: str) -> dict[str, set]:
     """image name (``A`` of ``a/A.png``) -> the (row, col) of its rows marked ``sink``."""
     out: dict[str, set] = {n: set() for n in CELLS}
     for n, r, c in df.loc[df[sink].astype(bool), [name, "row", "col"]].itertuples(index=False):
-        out[Path(str(n)).stem].add((int(r), int(c)))
+        out[Path(str(n)).stem].add("cls" if pd.isna(r) else (int(r), int(c)))  # CLS has no cell
     return out
 
 
@@ -98,7 +98,7 @@ def _token_cells(names, tokens, width: int) -> dict[str, set]:
     """image name -> the (row, col) of its ViT tokens (CLS first, then the grid, ``width`` wide)."""
     out: dict[str, set] = {n: set() for n in CELLS}
     for n, t in zip(names, tokens):
-        out[Path(str(n)).stem].add(divmod(int(t) - 1, width))
+        out[Path(str(n)).stem].add("cls" if int(t) == 0 else divmod(int(t) - 1, width))
     return out
 
 
@@ -138,7 +138,7 @@ def _entry_points(model: str, rule, root, tmp_path, heavy: bool = True) -> dict[
     items = [VQAItem(n, it, "what is this ?", "yes", "global", task="t", choices=("yes", "no")) for n, it in zip(names, _items())]
     ev = evaluate(ad, items, variants=("sinks-front",), sink_rule=rule, progress=False)
     iv = ev.summary["interventions"]
-    got["eval interventions"] = (rule_from(iv["rule"]).spec(), iv["rule_reason"], _cells(ev.tokens_fed.dropna(subset=["row"]), "id", "is_vit_sink"))
+    got["eval interventions"] = (rule_from(iv["rule"]).spec(), iv["rule_reason"], _cells(ev.tokens_fed, "id", "is_vit_sink"))
 
     # DIYSink's dual connector (on a fresh copy: make_dual changes the model in place)
     fresh = load_model(model)
@@ -211,23 +211,33 @@ def test_an_explicit_rule_wins_everywhere(user_ckpt, data, tmp_path):
         assert (s.get("vit_rule") or s.get("sink_rule"))["spec"] == "norm:100"
 
 
+#: the entry points that can mark the CLS token mini-llava feeds (the others mark sinks among patches)
+CLS_ENTRIES = {"eval interventions", "diysink make_dual", "decode_rate()", "sinkscope decode"}
+
+
 @pytest.mark.slow
 def test_mini_llava_uses_its_declared_rule_everywhere_unless_told_otherwise(data, tmp_path):
+    """Issue 26: mini-llava feeds CLS and declares ``cls``; an analysis that marks sinks among the
+    patches takes the declared patch rule (``topk:4``) instead, and says why."""
     ad = load_model("mini-llava")
     rule, why = default_rule(ad)
-    assert rule.spec() == "topk:4" and why.startswith("declared by the built-in model mini-llava: DINOv2-S has no norm outliers")
+    assert rule.spec() == "cls" and why.startswith("declared by the built-in model mini-llava: DINOv2-S's sink is its CLS token")
+    rule, why = default_rule(ad, cls=False)
+    assert rule.spec() == "topk:4" and "for analyses that mark sinks among the patches" in why
     got = _entry_points("mini-llava", None, data, tmp_path, heavy=False)
 
-    def declared(w: str) -> bool:
-        return w.startswith("declared by the built-in model mini-llava")
-
     for entry, (s, w, c) in got.items():
-        assert s in (None, "topk:4") and (w is None or declared(w)), entry
-        if c is not None:
-            assert all(len(v) == 4 if isinstance(v, set) else v == 4 for v in c.values()), (entry, c)
-    # the same four tokens of each image everywhere: eval's fed tokens are the reference
-    ref = got["eval interventions"][2]
-    for entry in set(got) - {"eval interventions", "probe groups", "diysink make_dual"}:
+        assert w is None or w.startswith("declared by the built-in model mini-llava"), entry
+        if entry in CLS_ENTRIES:
+            assert s == "cls", entry
+            assert c is None or all(v == {"cls"} for v in c.values()), (entry, c)  # CLS alone, every image
+        else:
+            assert s in (None, "topk:4") and (w is None or "among the patches" in w), (entry, w)
+            if c is not None:
+                assert all(len(v) == 4 if isinstance(v, set) else v == 4 for v in c.values()), (entry, c)
+    # the same four patches of each image in every patch analysis: propagation's are the reference
+    ref = got["propagation()"][2]
+    for entry in set(got) - CLS_ENTRIES - {"probe groups"}:
         assert got[entry][2] == ref, entry
     # an explicit rule wins over the declaration
     out = tmp_path / "given"

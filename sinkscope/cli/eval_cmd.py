@@ -39,7 +39,7 @@ def add_eval(sub) -> None:
     e.add_argument(
         "--tasks",
         default="shapes",
-        help="comma-separated: shapes, textile, lfw-faces, digits, a manifest (.jsonl/.csv), hf:NAME[:SPLIT] or a "
+        help="comma-separated: shapes, shapes-heldout (test only: another renderer), textile, lfw-faces, digits, a manifest (.jsonl/.csv), hf:NAME[:SPLIT] or a "
         "dataset folder (the hub's parquet layout or save_to_disk); an MME set must have two questions per image "
         "(default: %(default)s)",
     )

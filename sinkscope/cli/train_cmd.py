@@ -68,12 +68,18 @@ def add_train(sub) -> None:
     )
     t.add_argument("--lora-lr", type=float, default=2e-4, help="LoRA learning rate (default: %(default)s)")
     t.add_argument(
-        "--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
-        help="autocast the forward (bf16: 1.7x faster on a CPU with AMX; default: %(default)s)",
+        "--mixed-precision", default="no", choices=("no", "bf16", "fp16", "auto"),
+        help="autocast the forward (bf16: 1.7x faster on a CPU with AMX, many times slower on one without; "
+        "auto: bf16 where this machine has AMX / AVX-512 BF16 or a bf16 GPU, else no; default: %(default)s)",
     )  # fmt: skip
     t.add_argument(
         "--stop-after", type=int, default=None,
         help="stop after this step of the --steps schedule (checkpointed; --resume goes on)",
+    )  # fmt: skip
+    t.add_argument(
+        "--styles", action="store_true",
+        help="draw each training scene in its own seeded render style (size, aspect, outline, shade, noise, "
+        "texture, JPEG) instead of the evaluation's plain renderer",
     )  # fmt: skip
     t.add_argument("--init", default=None, help="a projector .safetensors to start from")
     t.add_argument(
@@ -97,7 +103,7 @@ def train_config(a: argparse.Namespace):
         n_per_task=a.n_per_task, turns=a.turns, real=real, real_limit=a.real_limit, seed=a.seed, snapshot_every=a.snapshot_every, save_every=a.save_every,
         init=a.init, cache_dir=a.cache_dir, device=a.device, out=a.out, resume=a.resume,
         lora_rank=a.lora_rank, lora_lr=a.lora_lr, mixed_precision=a.mixed_precision,
-        stop_after=a.stop_after, init_lora=a.init_lora,
+        stop_after=a.stop_after, init_lora=a.init_lora, styles=a.styles,
     )  # fmt: skip
 
 

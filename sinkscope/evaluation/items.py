@@ -17,6 +17,10 @@ naming the manifest and the row.
 **Built-in sets** (offline; ``split`` is ``train``, ``validation`` or ``test``):
 
 - ``shapes``: :mod:`sinkscope.evaluation.shapes` (Global, Local and Mixed questions);
+- ``shapes-heldout``: the same questions about scenes drawn by an independently written generator
+  and renderer (:mod:`sinkscope.evaluation.shapes_heldout`; a held-out style, ``test`` split only,
+  any other split refused in one line). Its items' ``source`` is ``shapes-heldout`` and its tasks
+  are named ``heldout_<task>``, so a run on ``shapes,shapes-heldout`` reports the two per task;
 - ``textile``: the textile photos with their own labels (``nominal`` / ``local`` / ``global``
   defect): *Is there a defect in this fabric?* (mixed: a defect may be anywhere or everywhere) and,
   on defective images, *Is the defect local or global?* (global: judged over the whole image);
@@ -48,6 +52,9 @@ whole images (the first ``ceil(limit / 2)``), the two questions of each one afte
 >>> its = load_items("shapes", split="test", limit=16)
 >>> len(its), its[0].task_type, its[0].answer in its[0].choices
 (16, 'global', True)
+>>> ho = load_items("shapes-heldout", split="test", limit=16)
+>>> len(ho), ho[0].source, ho[0].task
+(16, 'shapes-heldout', 'heldout_background_colour')
 """
 
 from __future__ import annotations
@@ -65,12 +72,13 @@ import numpy as np
 from .._utils import SinkscopeError, read_jsonl
 from ..data import ImageItem, load_dataset
 from . import shapes as _shapes
+from . import shapes_heldout as _heldout
 from .mme import CATEGORIES as MME_CATEGORIES
 from .mme import MMEPairError, check_pairs
 from .scoring import PROMPT_STYLES, question_text
 
 TASK_TYPES = ("global", "local", "mixed")
-BUILTIN_SETS = ("shapes", "textile", "lfw-faces", "digits")
+BUILTIN_SETS = ("shapes", "shapes-heldout", "textile", "lfw-faces", "digits")
 SPLITS = ("train", "validation", "test")
 
 
@@ -269,9 +277,45 @@ def shapes_items(
 ) -> list[VQAItem]:
     """``shapes`` items of ``split``: balanced per task (``n_per_task`` each; default enough for
     ``limit`` items in all, else 50), interleaved across tasks so a ``limit`` keeps every task."""
+    n = _per_task(limit, n_per_task)
+    return _scene_items(_shapes.items(split, n_per_task=n), "shapes", split, limit, _shapes.render, str)
+
+
+def shapes_heldout_items(
+    split: str = "test", limit: int | None = None, n_per_task: int | None = None
+) -> list[VQAItem]:
+    """``shapes-heldout`` items (:mod:`~sinkscope.evaluation.shapes_heldout`; only ``split="test"``
+    exists, another split is refused in one line): like :func:`shapes_items`, with ``source``
+    ``shapes-heldout`` and tasks named ``heldout_<task>`` (its accuracy reported apart from
+    ``shapes``').
+
+    >>> [(i.task, i.source) for i in shapes_heldout_items(limit=2)]
+    [('heldout_background_colour', 'shapes-heldout'), ('heldout_count', 'shapes-heldout')]
+    >>> shapes_heldout_items("train")
+    Traceback (most recent call last):
+    ...
+    sinkscope._utils.SinkscopeError: task set shapes-heldout has only a test split; split 'train' was asked (use --split test, or shapes for train / validation)
+    """
+    if split not in _heldout.SPLIT_SEEDS:
+        raise SinkscopeError(
+            f"task set {_heldout.NAME} has only a test split; split {split!r} was asked "
+            "(use --split test, or shapes for train / validation)"
+        )
+    rows = _heldout.items(n_per_task=_per_task(limit, n_per_task), split=split)
+    return _scene_items(rows, _heldout.NAME, split, limit, _heldout.render, _heldout.task_name)
+
+
+def _per_task(limit: int | None, n_per_task: int | None) -> int:
+    """Items per task: ``n_per_task``, else enough for ``limit`` items in all, else 50."""
+    return n_per_task or (max(1, -(-limit // len(_shapes.TASKS))) if limit else 50)
+
+
+def _scene_items(
+    rows: list[dict], name: str, split: str, limit: int | None, render: Callable, task: Callable[[str], str]
+) -> list[VQAItem]:
+    """Scene-set rows (``shapes.items``' format) as items of set ``name``, interleaved across
+    tasks so a ``limit`` keeps every task; images drawn by ``render``, tasks named ``task(...)``."""
     k = len(_shapes.TASKS)
-    n = n_per_task or (max(1, -(-limit // k)) if limit else 50)
-    rows = _shapes.items(split, n_per_task=n)
     by_task: dict[str, list[dict]] = {}
     for r in rows:
         by_task.setdefault(r["task"], []).append(r)
@@ -283,21 +327,23 @@ def shapes_items(
         out.append(
             VQAItem(
                 id=r["id"],
-                image=ImageItem(f"shapes-{split}-{sc.seed}", f"shapes:{split}:{sc.seed}", _scene_loader(sc)),
+                image=ImageItem(
+                    f"{name}-{split}-{sc.seed}", f"{name}:{split}:{sc.seed}", _scene_loader(sc, render)
+                ),
                 question=r["question"],
                 answer=r["answer"],
                 task_type=r["task_type"],
-                task=r["task"],
+                task=task(r["task"]),
                 choices=tuple(r["choices"]),
-                source="shapes",
-                meta={"scene": r["scene"]},
+                source=name,
+                meta={"scene": r["scene"], "shapes_task": r["task"]},
             )
         )
     return out
 
 
-def _scene_loader(sc) -> Callable[[], np.ndarray]:
-    return lambda: np.asarray(_shapes.render(sc))
+def _scene_loader(sc, render: Callable = _shapes.render) -> Callable[[], np.ndarray]:
+    return lambda: np.asarray(render(sc))
 
 
 def _split_indices(labels: Sequence[str], split: str, seed: int = 0) -> list[int]:
@@ -542,7 +588,7 @@ def load_items(tasks: str | Sequence[str], split: str = "test", limit: int | Non
     names = _task_names(tasks)
     if not names:
         raise SinkscopeError(
-            "no task given; expected built-in sets (shapes, textile, lfw-faces, digits), a manifest or hf:NAME"
+            f"no task given; expected built-in sets ({', '.join(BUILTIN_SETS)}), a manifest or hf:NAME"
         )
     if split not in SPLITS:
         raise SinkscopeError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -550,6 +596,8 @@ def load_items(tasks: str | Sequence[str], split: str = "test", limit: int | Non
     for t in names:
         if t == "shapes":
             out += shapes_items(split, limit)
+        elif t == _heldout.NAME:
+            out += shapes_heldout_items(split, limit)
         elif t in REAL_TASKS:
             out += real_items(t, split, limit)
         elif t.startswith("hf:") or Path(t).is_dir():
@@ -580,5 +628,6 @@ __all__ = [
     "load_manifest",
     "real_items",
     "read_manifest_rows",
+    "shapes_heldout_items",
     "shapes_items",
 ]

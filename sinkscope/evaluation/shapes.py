@@ -182,24 +182,131 @@ def scene(index: int, split: str = "train") -> Scene:
     return Scene(background, tuple(shapes), seed, split)
 
 
-def render(sc: Scene, size: int = SIZE) -> Image.Image:
-    """The scene as an RGB image (``size`` x ``size``; shapes scaled from the 224-px layout)."""
-    im = Image.new("RGB", (SIZE, SIZE), COLOURS[sc.background])
+@dataclass(frozen=True)
+class RenderStyle:
+    """How :func:`render` draws a scene when it varies what another renderer would (training only:
+    the ``validation`` and ``test`` splits are drawn plain). The scene record, and so every answer,
+    is the same under any style.
+
+    ``scale``: pixels per 224-px layout unit (the canvas is ``224 * scale`` on its short side);
+    ``aspect``: long side / short side, the extra width or height filled with background around the
+    centred scene (at most 1.25, so a LLaVA-style resize + centre crop loses at most 11 of the
+    layout's 18-px border margin); ``radius``: every shape's radius times this (the same factor for
+    all, so "the largest shape" does not change); ``outline``: ``(r, g, b)`` or ``None`` for the
+    shape's own colour darkened; ``outline_width`` in layout pixels (0: none); ``jitter``: each
+    colour's channels moved by up to this much; ``noise``: Gaussian pixel noise (std);
+    ``texture``: ``"flat"``, ``"gradient"`` or ``"stripes"`` background; ``jpeg``: a JPEG round
+    trip at this quality (``None``: none); ``seed``: the noise's and the jitter's seed.
+    """
+
+    scale: float = 1.0
+    aspect: float = 1.0
+    wide: bool = True
+    radius: float = 1.0
+    outline: tuple[int, int, int] | None = OUTLINE
+    outline_width: int = 3
+    jitter: int = 0
+    noise: float = 0.0
+    texture: str = "flat"
+    jpeg: int | None = None
+    seed: int = 0
+
+
+#: the plain style (what :func:`render` draws without one; every split but training uses it)
+PLAIN = RenderStyle()
+
+
+def random_style(seed: int) -> RenderStyle:
+    """A seeded :class:`RenderStyle` for a training scene: one in five plain, the others varying
+    size, aspect, shape size, outline, colour shade, noise, background texture and JPEG quality.
+
+    >>> random_style(3) == random_style(3), random_style(3) == random_style(4)
+    (True, False)
+    """
+    rng = random.Random(7_000_003 * seed + 11)
+    if rng.random() < 0.2:
+        return PLAIN
+    outline = rng.choice([OUTLINE, None, (0, 0, 0), (255, 255, 255), (90, 90, 90)])
+    return RenderStyle(
+        scale=rng.choice([0.5, 0.75, 1.0, 1.0, 1.25, 1.5, 2.0]),
+        aspect=rng.choice([1.0, 1.0, 1.1, 1.25]),
+        wide=rng.random() < 0.5,
+        radius=rng.uniform(0.85, 1.12),
+        outline=outline,
+        outline_width=rng.choice([0, 1, 2, 3, 4]) if outline is not OUTLINE else 3,
+        jitter=rng.choice([0, 10, 20, 30]),
+        noise=rng.choice([0.0, 0.0, 4.0, 8.0, 14.0]),
+        texture=rng.choice(["flat", "flat", "gradient", "stripes"]),
+        jpeg=rng.choice([None, None, 90, 70, 50, 35]),
+        seed=seed,
+    )
+
+
+def _shade(rgb: tuple[int, int, int], jitter: int, rng: random.Random) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, c + rng.randint(-jitter, jitter))) for c in rgb) if jitter else rgb
+
+
+def render(sc: Scene, size: int = SIZE, style: RenderStyle | None = None) -> Image.Image:
+    """The scene as an RGB image (``size`` x ``size``; shapes scaled from the 224-px layout), or,
+    with a ``style`` (:func:`random_style`), drawn as that style says (its own canvas size; ``size``
+    is then ignored).
+
+    >>> sc = scene(0, "train")
+    >>> render(sc).size, render(sc, style=RenderStyle(scale=0.5, aspect=1.25)).size
+    ((224, 224), (140, 112))
+    """
+    if style is None or style == PLAIN:
+        im = _draw(sc, 1.0, (0, 0), COLOURS, OUTLINE, 3, 1.0, (SIZE, SIZE))
+        return im if size == SIZE else im.resize((size, size), Image.BICUBIC)
+    import numpy as np
+
+    rng = random.Random(style.seed)
+    colours = {k: _shade(v, style.jitter, rng) for k, v in COLOURS.items()}
+    side = round(SIZE * style.scale)
+    long = round(side * style.aspect)
+    canvas = (long, side) if style.wide else (side, long)
+    offset = ((canvas[0] - side) / 2, (canvas[1] - side) / 2)
+    im = _draw(sc, style.scale, offset, colours, style.outline, style.outline_width, style.radius, canvas)
+    a = np.asarray(im).astype(np.float32)
+    bg = np.asarray(colours[sc.background], np.float32)
+    mask = np.all(np.abs(a - bg) < 1, axis=-1, keepdims=True)  # background pixels only get the texture
+    h, w = a.shape[:2]
+    if style.texture == "gradient":
+        ramp = np.linspace(-25, 25, w, dtype=np.float32)[None, :, None]
+        a = np.where(mask, a + ramp, a)
+    elif style.texture == "stripes":
+        stripes = (((np.arange(h)[:, None] + np.arange(w)[None, :]) // max(2, round(6 * style.scale))) % 2) * 18.0 - 9.0
+        a = np.where(mask, a + stripes[..., None].astype(np.float32), a)
+    if style.noise:
+        a = a + np.random.default_rng(style.seed).normal(0, style.noise, a.shape).astype(np.float32)
+    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if style.jpeg is not None:
+        import io
+
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=style.jpeg)
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return im
+
+
+def _draw(sc, scale, offset, colours, outline, width, radius, canvas) -> Image.Image:
+    im = Image.new("RGB", canvas, colours[sc.background])
     d = ImageDraw.Draw(im)
+    ox, oy = offset
+    w = max(0, round(width * scale)) if width else 0
     for s in sc.shapes:
-        fill, r = COLOURS[s.colour], s.radius
-        box = (s.x - r, s.y - r, s.x + r, s.y + r)
+        fill, r = colours[s.colour], s.radius * radius * scale
+        x, y = ox + s.x * scale, oy + s.y * scale
+        line = outline if outline is not None else tuple(int(c * 0.55) for c in fill)
+        kw = {"fill": fill, "outline": line if w else None, "width": w} if w else {"fill": fill}
         if s.kind == "circle":
-            d.ellipse(box, fill=fill, outline=OUTLINE, width=3)
+            d.ellipse((x - r, y - r, x + r, y + r), **kw)
         elif s.kind == "square":
-            d.rectangle(box, fill=fill, outline=OUTLINE, width=3)
+            d.rectangle((x - r, y - r, x + r, y + r), **kw)
         else:
-            pts = [
-                (s.x + r * math.cos(a), s.y - r * math.sin(a))
-                for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
-            ]
-            d.polygon(pts, fill=fill, outline=OUTLINE, width=3)
-    return im if size == SIZE else im.resize((size, size), Image.BICUBIC)
+            pts = [(x + r * math.cos(t), y - r * math.sin(t)) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+            d.polygon(pts, **kw)
+    return im
 
 
 def answer(sc: Scene, task: str, quadrant: str | None = None) -> str:
@@ -325,12 +432,15 @@ __all__ = [
     "TASKS",
     "VOCABULARY",
     "YES_NO",
+    "PLAIN",
+    "RenderStyle",
     "Scene",
     "Shape",
     "answer",
     "caption",
     "items",
     "questions",
+    "random_style",
     "render",
     "scene",
 ]

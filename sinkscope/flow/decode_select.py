@@ -85,26 +85,32 @@ def sink_rule_to_dict(rule: Any, reason: str = "given") -> dict[str, Any]:
     return rule_record(as_rule(rule), reason)
 
 
-def check_rule(rule: Any) -> VisualSinkRule:
+def check_rule(rule: Any, cls: bool = True) -> VisualSinkRule:
     """The rule as a :class:`~sinkscope.interventions.VisualSinkRule`, or one line saying why
-    decoding cannot apply it per image.
+    decoding cannot apply it per image. ``cls``: the model feeds its CLS token to the LLM (the
+    ``full`` select strategy), so ``cls`` may name it (decoded as the one sink of each image).
 
-    >>> check_rule("norm:x5").spec(), check_rule(TopNormRule(2)).spec()
-    ('norm:x5', 'topk:2')
-    >>> check_rule("cls")
+    >>> check_rule("norm:x5").spec(), check_rule(TopNormRule(2)).spec(), check_rule("cls").spec()
+    ('norm:x5', 'topk:2', 'cls')
+    >>> check_rule("cls", cls=False)
     Traceback (most recent call last):
     ...
     sinkscope._utils.SinkscopeError: decode: the sink rule 'cls' names the CLS token, but decode marks sinks among the patches; use norm, norm:T, norm:xR or topk:K
     """
-    return as_rule(rule).check_for("decode")
+    return as_rule(rule).check_for("decode", cls=cls)
 
 
 def pick_sinks(norms: np.ndarray, kinds: list[str], rule: Any) -> np.ndarray:
-    """Boolean mask of sinks among one image's fed ViT tokens (patch tokens only).
+    """Boolean mask of sinks among one image's fed ViT tokens (patch tokens only; the CLS token
+    alone under the rule ``cls``).
 
     >>> pick_sinks(np.array([80.0, 1.0, 90.0, 2.0]), ["cls", "patch", "patch", "patch"], "norm:50").tolist()
     [False, False, True, False]
+    >>> pick_sinks(np.array([80.0, 1.0, 90.0, 2.0]), ["cls", "patch", "patch", "patch"], "cls").tolist()
+    [True, False, False, False]
     """
+    if as_rule(rule).method == "cls":
+        return np.array([k == "cls" for k in kinds])
     is_patch = np.array([k == "patch" for k in kinds])
     out = np.zeros(len(norms), bool)
     out[is_patch] = patch_mask(as_rule(rule), np.asarray(norms, np.float64)[is_patch][None])[0]

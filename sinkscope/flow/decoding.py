@@ -154,8 +154,9 @@ def decode_rate(
         check_rule(rule)  # a rule decoding cannot apply fails before the model loads
     ds, col, labels, wsets = _resolve_data(data, words, label, max_images, seed)
     ad = _load_llava(model, device, dtype)
-    rule, why = resolve_rule(ad, as_rule(rule) if rule is not None else None)
-    check_rule(rule).check_for("decode", layer=ad.feature_layer, n_layers=ad.vision.n_layers)
+    feeds_cls = ad.select_strategy == "full"  # the CLS token reaches the LLM: decode may name it
+    rule, why = resolve_rule(ad, as_rule(rule) if rule is not None else None, cls=feeds_cls)
+    check_rule(rule, cls=feeds_cls).check_for("decode", cls=feeds_cls, layer=ad.feature_layer, n_layers=ad.vision.n_layers)
     plan = _Plan(
         ad, ds, labels, wsets, rule, top_k, nonsinks_per_image, seed, method, prompt, chat, decode_chunk
     )

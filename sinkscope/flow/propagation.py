@@ -199,7 +199,7 @@ def _check_rules(
         raise SinkscopeError(
             f"sink_dims_from must be one of {', '.join(SINK_DIMS_SOURCES)}, got {sink_dims_from!r}"
         )
-    rule, why = resolve_rule(ad, vit_rule)
+    rule, why = resolve_rule(ad, vit_rule, cls=False)
     rule.check_for("flow propagation", layer=ad.feature_layer, n_layers=ad.vision.n_layers)
     return (rule, why), llm_rule or DimsRule(tau=20.0, min_layer=2)
 

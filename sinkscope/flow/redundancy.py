@@ -234,7 +234,7 @@ def redundancy(
     vis, default_layer = _vision_of(adapter)
     L = vis.n_layers
     det = default_layer if detection_layer is None else int(detection_layer) % (L + 1)
-    rule, why = resolve_rule(adapter, rule)
+    rule, why = resolve_rule(adapter, rule, cls=False)
     rule.check_for("flow redundancy", layer=det, n_layers=L)
     names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
     if len(names) != len(images):

@@ -161,7 +161,7 @@ def vlm_relevancy(
     """
     if not isinstance(ad, LlavaAdapter):
         raise SinkscopeError(f"relevancy needs a LLaVA-style model; {ad.name!r} is {ad.family!r}")
-    vit_rule, why = resolve_rule(ad, vit_rule)
+    vit_rule, why = resolve_rule(ad, vit_rule, cls=False)
     vit_rule.check_for("flow relevancy", layer=ad.feature_layer, n_layers=ad.vision.n_layers)
     names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
     inp = ad.build_inputs(list(images), prompt, chat=chat)

@@ -44,7 +44,7 @@ def vit_flow_tables(
     L = vis.n_layers if upto is None else int(upto)
     if not 1 <= L <= vis.n_layers:
         raise SinkscopeError(f"ViT layer {L} is outside 1..{vis.n_layers}: rollout needs at least one block")
-    rule = resolve_rule(vis, vit_rule)[0].check_for("flow rollout", layer=L, n_layers=vis.n_layers)
+    rule = resolve_rule(vis, vit_rule, cls=False)[0].check_for("flow rollout", layer=L, n_layers=vis.n_layers)
     batch = vis.prepare(arrays, names)
     lay = batch.layouts[0]
     with Capture(vis, layers=list(range(L + 1)), keep_attention=list(range(L)), stop_early=True) as cap:

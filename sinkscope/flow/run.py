@@ -185,7 +185,7 @@ def run_flow(
     dist, device, progress = distributed.context_for("flow", out, device, progress)
     given = given_rule(sink_rule, threshold=vit_threshold, relative=vit_relative)
     ad, analyses, skipped = _model_and_analyses(model, analyses, device, dtype)
-    vit_rule, why = resolve_rule(ad, given)
+    vit_rule, why = resolve_rule(ad, given, cls=False)
     vit_layer, vit_layer_info = _vit_layer(ad)
     # one rule for every analysis, all reading the sinks at vit_layer: one that cannot is refused here
     vit_rule.check_for("flow", layer=vit_layer, n_layers=getattr(ad, "vision", ad).n_layers)

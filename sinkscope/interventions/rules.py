@@ -244,14 +244,18 @@ def _declared(adapter) -> tuple[str, str] | None:
     return DECLARED_SINK_RULES.get(str(getattr(adapter, "name", "")))
 
 
-def default_rule(adapter) -> tuple[VisualSinkRule, str]:
+def default_rule(adapter, cls: bool = True) -> tuple[VisualSinkRule, str]:
     """The ViT sink rule every command and function uses for ``adapter`` when none is given, and why.
 
     The automatic norm gap of each image (:class:`~sinkscope.sinks.rules.NormRule`'s gap search per
     image: an image whose norms show no clear gap has no sink, and the run says so), unless the
-    model is a built-in one that declares its own rule: ``dinov2-small``, ``mini-llava`` and
-    ``mini-llava-untrained`` declare the ``topk`` surrogate, since DINOv2-S has no norm outliers
-    (:data:`~sinkscope.models.real.DINOV2_SMALL_SINK_RULE`). A user's checkpoint - a DINOv2-L with
+    model is a built-in one that declares its own rule: ``mini-llava`` and ``mini-llava-untrained``
+    declare ``cls`` - DINOv2-S's one sink, its CLS token, which they feed to the LLM (issue 26;
+    :data:`~sinkscope.models.real.MINI_LLAVA_SINK_RULE`) - and ``dinov2-small`` the ``topk:4``
+    surrogate, since DINOv2-S has no norm outliers among its patches
+    (:data:`~sinkscope.models.real.DINOV2_SMALL_SINK_RULE`). ``cls=False``: the analysis marks
+    sinks among the patches only, so a declared ``cls`` gives way to the model's declared patch
+    rule (mini-llava: ``topk:4``), and the reason says so. A user's checkpoint - a DINOv2-L with
     real outliers included - gets the automatic gap.
 
     >>> from sinkscope import load_model
@@ -260,8 +264,14 @@ def default_rule(adapter) -> tuple[VisualSinkRule, str]:
     """
     declared = _declared(adapter)
     if declared is not None:
-        spec, why = declared
+        spec, why, *patch = declared
         name = getattr(adapter, "name", "the model")
+        if rule_from(spec).method == "cls" and not cls and patch:
+            p_spec, p_why = patch[0]
+            return rule_from(p_spec), (
+                f"declared by the built-in model {name} for analyses that mark sinks among the patches "
+                f"(its default rule, cls, names the CLS token, which this analysis does not mark): {p_why}"
+            )
         return rule_from(spec), f"declared by the built-in model {name}: {why}"
     return VisualSinkRule("norm"), DEFAULT_REASON
 
@@ -295,16 +305,17 @@ def given_rule(
     return sink_rule
 
 
-def resolve_rule(adapter, given: Any = None) -> tuple[VisualSinkRule, str]:
+def resolve_rule(adapter, given: Any = None, cls: bool = True) -> tuple[VisualSinkRule, str]:
     """The rule an entry point runs with: ``given`` (anything :func:`rule_from` reads), else the
-    model's :func:`default_rule`; and why.
+    model's :func:`default_rule` (``cls=False``: for an analysis that marks sinks among the patches
+    only); and why.
 
     >>> from sinkscope import load_model
     >>> resolve_rule(load_model("tiny-llava"), "norm:100")
     (VisualSinkRule(method='norm', threshold=100.0, relative=None, k=None, layer=None), 'given')
     """
     if given is None:
-        return default_rule(adapter)
+        return default_rule(adapter, cls=cls)
     return rule_from(given), "given"
 
 

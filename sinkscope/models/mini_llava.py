@@ -17,9 +17,13 @@ mini-llava`` regenerates them; the README's model card gives their accuracy). ``
 ``adapter.projector_trained`` say so (``False``); pass ``projector=`` a saved state dict to load a
 trained projector instead (then both say ``True``).
 
-LLaVA-1.5 settings: ``vision_feature_layer=-2`` (the tower's ``hidden_states[-2]``),
-``vision_feature_select_strategy="default"`` (CLS dropped), 224 px input (the DINOv2 processor:
-resize the short side to 256, centre-crop 224), so 256 image tokens per image. The SmolLM2
+LLaVA-1.5's feature layer ``vision_feature_layer=-2`` (the tower's ``hidden_states[-2]``) with
+LLaVA's ``full`` select strategy (``vision_feature_select_strategy="full"``: CLS kept, issue 26):
+DINOv2-S's one sink - its CLS token, the most-attended token of almost every block, which carries
+the image's global content - reaches the LLM as the first image token, followed by the 256 patches
+of the 224 px input (the DINOv2 processor: resize the short side to 256, centre-crop 224), so 257
+image tokens per image. (Until issue 26 mini-llava used LLaVA-1.5's ``default`` strategy and fed the
+256 patches only.) The SmolLM2
 tokenizer gets a new special token ``<image>`` (id 49152); the embedding matrix (tied with
 ``lm_head``) grows by one row, set to the mean of the existing rows.
 
@@ -64,9 +68,10 @@ SHIPPED_LORA = SHIPPED_PROJECTOR.with_name("mini_llava_lora.safetensors")
 IMAGE_TOKEN = "<image>"
 #: LLaVA-1.5's vision settings.
 FEATURE_LAYER = -2
-SELECT_STRATEGY = "default"
+#: LLaVA's ``full`` strategy: CLS (DINOv2-S's sink) + the patches reach the LLM (issue 26)
+SELECT_STRATEGY = "full"
 IMAGE_SIZE = 224
-IMAGE_SEQ_LENGTH = (IMAGE_SIZE // 14) ** 2  # 256 patches, CLS dropped
+IMAGE_SEQ_LENGTH = (IMAGE_SIZE // 14) ** 2 + 1  # CLS + 256 patches
 
 _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 
@@ -180,7 +185,7 @@ def build_mini_llava(
     ``BitImageProcessor``; ``.tokenizer``: SmolLM2's tokenizer with ``<image>``). The adapter also
     carries ``projector_trained``, ``projector_seed`` and ``projector_source``.
     """
-    from .real import DINOV2_SMALL_SINK_RULE, dinov2_small_dir, smollm2_dir
+    from .real import MINI_LLAVA_SINK_RULE, dinov2_small_dir, smollm2_dir
 
     vision_dir, llm_dir = dinov2_small_dir(), smollm2_dir()
     # building modules draws from the global RNG (Dinov2's cls/mask tokens use torch.randn even
@@ -192,8 +197,9 @@ def build_mini_llava(
     ad.lora_source = None if lora is None else str(Path(lora).expanduser())
     ad.model.config.lora_merged = lora is not None
     ad.name = name
-    # the ViT sink rule every command uses by default (interventions.default_rule): DINOv2-S has no outliers
-    ad.declared_sink_rule = ad.vision.declared_sink_rule = DINOV2_SMALL_SINK_RULE
+    # the ViT sink rule every command uses by default (interventions.default_rule): the CLS token it
+    # feeds (issue 26), and the top-4-norm surrogate where an analysis marks sinks among the patches
+    ad.declared_sink_rule = ad.vision.declared_sink_rule = MINI_LLAVA_SINK_RULE
     return ad
 
 
@@ -326,7 +332,7 @@ def mini_llava_inputs(
     """``input_ids``, ``attention_mask`` and ``pixel_values`` for one prompt with any number of images.
 
     ``images``: HxWx3 uint8 arrays or PIL images, prepared by ``adapter.vision.prepare`` (the
-    DINOv2 processor: 224x224, so 256 image tokens each). ``prompt`` holds one ``<image>`` per
+    DINOv2 processor: 224x224, so 257 image tokens each: CLS and 256 patches). ``prompt`` holds one ``<image>`` per
     image, in order; a prompt without any gets ``"<image>\\n"`` per image in front. ``chat`` wraps
     the prompt as a user turn of SmolLM2's chat template (with its default system prompt and the
     assistant header); ``chat=False`` tokenizes the prompt as it is (SmolLM2 adds no BOS). Every

@@ -36,6 +36,7 @@ from sinkscope._utils import SinkscopeError, cache_dir
 __all__ = [
     "DECLARED_SINK_RULES",
     "DINOV2_SMALL_SINK_RULE",
+    "MINI_LLAVA_SINK_RULE",
     "MARKER",
     "dinov2_small_dir",
     "smollm2_dir",
@@ -59,6 +60,16 @@ DINOV2_SMALL_SINK_RULE = (
     "DINOv2-S has no norm outliers (largest fed-token norm <= 3.7x the image median, so the automatic gap "
     "finds none), so the 4 highest-norm tokens of each image (1.6% of the 256 patches of its 224 px input, "
     "the paper's 1-3% share) stand in - a surrogate, not an outlier criterion",
+)
+#: The rule ``mini-llava`` and ``mini-llava-untrained`` declare (issue 26): DINOv2-S's CLS token,
+#: which they feed to the LLM (``full`` select strategy), and for analyses that mark sinks among the
+#: patches only, :data:`DINOV2_SMALL_SINK_RULE`'s surrogate.
+MINI_LLAVA_SINK_RULE = (
+    "cls",
+    "DINOv2-S's sink is its CLS token (the most-attended token in 103 of 108 (image, block) pairs; it carries "
+    "the image's global content), which mini-llava feeds to the LLM as its first image token; DINOv2-S has no "
+    "high-norm patch",
+    DINOV2_SMALL_SINK_RULE,
 )
 #: Built-in model name -> the ``(rule, reason)`` it declares, for built-in models whose adapter is
 #: made by :func:`sinkscope.models.load_model` itself (a builder sets ``adapter.declared_sink_rule``).

@@ -158,7 +158,7 @@ def extract_group_features(
     >>> f.x[(2, "cls")].shape, len(f.labels), f.meta["cached"]
     ((20, 64), 20, False)
     """
-    rule, why = resolve_rule(adapter, rule)
+    rule, why = resolve_rule(adapter, rule, cls=False)
     rule.check_for("probe", every_layer=True)
     bad = [g for g in groups if g not in GROUPS]
     if bad:

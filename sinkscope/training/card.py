@@ -31,7 +31,7 @@ import pandas as pd
 
 from ..evaluation.items import VQAItem, load_items
 from ..evaluation.run import evaluate
-from ..models.mini_llava import SHIPPED_LORA, SHIPPED_PROJECTOR, build_mini_llava
+from ..models.mini_llava import SELECT_STRATEGY, SHIPPED_LORA, SHIPPED_PROJECTOR, build_mini_llava
 
 #: test items per set (``--limit``): 30 per shapes task, 60 per real set (30 per textile task)
 TEST_LIMITS = {"shapes": 240, "textile": 60, "lfw-faces": 60, "digits": 60}
@@ -160,6 +160,114 @@ def write_card(runs: str | Path, progress: bool = True) -> dict[str, Any]:
     return card
 
 
-if __name__ == "__main__":  # pragma: no cover - `make mini-llava`
-    c = write_card(sys.argv[1] if len(sys.argv) > 1 else "runs/mini-llava")
-    print(json.dumps({k: c["test"][k].get("all") for k in c["test"]}, indent=1))
+# -- training in chunks (issue 26): each chunk goes on from the weights the last one left ----------
+
+#: validation items a chunk is scored on (20 per shapes task): the shipping decision reads these
+CHUNK_LIMITS = {"shapes": 160}
+#: where a chunk's weights go when they do not ship: the next chunk goes on from them
+CANDIDATE_PROJECTOR = SHIPPED_PROJECTOR.with_name("mini_llava_candidate_projector.safetensors")
+CANDIDATE_LORA = SHIPPED_PROJECTOR.with_name("mini_llava_candidate_lora.safetensors")
+TYPES = ("global", "local", "mixed", "all")
+
+
+def validation_scores(projector: str | Path, lora: str | Path | None, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Accuracy per task type (and ``n``) of mini-llava with these weights on :data:`CHUNK_LIMITS`
+    validation items (the model's default variant; CLS and patches fed)."""
+    ad = build_mini_llava(projector=projector, lora=lora, name="mini-llava@chunk")
+    res = evaluate(ad, _items(CHUNK_LIMITS, "validation"), out=out, resume=True, progress=progress)
+    table = by_type(res.results)
+    return {t: table[t]["accuracy"] for t in TYPES if t in table} | {"n": table["all"]["n"]}
+
+
+def should_ship(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """A chunk ships when its validation accuracy went up: ``all`` higher and no task type lower.
+
+    >>> should_ship({"global": .6, "local": .5, "mixed": .5, "all": .53}, {"global": .6, "local": .4, "mixed": .5, "all": .5})
+    True
+    >>> should_ship({"global": .7, "local": .3, "mixed": .6, "all": .55}, {"global": .6, "local": .4, "mixed": .5, "all": .5})
+    False
+    """
+    if old is None:
+        return True
+    return new["all"] > old["all"] and all(new[t] >= old[t] for t in ("global", "local", "mixed"))
+
+
+def start_weights() -> tuple[Path, Path | None, str]:
+    """The projector and LoRA file the next chunk goes on from (the last chunk's, shipped or a
+    candidate) and which they are.
+
+    >>> start_weights()[2] in ("shipped", "candidate")
+    True
+    """
+    if CANDIDATE_PROJECTOR.exists():
+        return CANDIDATE_PROJECTOR, CANDIDATE_LORA if CANDIDATE_LORA.exists() else None, "candidate"
+    return SHIPPED_PROJECTOR, SHIPPED_LORA if SHIPPED_LORA.exists() else None, "shipped"
+
+
+def add_chunk(run: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Score the chunk trained into ``run`` (a ``train-projector`` run that started from
+    :func:`start_weights`) on the validation items, append it to the card's
+    ``learning_curve_chunks`` and install its weights: as the shipped ones when
+    :func:`should_ship` says the validation accuracy went up (then the card's ``fixed_subset`` is
+    re-measured, so the reproduction test follows), else as the candidate the next chunk goes on
+    from. The first chunk also scores the weights it started from (``chunk 0``), so the curve
+    starts where training did. Returns the chunk's record."""
+    run = Path(run)
+    card = json.loads(CARD.read_text())
+    summary = json.loads((run / "config.json").read_text()) | json.loads((run / "summary.json").read_text())
+    lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    curve = card.setdefault("learning_curve_chunks", [])
+    if not curve:
+        proj, lora, _ = start_weights()
+        before = validation_scores(proj, lora, run.parent / "chunk-00-validation", progress)
+        curve.append({
+            "chunk": 0, "what": "the weights shipped before issue 26 (stage 2: 2400 conversations, patches only), "
+            "scored with CLS and patches fed", "conversations_total": card.get("stage2_vqa", {}).get("sequences_seen"),
+            "validation": before, "shipped": True,
+        })  # fmt: skip
+    last_shipped = next(c["validation"] for c in reversed(curve) if c["shipped"])
+    scores = validation_scores(run / "projector.safetensors", _maybe(run / "lora.safetensors"), run / "validation", progress)
+    ship = should_ship(scores, last_shipped)
+    seen = lines[-1]["seen"] if lines else 0
+    rec = {
+        "chunk": curve[-1]["chunk"] + 1,
+        "from": Path(summary.get("init") or "").name or None,
+        "steps": summary["steps"], "stopped_at": summary.get("stopped_at"), "batch_size": summary["batch_size"],
+        "lr": summary["lr"], "lora_lr": summary.get("lora_lr"), "seed": summary["seed"],
+        "styles": summary.get("styles", False), "mixed_precision": summary.get("mixed_precision"),
+        "conversations": seen, "conversations_total": (curve[-1].get("conversations_total") or 0) + seen,
+        "train_seconds": train_seconds(lines), "final_loss": summary.get("final_loss"),
+        "validation": scores, "shipped": ship, "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+    dest = (SHIPPED_PROJECTOR, SHIPPED_LORA) if ship else (CANDIDATE_PROJECTOR, CANDIDATE_LORA)
+    shutil.copy(run / "projector.safetensors", dest[0])
+    if (run / "lora.safetensors").exists():
+        shutil.copy(run / "lora.safetensors", dest[1])
+    if ship:
+        CANDIDATE_PROJECTOR.unlink(missing_ok=True)
+        CANDIDATE_LORA.unlink(missing_ok=True)
+    if ship or card["fixed_subset"].get("select_strategy") != SELECT_STRATEGY:  # the shipped model's own number
+        res = evaluate(build_mini_llava(projector=SHIPPED_PROJECTOR, lora=_maybe(SHIPPED_LORA)), fixed_subset(),
+                       out=run / "fixed-subset", resume=True, progress=progress)  # fmt: skip
+        pred = res.predictions
+        card["fixed_subset"] = {"per_set": FIXED_PER_SET, "n": len(pred), "accuracy": round(float(pred.correct.mean()), 4),
+                                "select_strategy": SELECT_STRATEGY, "weights_of_chunk": max(c["chunk"] for c in curve + [rec] if c["shipped"])}  # fmt: skip
+    curve.append(rec)
+    card["regenerate_chunk"] = "make mini-llava-chunk CHUNK=N (goes on from the shipped or the candidate weights)"
+    card["select_strategy"] = SELECT_STRATEGY
+    CARD.write_text(json.dumps(card, indent=1) + "\n")
+    return rec
+
+
+def _maybe(p: Path) -> Path | None:
+    return p if p.exists() else None
+
+
+if __name__ == "__main__":  # pragma: no cover - `make mini-llava` / `make mini-llava-chunk`
+    if len(sys.argv) > 2 and sys.argv[1] == "chunk":
+        print(json.dumps(add_chunk(sys.argv[2]), indent=1))
+    elif len(sys.argv) > 1 and sys.argv[1] == "start":
+        print(" ".join(f"--{opt} {p}" for opt, p in zip(("init", "init-lora"), start_weights()[:2]) if p))
+    else:
+        c = write_card(sys.argv[1] if len(sys.argv) > 1 else "runs/mini-llava")
+        print(json.dumps({k: c["test"][k].get("all") for k in c["test"]}, indent=1))

@@ -7,7 +7,11 @@ each, so generation learns to stop) are trained; everything else is labelled ``-
 
 The shapes questions come from :func:`sinkscope.evaluation.shapes.items` on the ``train`` split
 (answers balanced per task), grouped by scene into conversations of at most ``turns`` questions;
-the real-image sets add one question per image from their ``train`` split.
+the real-image sets add one question per image from their ``train`` split. With ``styles=True``
+each training scene is drawn in its own seeded :func:`~sinkscope.evaluation.shapes.random_style`
+(canvas size and aspect, shape size, outline, colour shade, noise, background texture, JPEG
+quality: what another renderer would vary; issue 26), so the model does not learn one renderer;
+the evaluation splits stay plain.
 
 >>> exs = vqa_examples(n_per_task=4, turns=3, real=())
 >>> len(exs) > 0 and all(1 <= len(e.turns) <= 3 for e in exs)
@@ -38,20 +42,31 @@ class Example:
     turns: tuple[tuple[str, str], ...]
 
 
-def align_examples(n_scenes: int, start: int = 0) -> list[Example]:
+def align_examples(n_scenes: int, start: int = 0, styles: bool = False) -> list[Example]:
     """Stage 1: one caption request per ``shapes`` training scene."""
     out = []
     for i in range(start, start + n_scenes):
-        sc = _shapes.scene(i, "train")
-        img = ImageItem(f"shapes-train-{sc.seed}", f"shapes:train:{sc.seed}", _loader(sc))
-        out.append(Example(img.name, img, (("Describe the image.", _shapes.caption(sc)),)))
+        img = scene_image(_shapes.scene(i, "train"), styles)
+        out.append(Example(img.name, img, (("Describe the image.", _shapes.caption(_shapes.scene(i, "train"))),)))
     return out
 
 
-def _loader(sc):
+def scene_image(sc, styles: bool = False) -> ImageItem:
+    """The :class:`~sinkscope.data.ImageItem` of a training scene: drawn plain, or (``styles``) in
+    its seeded render style, whose name then says so (feature caches key images by name).
+
+    >>> from sinkscope.evaluation.shapes import scene
+    >>> scene_image(scene(0, "train")).name, scene_image(scene(0, "train"), styles=True).name
+    ('shapes-train-0', 'shapes-train-0~styled')
+    """
     import numpy as np
 
-    return lambda: np.asarray(_shapes.render(sc))
+    style = _shapes.random_style(sc.seed) if styles else None
+    if style is None or style == _shapes.PLAIN:
+        return ImageItem(f"shapes-train-{sc.seed}", f"shapes:train:{sc.seed}", lambda: np.asarray(_shapes.render(sc)))
+    return ImageItem(
+        f"shapes-train-{sc.seed}~styled", f"shapes:train:{sc.seed}:styled", lambda: np.asarray(_shapes.render(sc, style=style))
+    )
 
 
 def vqa_examples(
@@ -60,14 +75,17 @@ def vqa_examples(
     real: tuple[str, ...] = ("textile", "lfw-faces", "digits"),
     seed: int = 0,
     real_limit: int | None = None,
+    styles: bool = False,
 ) -> list[Example]:
     """Stage 2: balanced ``shapes`` questions grouped by scene (at most ``turns`` per
     conversation, in a seeded order), plus one question per training image of each ``real`` set
-    (at most ``real_limit`` per set, every task of the set kept)."""
+    (at most ``real_limit`` per set, every task of the set kept); ``styles``: each scene drawn in
+    its own render style (see above)."""
     rng = random.Random(seed)
     by_scene: dict[str, tuple[ImageItem, list[tuple[str, str]]]] = {}
     for it in shapes_items("train", n_per_task=n_per_task):
-        by_scene.setdefault(it.image.name, (it.image, []))[1].append((it.question, it.answer))
+        img = scene_image(_shapes.Scene.from_dict(it.meta["scene"]), styles) if styles else it.image
+        by_scene.setdefault(img.name, (img, []))[1].append((it.question, it.answer))
     out = []
     for key, (img, qas) in by_scene.items():
         rng.shuffle(qas)
@@ -131,4 +149,4 @@ def _extend_text(adapter, text: str, n_image_tokens: int, ids: list[int], labels
             labels += [IGNORE] * n_image_tokens
 
 
-__all__ = ["IGNORE", "Example", "align_examples", "encode", "vqa_examples"]
+__all__ = ["IGNORE", "Example", "align_examples", "encode", "scene_image", "vqa_examples"]

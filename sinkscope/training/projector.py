@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .. import ownership
-from .._utils import SinkscopeError, package_versions, progress_bar
+from .._utils import SinkscopeError, package_versions, progress_bar, resolve_precision
 from ..models import load_model
 from .examples import IGNORE, Example, align_examples, encode, vqa_examples
 from .features import FeatureCache
@@ -129,11 +129,12 @@ def _lr_lambda(total: int, warmup: float):
 
 
 def _examples(
-    stage: str, n_per_task: int, turns: int, real: tuple[str, ...], seed: int, real_limit: int | None = None
+    stage: str, n_per_task: int, turns: int, real: tuple[str, ...], seed: int, real_limit: int | None = None,
+    styles: bool = False,
 ) -> list[Example]:
     if stage == "align":
-        return align_examples(n_per_task * 8)
-    return vqa_examples(n_per_task=n_per_task, turns=turns, real=real, seed=seed, real_limit=real_limit)
+        return align_examples(n_per_task * 8, styles=styles)
+    return vqa_examples(n_per_task=n_per_task, turns=turns, real=real, seed=seed, real_limit=real_limit, styles=styles)
 
 
 def _save_weights(folder: Path, m: nn.Module, lora: dict | None, name: str = "") -> None:
@@ -215,6 +216,7 @@ def train_projector(
     stop_after: int | None = None,
     init_lora: str | Path | None = None,
     progress: bool = True,
+    styles: bool = False,
 ) -> TrainResult:
     """Train the projector of ``model`` for ``steps`` steps of ``batch_size`` conversations of
     ``stage`` (``align``: captions; ``vqa``: questions, see :mod:`~sinkscope.training.examples`).
@@ -225,12 +227,16 @@ def train_projector(
     as in LLaVA / TinyLLaVA; the LLM's own weights stay frozen). Only the conversations the run will
     reach have their tower features computed. ``mixed_precision``: ``"bf16"`` runs the forward under
     ``torch.autocast`` with fp32 master weights (1.7x faster on a CPU with AMX, the usual choice on
-    a GPU), ``"no"`` keeps fp32. A ``model`` given as an adapter is trained in place (with LoRA its
+    a GPU; many times slower on a CPU without AMX or AVX-512 BF16), ``"no"`` keeps fp32, ``"auto"``
+    takes bf16 only where it pays on this machine (:func:`~sinkscope._utils.fast_bf16`; the run
+    records what it chose). A ``model`` given as an adapter is trained in place (with LoRA its
     LLM keeps the ``peft`` adapter modules; a name loads a fresh model). ``stop_after``: stop once
     step ``stop_after`` of the ``steps``-step schedule is done (checkpointed; the outputs are that
     step's weights, and ``resume=True`` with a later ``stop_after`` goes on) - for time-boxed runs.
     ``init_lora``: a ``lora.safetensors`` to start the adapters from (with ``init``, a finished run
-    goes on under a new schedule; the rank comes from the file when ``lora_rank`` is not given)."""
+    goes on under a new schedule; the rank comes from the file when ``lora_rank`` is not given).
+    ``styles``: draw each training scene in its own seeded render style
+    (:func:`~sinkscope.training.examples.scene_image`), not the evaluation's plain renderer."""
     if stage not in STAGES:
         raise SinkscopeError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
     if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1):
@@ -238,6 +244,8 @@ def train_projector(
     if stop_after is not None and isinstance(steps, int) and stop_after > steps:
         raise SinkscopeError(f"stop_after: step {stop_after} is past the end of the {steps}-step schedule (--steps)")
     check_weight_files(init=init, init_lora=init_lora)  # corrupt files refused before any folder or model
+    on_gpu = str(device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+    mixed_precision = resolve_precision(mixed_precision, "cuda" if on_gpu else "cpu")  # auto: what pays here
     out = Path(out)
     ck = out / "checkpoint"
     # what the weights depend on: a resume must give the same. save_every and snapshot_every (when
@@ -248,7 +256,7 @@ def train_projector(
         "lr": lr, "warmup": warmup, "n_per_task": n_per_task, "turns": turns, "real": list(real),
         "real_limit": real_limit, "seed": seed, "lora_rank": lora_rank, "lora_lr": lora_lr,
         "mixed_precision": mixed_precision, "init": None if init is None else str(init),
-        "init_lora": None if init_lora is None else str(init_lora),
+        "init_lora": None if init_lora is None else str(init_lora), **({"styles": True} if styles else {}),
     }  # fmt: skip
     check_training_folders("train-projector", out, settings, resume, cache_dir)
     acc = accelerator(device)
@@ -270,7 +278,7 @@ def train_projector(
     lora = _add_lora(m, lora_rank) if lora_rank else None
     if init_lora is not None:
         _load_lora(m, init_lora)
-    exs = _examples(stage, n_per_task, turns, tuple(real), seed, real_limit)
+    exs = _examples(stage, n_per_task, turns, tuple(real), seed, real_limit, styles)
     order = torch.randperm(len(exs), generator=torch.Generator().manual_seed(seed)).tolist()
     per_step = batch_size * acc.num_processes
     end = steps if stop_after is None else max(1, min(steps, stop_after))
@@ -309,7 +317,9 @@ def train_projector(
     acc.wait_for_everyone()
     summary = _finish(
         out, ck, ad, stage, steps, batch_size, lr, n_per_task, turns, real, seed, log, len(exs), acc,
-        {"lora": lora, "mixed_precision": mixed_precision, "stopped_at": None if end == steps else end},
+        {"lora": lora, "mixed_precision": mixed_precision, "stopped_at": None if end == steps else end,
+         "styles": styles, "init": None if init is None else str(init),
+         "init_lora": None if init_lora is None else str(init_lora)},
     )
     return TrainResult(out, log, summary)
 

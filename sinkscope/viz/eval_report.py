@@ -12,15 +12,16 @@ table.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from ..runs import read_summary, read_table
+from .eval_examples import TYPE_ORDER, example_data, examples_html, sample_examples
 from .page import RunSection, write_page
 
-TYPE_ORDER = ("global", "local", "mixed", "all")
 #: one colour per variant (Okabe-Ito, as the rest of sinkscope's figures)
 VARIANT_COLORS = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#F0E442", "#000000", "#999999")
 
@@ -162,7 +163,7 @@ def accuracy_figure(results: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def _section(results: pd.DataFrame, summary: dict, path: Path) -> RunSection:
+def _section(results: pd.DataFrame, summary: dict, path: Path, examples: str = "") -> RunSection:
     name = (summary.get("model") or {}).get("name", "?")
     per_task = results[results.task != "*"].round(3)
     figures = [("Accuracy by task type", accuracy_figure(results))]
@@ -181,7 +182,7 @@ def _section(results: pd.DataFrame, summary: dict, path: Path) -> RunSection:
         f"Evaluation - {name} on {summary.get('tasks', '?')} ({summary.get('split', '?')})",
         findings=eval_findings(results, summary),
         figures=figures,
-        tables_html=tables + "<h3>Per task</h3>" + per_task.to_html(index=False),
+        tables_html=examples + tables + "<h3>Per task</h3>" + per_task.to_html(index=False),
     )
 
 
@@ -191,16 +192,44 @@ def eval_section(run_dir: str | Path) -> RunSection:
     return _section(read_table(d / "results.csv"), read_summary(d), d)
 
 
+def _read_run_tables(d: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """``predictions.jsonl`` and ``tokens_fed.parquet`` of run folder ``d`` (None when absent or unreadable)."""
+    pred = fed = None
+    with contextlib.suppress(ValueError, OSError):
+        if (d / "predictions.jsonl").is_file():
+            pred = pd.read_json(d / "predictions.jsonl", lines=True, dtype=False)
+    with contextlib.suppress(ValueError, OSError, ImportError):
+        if (d / "tokens_fed.parquet").is_file():
+            fed = pd.read_parquet(d / "tokens_fed.parquet")
+    return pred, fed
+
+
 def write_eval_report(
-    path: str | Path, results: pd.DataFrame, summary: dict, overwrite: bool = False
+    path: str | Path,
+    results: pd.DataFrame,
+    summary: dict,
+    overwrite: bool = False,
+    predictions: pd.DataFrame | None = None,
+    tokens_fed: pd.DataFrame | None = None,
+    items: list | None = None,
 ) -> Path:
-    """``eval.html``: findings, the accuracy figure and the per-task table, one self-contained page."""
-    sec = _section(results, summary, Path(path).parent)
+    """``eval.html``: findings, the accuracy figure, the Examples (:func:`examples_html`) and the
+    per-task table, one self-contained page. ``predictions`` and ``tokens_fed`` default to the
+    run folder's (the page's folder) ``predictions.jsonl`` and ``tokens_fed.parquet``; ``items``
+    (the run's :class:`~sinkscope.evaluation.items.VQAItem`) give the pictures, by default the
+    summary's tasks loaded again."""
+    d = Path(path).parent
+    pred, fed = _read_run_tables(d) if predictions is None or tokens_fed is None else (None, None)
+    pred = predictions if predictions is not None else pred
+    fed = tokens_fed if tokens_fed is not None else fed
+    if pred is not None and fed is not None and len(fed) and not set(fed.get("id", [])) & set(pred.id):
+        fed = None  # a tokens_fed table of another run
+    sec = _section(results, summary, d, examples_html(pred, fed, summary, items=items))
     name = (summary.get("model") or {}).get("name", "?")
     return write_page([sec], path, title=f"sinkscope eval - {name}", overwrite=overwrite)
 
 
 __all__ = [
-    "accuracy_figure", "diysink_findings", "eval_findings", "eval_section", "paired_figure", "routing_figure",
-    "write_eval_report",
+    "accuracy_figure", "diysink_findings", "eval_findings", "eval_section", "example_data", "examples_html",
+    "paired_figure", "routing_figure", "sample_examples", "write_eval_report",
 ]  # fmt: skip
