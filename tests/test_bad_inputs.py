@@ -113,8 +113,6 @@ def test_refused_before_any_model_loads(files, no_model, capsys, argv, status, w
 AFTER_MODEL = [
     (["eval", "--variant", "var", "--var", "sink_dims=99999"], ["VAR sink_dims 99999", "64 dimensions"]),
     (["eval", "--variant", "var", "--var", "sink_dims=3+64"], ["VAR sink_dims 64"]),
-    (["eval", "--variant", "both", "--sink-rule", "norm:100@99"], ["sink rule 'norm:100@99'", "hidden states 0 .. 4"]),
-    (["eval", "--variant", "both", "--sink-rule", "norm@-9"], ["sink rule 'norm@-9'"]),
     (["eval", "--variant", "both", "--sink-rule", "attention:2@4"], ["sink rule 'attention:2@4'", "blocks 0 .. 3"]),
     (["eval", "--variant", "sink-only,both", "--sink-rule", "topk:9999"],
      ["sink rule 'topk:9999'", "16 visual tokens", "every token would be a sink"]),
@@ -309,6 +307,8 @@ def test_ties_are_recorded_and_counted(files, monkeypatch):
         (["decode", "--model", "tiny-llava+sinks", "--sink-rule", "norm:100@99"],
          ["--sink-rule: layer 99 is out of range", "hidden states 0..4"]),
         (["eval", "--model", "mini-llava", "--tasks", "shapes", "--sink-rule", "topk:4@-14"], ["--sink-rule: layer -14"]),
+        (["eval", "--model", "tiny-llava", "--sink-rule", "norm:100@99"], ["--sink-rule: layer 99", "hidden states 0..4"]),
+        (["eval", "--model", "tiny-llava", "--sink-rule", "norm@-9"], ["--sink-rule: layer -9"]),
     ],
 )
 def test_layers_past_the_model_exit_2_before_it_loads(tmp_path, monkeypatch, capsys, no_model, argv, words):
