@@ -130,7 +130,10 @@ class DualProjector(nn.Module):
             raise SinkscopeError(f"route mode {mode!r}: expected one of {', '.join(ROUTE_MODES)}")
         out = None
         for sel, f, j in parts:
-            y = f(x3[sel]) * w[rows[sel], j][:, None]
+            # each MLP runs on every token and its group is picked after: the same matmul shapes as the
+            # original projector, so a dual connector of two copies equals it bit for bit (one token alone
+            # - a CLS sink - would round differently, and 30 LLM layers amplify a 5e-7 difference to 7e-4)
+            y = f(x3)[sel] * w[rows[sel], j][:, None]
             if out is None:
                 out = y.new_zeros(B, N, y.shape[-1])
             out = out.index_put((rows[sel], torch.nonzero(sel)[:, 1]), y)

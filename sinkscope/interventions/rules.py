@@ -140,13 +140,22 @@ class VisualSinkRule:
 
     def mask(self, norms: torch.Tensor, received: torch.Tensor | None = None, has_cls: bool = False) -> torch.Tensor:
         """``[images, fed tokens]`` booleans from the fed tokens' norms (and, for ``attention``, the
-        attention they ``received``; ``has_cls``: the first fed token is CLS)."""
+        attention they ``received``; ``has_cls``: the first fed token is CLS). Only ``cls`` marks
+        the CLS token; every other rule marks sinks among the patches (so ``topk:4`` is the same 4
+        patches whether or not a model also feeds CLS).
+
+        >>> rule_from("topk:1").mask(torch.tensor([[9.0, 1.0, 3.0]]), has_cls=True).tolist()
+        [[False, False, True]]
+        """
         n_img, n = norms.shape
         out = torch.zeros(n_img, n, dtype=torch.bool)
         if self.method == "cls":
             if not has_cls:
                 raise SinkscopeError("sink rule cls: the model's select strategy drops CLS (use 'full')")
             out[:, 0] = True
+            return out
+        if has_cls:  # the patches alone; CLS is never one of them
+            out[:, 1:] = self.mask(norms[:, 1:], None if received is None else received[:, 1:])
             return out
         if self.method in ("topk", "attention"):
             score = norms if self.method == "topk" else received
