@@ -298,7 +298,7 @@ def _draw(sc, scale, offset, colours, outline, width, radius, canvas) -> Image.I
         fill, r = colours[s.colour], s.radius * radius * scale
         x, y = ox + s.x * scale, oy + s.y * scale
         line = outline if outline is not None else tuple(int(c * 0.55) for c in fill)
-        kw = {"fill": fill, "outline": line if w else None, "width": w} if w else {"fill": fill}
+        kw = {"fill": fill, "outline": line, "width": w} if w else {"fill": fill}
         if s.kind == "circle":
             d.ellipse((x - r, y - r, x + r, y + r), **kw)
         elif s.kind == "square":

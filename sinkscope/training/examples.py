@@ -46,8 +46,9 @@ def align_examples(n_scenes: int, start: int = 0, styles: bool = False) -> list[
     """Stage 1: one caption request per ``shapes`` training scene."""
     out = []
     for i in range(start, start + n_scenes):
-        img = scene_image(_shapes.scene(i, "train"), styles)
-        out.append(Example(img.name, img, (("Describe the image.", _shapes.caption(_shapes.scene(i, "train"))),)))
+        sc = _shapes.scene(i, "train")
+        img = scene_image(sc, styles)
+        out.append(Example(img.name, img, (("Describe the image.", _shapes.caption(sc)),)))
     return out
 
 
